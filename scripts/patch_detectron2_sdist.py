@@ -22,6 +22,18 @@ import sys
 C_STUB = '''"""Placeholder for detectron2's compiled operators (not built in this install)."""
 
 
+def get_compiler_version():
+    return "none (detectron2 installed as pure Python)"
+
+
+def get_cuda_version():
+    return "none (detectron2 installed as pure Python)"
+
+
+def has_cuda():
+    return False
+
+
 def __getattr__(name):
     raise NotImplementedError(
         f"detectron2._C.{name} is unavailable: this detectron2 was installed as pure Python "

@@ -32,7 +32,9 @@ export PIP_DISABLE_PIP_VERSION_CHECK=1
 $PIP install -q -c "$ROOT/scripts/constraints.txt" torch torchvision
 $PIP install -q -c "$ROOT/scripts/constraints.txt" -r "$ROOT/scripts/requirements.txt"
 
-if ! "$VENV/bin/python" -c "import detectron2" 2>/dev/null; then
+D2_STAMP="$VENV/.detectron2-patch-stamp"
+D2_WANT="$(sha256sum "$ROOT/scripts/patch_detectron2_sdist.py" | cut -d' ' -f1)"
+if ! "$VENV/bin/python" -c "import detectron2" 2>/dev/null || [[ "$(cat "$D2_STAMP" 2>/dev/null)" != "$D2_WANT" ]]; then
   echo "[setup_env] installing detectron2 $D2_VERSION as pure Python"
   WORK="$(mktemp -d)"
   trap 'rm -rf "$WORK"' EXIT
@@ -42,7 +44,8 @@ if ! "$VENV/bin/python" -c "import detectron2" 2>/dev/null; then
   "$VENV/bin/python" "$ROOT/scripts/patch_detectron2_sdist.py" "$WORK/pb1-detectron2-$D2_VERSION"
   # --no-deps: its install_requires pins black==21.4b2 and pulls caffe2-era tools;
   # the dependencies it really needs are in requirements.txt.
-  $PIP install -q --no-deps --no-build-isolation "$WORK/pb1-detectron2-$D2_VERSION"
+  $PIP install -q --no-deps --no-build-isolation --force-reinstall "$WORK/pb1-detectron2-$D2_VERSION"
+  echo "$D2_WANT" > "$D2_STAMP"
 fi
 
 $PIP install -q --no-deps --no-build-isolation -e "$ROOT"

@@ -1,0 +1,16 @@
+"""Training loop settings shared by every config (detectron2 LazyConfig style)."""
+train = dict(
+    output_dir="./output",
+    init_checkpoint="",       # weights to start from (or to evaluate with --eval-only)
+    max_iter=90000,
+    amp=dict(enabled=False),  # mixed precision; CUDA only
+    ddp=dict(broadcast_buffers=False, find_unused_parameters=False, fp16_compression=False),
+    checkpointer=dict(period=5000, max_to_keep=3),
+    eval_period=5000,
+    log_period=20,
+    device="cuda",
+    seed=0,
+    clip_grad=dict(enabled=True, max_norm=5.0, norm_type=2.0),
+    cudnn_benchmark=False,
+    extra_hooks=[],           # project hooks: [LazyCall(SomeHook)(...), ...]
+)

@@ -1,0 +1,42 @@
+#!/usr/bin/env python
+"""Train or evaluate a VoxelSplat model described by a LazyConfig python file.
+
+    python tools/lazyconfig_train_net.py --config-file configs/r50.py --num-gpus 8
+    python tools/lazyconfig_train_net.py --config-file configs/r50.py --eval-only train.init_checkpoint=PATH
+    python tools/lazyconfig_train_net.py --config-file configs/synthetic/voxelsplat_tiny.py --resume
+
+``--num-gpus N`` starts N processes: one per GPU with CUDA (NCCL), N CPU processes
+(gloo) without. Trailing ``KEY=VALUE`` pairs override config keys; a key the config
+does not have is an error (write ``+KEY=VALUE`` to add one).
+"""
+import logging
+import os
+import sys
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from detectron2.engine import default_argument_parser, default_setup  # noqa: E402
+
+from voxelsplat.engine import do_eval_only, do_train, launch, load_config  # noqa: E402
+
+logger = logging.getLogger("voxelsplat")
+
+
+def main(args):
+    cfg = load_config(args.config_file, args.opts)
+    default_setup(cfg, args)
+    if args.eval_only:
+        results = do_eval_only(cfg)
+        logger.info("Evaluation results: %s", results)
+        return results
+    do_train(cfg, resume=args.resume)
+
+
+def cli(argv=None):
+    args = default_argument_parser().parse_args(argv)
+    launch(main, args.num_gpus, num_machines=args.num_machines, machine_rank=args.machine_rank,
+           dist_url=args.dist_url, args=(args,))
+
+
+if __name__ == "__main__":
+    cli()

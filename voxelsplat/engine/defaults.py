@@ -1,0 +1,133 @@
+"""Build and run training / evaluation from a LazyConfig, in the spirit of
+detectron2's ``DefaultTrainer`` and ``tools/lazyconfig_train_net.py``.
+
+Config root keys: ``model``, ``dataloader.{train,test,evaluator}``, ``optimizer``,
+``lr_multiplier`` and ``train`` (see ``configs/common/train.py``).
+"""
+from __future__ import annotations
+
+import logging
+import os
+from typing import List
+
+import torch
+from detectron2.config import LazyConfig, instantiate
+from detectron2.engine import default_writers, hooks
+from detectron2.evaluation import inference_on_dataset, print_csv_format
+from detectron2.utils import comm
+from omegaconf import OmegaConf
+
+from .checkpoint import OccupancyCheckpointer
+from .hooks import PeakMemoryHook
+from .trainer import OccupancyTrainer
+
+logger = logging.getLogger("voxelsplat")
+_MISSING = object()
+
+
+def load_config(config_file: str, overrides: List[str] = ()):
+    """Load a LazyConfig file and apply ``key=value`` overrides strictly: a key that the
+    config does not have is an error (prefix it with ``+`` to add a new key)."""
+    if not os.path.isfile(config_file):
+        raise FileNotFoundError(f"config file {config_file!r} does not exist")
+    cfg = LazyConfig.load(config_file)
+    return apply_overrides(cfg, list(overrides), config_file=config_file)
+
+
+def apply_overrides(cfg, overrides: List[str], config_file: str = "<config>"):
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+
+    parsed = OverridesParser.create().parse_overrides(overrides)
+    for override in parsed:
+        key = override.key_or_group
+        if override.is_delete():
+            raise ValueError(f"override {override.input_line!r}: deleting keys is not supported")
+        if not override.is_add() and OmegaConf.select(cfg, key, default=_MISSING) is _MISSING:
+            parent, _, leaf = key.rpartition(".")
+            container = OmegaConf.select(cfg, parent, default=None) if parent else cfg
+            known = sorted(container.keys()) if OmegaConf.is_dict(container) else []
+            raise KeyError(
+                f"override {override.input_line!r}: {config_file} has no key '{key}'"
+                + (f" ('{parent or '<root>'}' has keys: {', '.join(map(str, known))})" if known else "")
+                + "; use +KEY=VALUE to add a new key"
+            )
+    plain = [o.input_line.lstrip("+") for o in parsed]
+    return LazyConfig.apply_overrides(cfg, plain)
+
+
+def create_ddp_model(model: torch.nn.Module, **kwargs) -> torch.nn.Module:
+    """Wrap in ``DistributedDataParallel`` when there are several processes (GPU or CPU/gloo)."""
+    if comm.get_world_size() == 1:
+        return model
+    on_cuda = next(model.parameters()).is_cuda
+    kwargs.setdefault("device_ids", [comm.get_local_rank()] if on_cuda else None)
+    return torch.nn.parallel.DistributedDataParallel(model, **kwargs)
+
+
+def do_test(cfg, model):
+    """Run the configured evaluator on ``dataloader.test``; returns its results (or {})."""
+    if cfg.dataloader.get("evaluator", None) is None:
+        logger.warning("no dataloader.evaluator in the config: skipping evaluation")
+        return {}
+    evaluator = instantiate(cfg.dataloader.evaluator)
+    results = inference_on_dataset(model, instantiate(cfg.dataloader.test), evaluator)
+    if comm.is_main_process() and results:
+        print_csv_format(results)
+    return results
+
+
+def build_model(cfg) -> torch.nn.Module:
+    model = instantiate(cfg.model)
+    model.to(cfg.train.device)
+    return model
+
+
+def build_hooks(cfg, model, trainer, checkpointer) -> list:
+    train = cfg.train
+    extra = [instantiate(h) for h in train.get("extra_hooks", None) or []]
+    return [
+        hooks.IterationTimer(),
+        hooks.LRScheduler(scheduler=instantiate(cfg.lr_multiplier)),
+        *extra,
+        PeakMemoryHook(period=train.log_period),
+        hooks.PeriodicCheckpointer(checkpointer, **train.checkpointer) if comm.is_main_process() else None,
+        hooks.EvalHook(train.eval_period, lambda: do_test(cfg, model)),
+        hooks.PeriodicWriter(default_writers(train.output_dir, train.max_iter), period=train.log_period)
+        if comm.is_main_process() else None,
+    ]
+
+
+def do_train(cfg, resume: bool = False, extra_hooks: list = ()):
+    """Train the configured model. ``extra_hooks`` are appended after the configured ones.
+
+    Returns the trainer (its ``model`` holds the final weights)."""
+    model = build_model(cfg)
+    logger.info("Model:\n%s", model)
+    cfg.optimizer.params.model = model
+    optimizer = instantiate(cfg.optimizer)
+    train_loader = instantiate(cfg.dataloader.train)
+
+    model = create_ddp_model(model, **cfg.train.ddp)
+    trainer = OccupancyTrainer(
+        model, train_loader, optimizer,
+        clip_grad_norm=cfg.train.clip_grad.max_norm if cfg.train.clip_grad.enabled else None,
+        clip_grad_norm_type=cfg.train.clip_grad.norm_type,
+        amp=cfg.train.amp.enabled,
+    )
+    checkpointer = OccupancyCheckpointer(model, cfg.train.output_dir, optimizer=optimizer, trainer=trainer)
+    trainer.register_hooks(build_hooks(cfg, model, trainer, checkpointer) + list(extra_hooks))
+
+    checkpointer.resume_or_load(cfg.train.init_checkpoint, resume=resume)
+    start_iter = trainer.iter + 1 if resume and checkpointer.has_checkpoint() else 0
+    trainer.train(start_iter, cfg.train.max_iter)
+    return trainer
+
+
+def do_eval_only(cfg):
+    """Load ``train.init_checkpoint`` into the configured model and evaluate it."""
+    if not cfg.train.init_checkpoint:
+        raise ValueError("--eval-only needs train.init_checkpoint=PATH (a checkpoint to evaluate)")
+    model = build_model(cfg)
+    model = create_ddp_model(model)
+    OccupancyCheckpointer(model).load(cfg.train.init_checkpoint)
+    return do_test(cfg, model)
