@@ -45,6 +45,8 @@ def apply_overrides(cfg, overrides: List[str], config_file: str = "<config>"):
         if not override.is_add() and OmegaConf.select(cfg, key, default=_MISSING) is _MISSING:
             parent, _, leaf = key.rpartition(".")
             container = OmegaConf.select(cfg, parent, default=None) if parent else cfg
+            if _lazy_call_accepts(container, leaf):
+                continue
             known = sorted(container.keys()) if OmegaConf.is_dict(container) else []
             raise KeyError(
                 f"override {override.input_line!r}: {config_file} has no key '{key}'"
@@ -55,13 +57,38 @@ def apply_overrides(cfg, overrides: List[str], config_file: str = "<config>"):
     return LazyConfig.apply_overrides(cfg, plain)
 
 
-def create_ddp_model(model: torch.nn.Module, **kwargs) -> torch.nn.Module:
-    """Wrap in ``DistributedDataParallel`` when there are several processes (GPU or CPU/gloo)."""
+def _lazy_call_accepts(node, argument: str) -> bool:
+    """True when ``node`` is a ``LazyCall`` whose target takes ``argument`` (a keyword
+    left at its default in the config)."""
+    if not OmegaConf.is_dict(node) or "_target_" not in node:
+        return False
+    import inspect
+
+    from detectron2.utils.registry import locate
+
+    target = node._target_
+    target = locate(target) if isinstance(target, str) else target
+    try:
+        parameters = inspect.signature(target).parameters
+    except (TypeError, ValueError):
+        return False
+    return argument in parameters or any(p.kind is p.VAR_KEYWORD for p in parameters.values())
+
+
+def create_ddp_model(model: torch.nn.Module, *, fp16_compression: bool = False, **kwargs) -> torch.nn.Module:
+    """Wrap in ``DistributedDataParallel`` when there are several processes (GPU or CPU/gloo).
+
+    ``fp16_compression`` compresses gradients for all-reduce (CUDA only)."""
     if comm.get_world_size() == 1:
         return model
     on_cuda = next(model.parameters()).is_cuda
     kwargs.setdefault("device_ids", [comm.get_local_rank()] if on_cuda else None)
-    return torch.nn.parallel.DistributedDataParallel(model, **kwargs)
+    ddp = torch.nn.parallel.DistributedDataParallel(model, **kwargs)
+    if fp16_compression and on_cuda:
+        from torch.distributed.algorithms.ddp_comm_hooks import default as comm_hooks
+
+        ddp.register_comm_hook(state=None, hook=comm_hooks.fp16_compress_hook)
+    return ddp
 
 
 def do_test(cfg, model):

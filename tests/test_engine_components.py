@@ -1,0 +1,105 @@
+"""Engine building blocks: optimizer groups, schedules, registries, model zoo, checkpoints."""
+import os
+
+import pytest
+import torch
+from torch import nn
+
+
+def test_lr_multipliers_use_longest_prefix_and_norm_weight_decay():
+    from voxelsplat.engine.optim import get_optimizer_param_groups
+
+    model = nn.Sequential()
+    model.add_module("backbone", nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4)))
+    model.add_module("head", nn.Linear(4, 2))
+    groups = get_optimizer_param_groups(model, base_lr=1.0, weight_decay=0.1, weight_decay_norm=0.0,
+                                        lr_multipliers={"backbone": 0.1, "backbone.1": 0.5})
+    by_param = {id(p): (g["lr"], g["weight_decay"]) for g in groups for p in g["params"]}
+    conv, bn, head = model.backbone[0], model.backbone[1], model.head
+    assert by_param[id(conv.weight)] == (pytest.approx(0.1), 0.1)
+    assert by_param[id(conv.bias)] == (pytest.approx(0.1), 0.0)
+    assert by_param[id(bn.weight)] == (pytest.approx(0.5), 0.0)
+    assert by_param[id(head.weight)] == (1.0, 0.1)
+    assert sum(len(g["params"]) for g in groups) == len(list(model.parameters()))
+    with pytest.raises(KeyError, match="backbonee"):
+        get_optimizer_param_groups(model, 1.0, 0.1, lr_multipliers={"backbonee": 0.1})
+
+
+def test_warmup_step_schedule_values():
+    from voxelsplat.engine.schedule import warmup_cosine_schedule, warmup_step_schedule
+
+    sched = warmup_step_schedule(max_iter=100, steps=(0.5, 0.75), gamma=0.1, warmup_iters=10, warmup_factor=0.01)
+    assert sched(0.0) == pytest.approx(0.01)
+    assert sched(0.05) == pytest.approx(0.01 + (1 - 0.01) * 0.5)
+    assert sched(0.2) == pytest.approx(1.0)
+    assert sched(0.6) == pytest.approx(0.1)
+    assert sched(0.9) == pytest.approx(0.01)
+    cos = warmup_cosine_schedule(max_iter=100, warmup_iters=0, end_value=0.0)
+    assert cos(0.5) == pytest.approx(0.5, abs=1e-6)
+
+
+def test_registries_build_by_name_and_from_modules():
+    from voxelsplat.modeling.registry import BACKBONE_REGISTRY, build_backbone
+
+    @BACKBONE_REGISTRY.register()
+    class _TestOnlyBackbone(nn.Module):
+        def __init__(self, width=3):
+            super().__init__()
+            self.width = width
+
+    built = build_backbone({"name": "_TestOnlyBackbone", "width": 7})
+    assert isinstance(built, _TestOnlyBackbone) and built.width == 7
+    module = nn.Identity()
+    assert build_backbone(module) is module
+    with pytest.raises(KeyError):
+        build_backbone({"name": "NoSuchBackbone"})
+    with pytest.raises(KeyError, match="name"):
+        build_backbone({"width": 3})
+
+
+def test_model_zoo_finds_shipped_configs():
+    from voxelsplat import model_zoo
+
+    path = model_zoo.get_config_file("common/train.py")
+    assert os.path.isfile(path)
+    cfg = model_zoo.get_config("common/train.py")
+    assert cfg.train.clip_grad.max_norm == 5.0
+    with pytest.raises(FileNotFoundError, match="nope.py"):
+        model_zoo.get_config_file("nope.py")
+
+
+def test_checkpointer_save_is_atomic_and_corrupt_file_is_reported(tmp_path, monkeypatch):
+    from voxelsplat.engine.checkpoint import OccupancyCheckpointer
+
+    model = nn.Linear(3, 2)
+    ckpt = OccupancyCheckpointer(model, str(tmp_path))
+    ckpt.save("model_a")
+    original = torch.load(tmp_path / "model_a.pth", weights_only=False)["model"]
+
+    def failing_save(obj, f):
+        f.write(b"partial")
+        raise OSError("disk full")
+
+    monkeypatch.setattr(torch, "save", failing_save)
+    with torch.no_grad():
+        model.weight.add_(1.0)
+    with pytest.raises(OSError, match="disk full"):
+        ckpt.save("model_a")
+    monkeypatch.undo()
+    assert sorted(os.listdir(tmp_path)) == ["last_checkpoint", "model_a.pth"]
+    reloaded = torch.load(tmp_path / "model_a.pth", weights_only=False)["model"]
+    torch.testing.assert_close(reloaded["weight"], original["weight"])
+
+    (tmp_path / "corrupt.pth").write_bytes(b"not a checkpoint")
+    with pytest.raises(RuntimeError, match="corrupt.pth"):
+        OccupancyCheckpointer(nn.Linear(3, 2)).load(str(tmp_path / "corrupt.pth"))
+
+
+def test_override_of_lazy_call_default_argument_is_accepted(tmp_path):
+    from voxelsplat.engine import load_config
+
+    cfg = load_config(os.path.join(os.path.dirname(__file__), "toy", "toy_config.py"),
+                      ["dataloader.test.seed=3", "optimizer.betas=[0.8,0.9]"])
+    assert cfg.dataloader.test.seed == 3
+    with pytest.raises(KeyError, match="dataloader.train.sed"):
+        load_config(os.path.join(os.path.dirname(__file__), "toy", "toy_config.py"), ["dataloader.train.sed=3"])
