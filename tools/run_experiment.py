@@ -1,0 +1,85 @@
+#!/usr/bin/env python
+"""Baseline vs VoxelSplat on the synthetic dataset: same data, iterations and seeds, several
+seeds; reports mean and spread of every metric and the time/memory ratios.
+
+    python tools/run_experiment.py --seeds 0 1 2 --iters 300
+
+Writes ``<output-dir>/experiment.json`` and ``<output-dir>/experiment.md`` (the table that
+docs/RESULTS.md quotes).
+"""
+import argparse
+import json
+import math
+import os
+import sys
+import time
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, os.path.join(ROOT, "tools"))
+
+import run_demo  # noqa: E402
+
+KEYS = ("RayIoU@1", "RayIoU@2", "RayIoU@4", "RayIoU", "mAVE", "OccScore", "mIoU", "step_time_s", "peak_memory_mb")
+
+
+def mean_std(values):
+    values = [v for v in values if v is not None and not (isinstance(v, float) and math.isnan(v))]
+    if not values:
+        return float("nan"), float("nan")
+    mean = sum(values) / len(values)
+    var = sum((v - mean) ** 2 for v in values) / (len(values) - 1) if len(values) > 1 else 0.0
+    return mean, math.sqrt(var)
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--output-dir", default="output/experiment")
+    parser.add_argument("--data-dir", default="datasets/synthetic")
+    parser.add_argument("--seeds", type=int, nargs="+", default=(0, 1, 2))
+    parser.add_argument("--iters", type=int, default=None)
+    parser.add_argument("--scenes", type=int, default=6)
+    parser.add_argument("--samples-per-scene", type=int, default=20)
+    parser.add_argument("--image-size", type=int, nargs=2, default=(352, 128))
+    parser.add_argument("opts", nargs=argparse.REMAINDER)
+    args = parser.parse_args(argv)
+    start = time.perf_counter()
+    per_model = {}
+    for seed in args.seeds:
+        demo_args = ["--output-dir", os.path.join(args.output_dir, f"seed{seed}"), "--data-dir", args.data_dir,
+                     "--scenes", str(args.scenes), "--samples-per-scene", str(args.samples_per_scene),
+                     "--image-size", *map(str, args.image_size), "--skip-pictures",
+                     # one dataset for every seed: the seed varies the training only
+                     "--seed", "0"]
+        if args.iters:
+            demo_args += ["--iters", str(args.iters)]
+        results = run_demo.main(demo_args + [f"train.seed={seed}"] + [o for o in args.opts if o != "--"])
+        for model, metrics in results.items():
+            per_model.setdefault(model, []).append(metrics)
+
+    summary = {model: {k: mean_std([r.get(k) for r in runs]) for k in KEYS} for model, runs in per_model.items()}
+    names = list(summary)
+    base, ours = names[0], names[-1]
+    ratios = {k: summary[ours][k][0] / summary[base][k][0] for k in ("step_time_s", "peak_memory_mb")}
+    lines = ["| model | " + " | ".join(KEYS[:7]) + " |", "|---" * 8 + "|"]
+    for model in names:
+        cells = [f"{summary[model][k][0]:.{4 if k == 'mAVE' else 2}f} ± {summary[model][k][1]:.{4 if k == 'mAVE' else 2}f}"
+                 for k in KEYS[:7]]
+        lines.append(f"| {model} | " + " | ".join(cells) + " |")
+    lines.append("")
+    lines.append(f"VoxelSplat / baseline: step time x{ratios['step_time_s']:.3f}, "
+                 f"peak memory x{ratios['peak_memory_mb']:.3f} (seeds {list(args.seeds)})")
+    table = "\n".join(lines)
+    os.makedirs(args.output_dir, exist_ok=True)
+    payload = {"seeds": list(args.seeds), "iters": args.iters, "runs": per_model,
+               "summary": {m: {k: {"mean": v[0], "std": v[1]} for k, v in s.items()} for m, s in summary.items()},
+               "ratios": ratios, "wall_time_s": time.perf_counter() - start}
+    with open(os.path.join(args.output_dir, "experiment.json"), "w") as f:
+        json.dump(payload, f, indent=2)
+    with open(os.path.join(args.output_dir, "experiment.md"), "w") as f:
+        f.write(table + "\n")
+    print("\n" + table)
+    return payload
+
+
+if __name__ == "__main__":
+    main()
