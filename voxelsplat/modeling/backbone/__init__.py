@@ -1,0 +1,4 @@
+"""Image backbones."""
+from .timm_backbone import EVA02Backbone, TimmBackbone
+
+__all__ = ["TimmBackbone", "EVA02Backbone"]

@@ -1,0 +1,4 @@
+"""Whole models."""
+from .occupancy_flow import OccupancyFlowModel
+
+__all__ = ["OccupancyFlowModel"]

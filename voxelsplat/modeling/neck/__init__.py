@@ -1,0 +1,4 @@
+"""Image necks."""
+from .fpn import FusionFPN
+
+__all__ = ["FusionFPN"]

@@ -1,0 +1,226 @@
+"""``OccupancyFlowModel``: the FB-Occ meta-architecture with detectron2-style I/O.
+
+images -> backbone -> neck -> camera-aware depth net -> forward projection (LSS)
+-> backward projection (depth-aware cross-attention) -> temporal fusion -> 3D
+ResNet + FPN -> occupancy/flow head. In training it returns a dict of scalar losses
+(plus an optional training-only regularizer's); in eval, one dict per sample.
+"""
+from __future__ import annotations
+
+from typing import Any, Dict, List, Optional, Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..lifting.depth_net import camera_parameter_vector
+from ..registry import (
+    META_ARCH_REGISTRY, build_backbone, build_head, build_lifting, build_neck, build_regularizer, build_voxel_encoder,
+)
+
+__all__ = ["OccupancyFlowModel"]
+
+_GEOMETRY_FIELDS = ("intrinsics", "cam2ego", "img_aug", "bda", "ego2global")
+
+
+@META_ARCH_REGISTRY.register()
+class OccupancyFlowModel(nn.Module):
+    """Camera-only semantic occupancy + scene flow (FB-Occ).
+
+    Components are ``nn.Module`` instances (a LazyConfig builds them) or registry specs.
+
+    Args:
+        backbone: images (B*N, 3, H, W) -> dict of maps (e.g. :class:`TimmBackbone`).
+        neck: dict of maps -> (B*N, C, h, w) (e.g. :class:`FusionFPN`).
+        depth_net: :class:`CameraAwareDepthNet`.
+        forward_projection: :class:`LSSForwardProjection`.
+        backward_projection: :class:`DepthAwareBackwardProjection` or None.
+        temporal_fusion: :class:`TemporalVolumeFusion` or None.
+        voxel_encoder: :class:`ResNet3DFPN`.
+        head: :class:`OccFlowHead`.
+        loss: :class:`OccupancyFlowLoss`.
+        class_names, free_index, flow_classes, grid_shape: label set and GT grid (from the
+            dataset's metadata).
+        regularizer: optional training-only module called as
+            ``regularizer(batched_inputs, head_outputs, flow_loss_enabled=...)`` -> dict of losses.
+        pixel_mean, pixel_std: RGB normalisation in 0-255 units.
+        depth_loss_weight: weight of the LiDAR depth BCE.
+        history_enabled, flow_loss_enabled: initial training phase (see :meth:`set_training_phase`).
+        return_logits: add ``occ_logits`` (K, X, Y, Z) to eval outputs.
+        use_camera_mask: restrict the occupancy losses to ``occ_mask_camera`` when present (Occ3D).
+    """
+
+    def __init__(
+        self,
+        *,
+        backbone: Any,
+        neck: Any,
+        depth_net: Any,
+        forward_projection: Any,
+        voxel_encoder: Any,
+        head: Any,
+        loss: Any,
+        class_names: Sequence[str],
+        free_index: int,
+        flow_classes: Sequence[int],
+        grid_shape: Sequence[int],
+        backward_projection: Any = None,
+        temporal_fusion: Any = None,
+        regularizer: Optional[nn.Module] = None,
+        pixel_mean: Sequence[float] = (123.675, 116.28, 103.53),
+        pixel_std: Sequence[float] = (58.395, 57.12, 57.375),
+        depth_loss_weight: float = 1.0,
+        history_enabled: bool = True,
+        flow_loss_enabled: bool = True,
+        return_logits: bool = False,
+        use_camera_mask: bool = False,
+    ):
+        super().__init__()
+        self.backbone = build_backbone(backbone)
+        self.neck = build_neck(neck)
+        self.depth_net = build_lifting(depth_net)
+        self.forward_projection = build_lifting(forward_projection)
+        self.backward_projection = build_lifting(backward_projection)
+        self.temporal_fusion = build_lifting(temporal_fusion)
+        self.voxel_encoder = build_voxel_encoder(voxel_encoder)
+        self.head = build_head(head)
+        self.loss = build_head(loss)
+        self.regularizer = build_regularizer(regularizer)
+        self.class_names = list(class_names)
+        self.free_index = int(free_index)
+        self.flow_classes = [int(c) for c in flow_classes]
+        self.grid_shape = tuple(int(v) for v in grid_shape)
+        if len(self.class_names) != getattr(self.head, "num_classes", len(self.class_names)):
+            raise ValueError(f"OccupancyFlowModel: {len(self.class_names)} class names but the head predicts "
+                             f"{self.head.num_classes} classes")
+        if getattr(self.head, "output_shape", self.grid_shape) != self.grid_shape:
+            raise ValueError(f"OccupancyFlowModel: head output_shape {self.head.output_shape} != grid_shape {self.grid_shape}")
+        self.register_buffer("pixel_mean", torch.tensor(pixel_mean, dtype=torch.float32).view(1, 3, 1, 1), persistent=False)
+        self.register_buffer("pixel_std", torch.tensor(pixel_std, dtype=torch.float32).view(1, 3, 1, 1), persistent=False)
+        flow_lut = torch.zeros(len(self.class_names), dtype=torch.bool)
+        flow_lut[self.flow_classes] = True
+        self.register_buffer("flow_class_lut", flow_lut, persistent=False)
+        self.depth_loss_weight = float(depth_loss_weight)
+        self.return_logits = return_logits
+        self.use_camera_mask = use_camera_mask
+        self.flow_loss_enabled = True
+        self.set_training_phase(history_enabled, flow_loss_enabled)
+
+    @property
+    def device(self) -> torch.device:
+        return self.pixel_mean.device
+
+    @property
+    def history_enabled(self) -> bool:
+        return bool(self.temporal_fusion is not None and self.temporal_fusion.history_enabled)
+
+    def set_training_phase(self, history_enabled: bool, flow_loss_enabled: bool) -> None:
+        """Switch long-term history fusion and the flow loss on/off (the warm-up schedule).
+        With history off, the temporal queue holds copies of the current volume."""
+        if self.temporal_fusion is not None:
+            self.temporal_fusion.history_enabled = bool(history_enabled)
+        self.flow_loss_enabled = bool(flow_loss_enabled)
+
+    # ------------------------------------------------------------------ inputs
+    def _stack(self, batched_inputs: List[dict], key: str, dtype=torch.float32) -> torch.Tensor:
+        try:
+            values = [torch.as_tensor(sample[key]) for sample in batched_inputs]
+        except KeyError:
+            tokens = [s.get("sample_token", "<unknown>") for s in batched_inputs if key not in s]
+            raise KeyError(f"OccupancyFlowModel: samples {tokens} have no field {key!r} "
+                           f"(see voxelsplat/data/sample_fields.py)") from None
+        shapes = {tuple(v.shape) for v in values}
+        if len(shapes) != 1:
+            raise ValueError(f"OccupancyFlowModel: field {key!r} has different shapes across the batch: {sorted(shapes)}")
+        return torch.stack(values).to(device=self.device, dtype=dtype, non_blocking=True)
+
+    def preprocess_images(self, batched_inputs: List[dict]) -> torch.Tensor:
+        """(B, N, 3, H, W) normalised float images from the samples' ``img`` (uint8/float RGB 0-255)."""
+        images = self._stack(batched_inputs, "img")
+        if images.dim() != 5 or images.shape[2] != 3:
+            raise ValueError(f"OccupancyFlowModel: 'img' must be (N_cam, 3, H, W) per sample, got {tuple(images.shape[1:])}")
+        b, n = images.shape[:2]
+        images = (images.flatten(0, 1) - self.pixel_mean) / self.pixel_std
+        return images.view(b, n, *images.shape[1:])
+
+    def _geometry(self, batched_inputs: List[dict]) -> Dict[str, torch.Tensor]:
+        geometry = {key: self._stack(batched_inputs, key, torch.float64 if key == "ego2global" else torch.float32)
+                    for key in _GEOMETRY_FIELDS}
+        for key, value in geometry.items():
+            finite = torch.isfinite(value.flatten(1)).all(1)
+            if not bool(finite.all()):
+                bad = [batched_inputs[i].get("sample_token", "<unknown>") for i in (~finite).nonzero().flatten().tolist()]
+                raise ValueError(f"OccupancyFlowModel: field {key!r} is not finite in samples {bad}")
+        return geometry
+
+    # ------------------------------------------------------------------ forward
+    def extract_volume(self, batched_inputs: List[dict]):
+        """Run everything up to the voxel encoder.
+
+        Returns:
+            volume (B, C, X', Y', Z'), depth_logits (B*N, D, h, w).
+        """
+        images = self.preprocess_images(batched_inputs)
+        b, n, _, height, width = images.shape
+        geometry = self._geometry(batched_inputs)
+        features = self.neck(self.backbone(images.flatten(0, 1)))
+        camera_params = camera_parameter_vector(geometry["intrinsics"], geometry["img_aug"], geometry["cam2ego"],
+                                                geometry["bda"], (height, width))
+        depth_logits, context = self.depth_net(features, camera_params.flatten(0, 1))
+        depth_probs = depth_logits.softmax(dim=1)
+        h, w = depth_logits.shape[-2:]
+        context = context.view(b, n, -1, h, w)
+        depth_probs = depth_probs.view(b, n, -1, h, w)
+        volume = self.forward_projection(context, depth_probs, geometry["intrinsics"], geometry["cam2ego"],
+                                         (height, width))
+        if self.backward_projection is not None:
+            volume = self.backward_projection(volume, context, depth_probs, geometry["intrinsics"],
+                                              geometry["cam2ego"], (height, width))
+        if self.temporal_fusion is not None:
+            volume = self.temporal_fusion(
+                volume, geometry["ego2global"], geometry["bda"],
+                timestamps=[int(s.get("timestamp", 0)) for s in batched_inputs],
+                sequence_start=[bool(s.get("sequence_start", True)) for s in batched_inputs],
+                scene_tokens=[s.get("scene_token") for s in batched_inputs],
+            )
+        return self.voxel_encoder(volume), depth_logits
+
+    def forward(self, batched_inputs: List[dict]):
+        """Training: dict of scalar losses. Eval: list of per-sample dicts
+        ``{"occ": int64 (X, Y, Z), "flow": float (X, Y, Z, 2) m/s, ["occ_logits": (K, X, Y, Z)]}``."""
+        volume, depth_logits = self.extract_volume(batched_inputs)
+        head_outputs = self.head(volume)
+        if not self.training:
+            return self.postprocess(head_outputs)
+        return self.losses(batched_inputs, head_outputs, depth_logits)
+
+    def losses(self, batched_inputs: List[dict], head_outputs: Dict[str, torch.Tensor],
+               depth_logits: torch.Tensor) -> Dict[str, torch.Tensor]:
+        occ_target = self._stack(batched_inputs, "occ_semantics", torch.int64)
+        flow_target = self._stack(batched_inputs, "occ_flow")
+        valid_mask = None
+        if self.use_camera_mask and all("occ_mask_camera" in s for s in batched_inputs):
+            valid_mask = self._stack(batched_inputs, "occ_mask_camera", torch.bool)
+        losses = self.loss(head_outputs["occ_logits"], head_outputs["flow"], occ_target, flow_target, valid_mask,
+                           flow_loss_enabled=self.flow_loss_enabled)
+        if self.depth_loss_weight:
+            lidar_depth = self._stack(batched_inputs, "lidar_depth").flatten(0, 1)
+            losses["loss_depth"] = self.depth_loss_weight * self.depth_net.loss(depth_logits, lidar_depth)
+        if self.regularizer is not None:
+            losses.update(self.regularizer(batched_inputs, head_outputs, flow_loss_enabled=self.flow_loss_enabled))
+        return losses
+
+    @torch.no_grad()
+    def postprocess(self, head_outputs: Dict[str, torch.Tensor]) -> List[Dict[str, torch.Tensor]]:
+        """Per-sample predictions; flow is zeroed where the predicted class is not a flow class."""
+        logits = torch.nan_to_num(head_outputs["occ_logits"].float())
+        occ = logits.argmax(dim=1)  # (B, X, Y, Z)
+        flow = torch.nan_to_num(head_outputs["flow"].float()).permute(0, 2, 3, 4, 1)  # (B, X, Y, Z, 2)
+        flow = flow * self.flow_class_lut[occ][..., None].to(flow.dtype)
+        results = []
+        for i in range(occ.shape[0]):
+            result = {"occ": occ[i], "flow": flow[i]}
+            if self.return_logits:
+                result["occ_logits"] = logits[i]
+            results.append(result)
+        return results
