@@ -1,0 +1,104 @@
+"""Reading the files a record names: camera images, LiDAR sweeps and occupancy ground truth.
+
+Every reader raises an error naming the file and the sample token when the file is
+missing, unreadable or not what is expected.
+"""
+from __future__ import annotations
+
+import os
+import zipfile
+from typing import Dict, Optional, Sequence
+
+import numpy as np
+
+__all__ = ["load_image", "load_lidar_points", "load_occupancy_labels", "OccupancyLabelError"]
+
+# nuScenes .pcd.bin: float32 (x, y, z, intensity, ring index) per point, sensor frame.
+LIDAR_POINT_DIMS = 5
+# Optional boolean masks in a labels.npz -> name in the loaded dict.
+MASK_KEYS = {"visible": "visible", "mask_camera": "mask_camera", "mask_lidar": "mask_lidar"}
+
+
+class OccupancyLabelError(ValueError):
+    """A labels.npz that exists but cannot be used (corrupt, missing key, wrong shape)."""
+
+
+def load_image(path: str, sample_token: str) -> np.ndarray:
+    """Read a camera image as an RGB uint8 array of shape (H, W, 3)."""
+    import cv2
+
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"sample {sample_token}: camera image {path!r} does not exist")
+    image = cv2.imread(path, cv2.IMREAD_COLOR)
+    if image is None:
+        raise ValueError(f"sample {sample_token}: camera image {path!r} could not be decoded")
+    return cv2.cvtColor(image, cv2.COLOR_BGR2RGB)
+
+
+def load_lidar_points(path: str, sample_token: str) -> np.ndarray:
+    """Read a nuScenes LiDAR sweep: float32 array (P, 3) of x, y, z in the sensor frame (m)."""
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"sample {sample_token}: LiDAR file {path!r} does not exist")
+    values = np.fromfile(path, dtype=np.float32)
+    if values.size % LIDAR_POINT_DIMS:
+        raise ValueError(f"sample {sample_token}: LiDAR file {path!r} holds {values.size} float32 values, not a multiple "
+                         f"of {LIDAR_POINT_DIMS} (x, y, z, intensity, ring)")
+    return values.reshape(-1, LIDAR_POINT_DIMS)[:, :3]
+
+
+def load_occupancy_labels(path: str, sample_token: str, gt_format: str, grid_shape: Sequence[int],
+                          num_classes: int) -> Dict[str, Optional[np.ndarray]]:
+    """Read one ``labels.npz`` of OpenOcc v2 or Occ3D.
+
+    Args:
+        path: the file, ``<gt_root>/<scene_name>/<sample_token>/labels.npz``.
+        sample_token: for error messages.
+        gt_format: "openocc_v2" (needs ``semantics`` and ``flow``) or "occ3d" (needs
+            ``semantics``, ``mask_lidar``, ``mask_camera``; flow is absent).
+        grid_shape: expected (X, Y, Z).
+        num_classes: semantics must lie in [0, num_classes).
+    Returns:
+        dict with ``semantics`` uint8 (X, Y, Z); ``flow`` float32 (X, Y, Z, 2) in m/s or None;
+        ``visible``, ``mask_camera``, ``mask_lidar`` bool (X, Y, Z) or None when absent.
+    Raises:
+        FileNotFoundError: missing file. OccupancyLabelError: corrupt file or bad content.
+    """
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"sample {sample_token}: occupancy labels {path!r} do not exist")
+    grid_shape = tuple(int(s) for s in grid_shape)
+    required = ("semantics", "flow") if gt_format == "openocc_v2" else ("semantics", "mask_lidar", "mask_camera")
+
+    def fail(reason: str):
+        return OccupancyLabelError(f"sample {sample_token}: occupancy labels {path!r} {reason}")
+
+    try:
+        with np.load(path, allow_pickle=False) as archive:
+            missing = [k for k in required if k not in archive.files]
+            if missing:
+                raise fail(f"lack {missing} (keys found: {archive.files}; {gt_format} needs {list(required)})")
+            arrays = {k: archive[k] for k in ("semantics", "flow", *MASK_KEYS) if k in archive.files}
+    except OccupancyLabelError:
+        raise
+    except (zipfile.BadZipFile, OSError, ValueError, EOFError, KeyError) as error:
+        raise fail(f"are corrupt or not an .npz archive ({type(error).__name__}: {error})") from error
+
+    semantics = arrays["semantics"]
+    if semantics.shape != grid_shape or not np.issubdtype(semantics.dtype, np.integer):
+        raise fail(f"have semantics {semantics.dtype}{list(semantics.shape)}, expected integer {list(grid_shape)}")
+    if semantics.size and (semantics.min() < 0 or semantics.max() >= num_classes):
+        raise fail(f"have class ids in [{semantics.min()}, {semantics.max()}], expected [0, {num_classes - 1}]")
+    labels: Dict[str, Optional[np.ndarray]] = {"semantics": semantics.astype(np.uint8, copy=False), "flow": None}
+    if "flow" in arrays:
+        flow = arrays["flow"]
+        if flow.shape != grid_shape + (2,):
+            raise fail(f"have flow of shape {list(flow.shape)}, expected {list(grid_shape) + [2]}")
+        flow = flow.astype(np.float32, copy=False)
+        if not np.isfinite(flow).all():
+            raise fail("have non-finite flow values")
+        labels["flow"] = flow
+    for key, name in MASK_KEYS.items():
+        mask = arrays.get(key)
+        if mask is not None and mask.shape != grid_shape:
+            raise fail(f"have {key} of shape {list(mask.shape)}, expected {list(grid_shape)}")
+        labels[name] = None if mask is None else mask.astype(bool, copy=False)
+    return labels
