@@ -299,7 +299,8 @@ def register_nuscenes_occupancy(name: str, dataroot: str, version: str, split: s
 
     Usable from a LazyConfig (``dataset=LazyCall(register_nuscenes_occupancy)(name=..., ...)``
     instantiates to the name). Records are built lazily on the first ``DatasetCatalog.get``.
-    Calling again with the same arguments is a no-op.
+    Calling again with the same arguments is a no-op; with other arguments (e.g. a config
+    reloaded with another dataroot) the registration is replaced, with a warning.
 
     Args:
         name: dataset name in the catalogs.
@@ -312,7 +313,7 @@ def register_nuscenes_occupancy(name: str, dataroot: str, version: str, split: s
         cache_dir: where record caches go (default :func:`default_cache_dir`).
     Raises:
         FileNotFoundError: ``dataroot`` has no ``version`` folder.
-        ValueError: ``name`` is already registered with different arguments.
+        ValueError: ``name`` is already registered by something else.
     """
     from detectron2.data import DatasetCatalog, MetadataCatalog
 
@@ -324,8 +325,12 @@ def register_nuscenes_occupancy(name: str, dataroot: str, version: str, split: s
     if name in DatasetCatalog.list():
         if _REGISTERED.get(name) == key:
             return name
-        raise ValueError(f"dataset {name!r} is already registered with other arguments "
-                         f"({_REGISTERED.get(name, 'not by register_nuscenes_occupancy')}); requested {key}")
+        if name not in _REGISTERED:
+            raise ValueError(f"dataset {name!r} is already registered, not by register_nuscenes_occupancy")
+        # a config loaded again with another dataroot (tests, notebooks): the new arguments win
+        logger.warning("re-registering dataset %r: %s -> %s", name, _REGISTERED[name], key)
+        DatasetCatalog.remove(name)
+        MetadataCatalog.remove(name)
     DatasetCatalog.register(name, lambda: load_nuscenes_occupancy_records(dataroot, version, split, gt_format,
                                                                           gt_root, cache_dir))
     # "class_names" is detectron2's deprecated alias of "thing_classes" (which holds the same list)

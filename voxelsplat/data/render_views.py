@@ -42,7 +42,9 @@ def adjacent_render_views(record: dict, scene_records: List[dict], frame_offsets
     Returns:
         dict with (V = len(frame_offsets) * C views, offset-major, cameras in record order)
         ``render_viewmats`` (V, 4, 4) float64 world(augmented current ego) -> OpenCV camera
-        (x right, y down, z forward), ``= inv(bda @ inv(ego2global_cur) @ ego2global_view @ cam2ego_view)``;
+        (x right, y down, z forward), ``= inv(bda @ inv(ego2global_cur) @ ego2global_view @ cam2ego_view)``
+        (with a BEV scale ``s != 1`` its 3x3 block is a rotation times ``1/s``, so camera-frame
+        depths stay metric);
         ``render_intrinsics`` (V, 3, 3) float64 original intrinsics scaled by ``render_scale``;
         ``render_image_size`` (W, H) ints; ``render_frame_offsets`` (V,) int64 effective
         (clamped) offsets; ``render_time_offsets`` (V,) float64 seconds, view camera
