@@ -5,6 +5,7 @@ import uuid
 
 import numpy as np
 import pytest
+import torch
 from detectron2.data import DatasetCatalog, MetadataCatalog
 
 from voxelsplat.data import datasets as occ_datasets
@@ -197,3 +198,27 @@ def test_missing_or_corrupt_labels_are_errors_naming_the_file_and_the_sample(all
     assert str(path) in str(error.value) and record["sample_token"] in str(error.value)
     if damage == "missing_key":
         assert "flow" in str(error.value)
+
+
+def test_occ3d_labels_give_masks_zero_flow_and_camera_mask_sampling(synthetic_dataset, tmp_path):
+    from voxelsplat.data.build import SceneSequenceDataset
+    from voxelsplat.data.occupancy_meta import OCC3D_CLASSES
+    from voxelsplat.data.sample_fields import check_sample
+
+    name = _register(synthetic_dataset, "all", tmp_path, gt_format="occ3d")
+    records = DatasetCatalog.get(name)
+    assert records[0]["gt_path"] == os.path.join(synthetic_dataset.root, "gts", records[0]["scene_name"],
+                                                 records[0]["sample_token"], "labels.npz")
+    assert MetadataCatalog.get(name).thing_classes == list(OCC3D_CLASSES)
+    mapper = TemporalDatasetMapper(True, (88, 32), load_lidar_depth=False, dataset_name=name,
+                                   regularizer=dict(num_gaussians=3000, frame_offsets=(0, 1)))
+    np.random.seed(0)
+    sample = SceneSequenceDataset(records, mapper)[(0, True)]
+    check_sample(sample, with_regularizer=True)
+    with np.load(records[0]["gt_path"]) as labels:
+        assert int(sample["occ_semantics"].max()) <= len(OCC3D_CLASSES) - 1
+        assert sample["occ_mask_camera"].sum() > 0 and sample["occ_mask_lidar"].dtype == torch.bool
+        if "visible" not in labels.files:
+            index = sample["gaussian_voxel_indices"]
+            assert sample["occ_mask_camera"][index[:, 0], index[:, 1], index[:, 2]].all()
+    assert float(sample["occ_flow"].abs().max()) == 0.0
