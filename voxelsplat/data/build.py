@@ -5,10 +5,9 @@ order the samplers of :mod:`voxelsplat.data.samplers` define.
 """
 from __future__ import annotations
 
-from typing import Callable, Dict, List, Optional, Sequence, Tuple, Union
+from typing import Callable, List, Optional, Sequence, Tuple, Union
 
 import numpy as np
-import torch
 from torch.utils.data import DataLoader, Dataset
 
 from .samplers import InferenceSequenceSampler, SequentialSceneBatchSampler, ShuffledBatchSampler, scene_sequences

@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import copy
-from typing import Dict, Optional, Sequence, Tuple
+from typing import Dict, Optional, Tuple
 
 import numpy as np
 import torch
+
+from voxelsplat.utils.geometry import transform_points
 
 from .gaussian_sampling import SPEED_BIN_EDGES, sample_gaussian_voxels
 from .lidar_depth import lidar_depth_maps
@@ -14,6 +16,7 @@ from .loading import load_image, load_lidar_points, load_occupancy_labels
 from .occupancy_meta import OccupancyGrid, grid_from_metadata, occupancy_metadata
 from .render_views import adjacent_render_views, cameras_to_reference_ego
 from .transforms import (
+    ImageAugParams,
     bev_source_indices,
     resample_voxel_grid,
     sample_bev_aug,
@@ -22,9 +25,7 @@ from .transforms import (
     transform_velocity,
     validate_range,
     warp_image,
-    ImageAugParams,
 )
-from voxelsplat.utils.geometry import transform_points
 
 __all__ = ["TemporalDatasetMapper", "DEFAULT_REGULARIZER_OPTIONS"]
 
