@@ -150,15 +150,24 @@ def split_scene_names(version: str, split: str, scene_names: Sequence[str]) -> L
     return selected
 
 
+# (table folder, its files' names/sizes/mtimes) -> content digest, so one process hashes
+# the (large, for v1.0-trainval) tables once.
+_DIGEST_MEMO: Dict[tuple, str] = {}
+
+
 def _tables_digest(table_folder: str) -> str:
     """blake2b of every JSON table of a version (names and contents)."""
-    digest = hashlib.blake2b(digest_size=16)
-    for path in sorted(glob.glob(os.path.join(table_folder, "*.json"))):
-        digest.update(os.path.basename(path).encode())
-        with open(path, "rb") as f:
-            for chunk in iter(lambda: f.read(1 << 23), b""):
-                digest.update(chunk)
-    return digest.hexdigest()
+    paths = sorted(glob.glob(os.path.join(table_folder, "*.json")))
+    stamp = (os.path.realpath(table_folder), tuple((p, os.stat(p).st_size, os.stat(p).st_mtime_ns) for p in paths))
+    if stamp not in _DIGEST_MEMO:
+        digest = hashlib.blake2b(digest_size=16)
+        for path in paths:
+            digest.update(os.path.basename(path).encode())
+            with open(path, "rb") as f:
+                for chunk in iter(lambda: f.read(1 << 23), b""):
+                    digest.update(chunk)
+        _DIGEST_MEMO[stamp] = digest.hexdigest()
+    return _DIGEST_MEMO[stamp]
 
 
 def _cache_path(cache_dir: str, dataroot: str, version: str, split: str, gt_format: str, gt_root: str) -> str:
