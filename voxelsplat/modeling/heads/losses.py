@@ -46,32 +46,87 @@ def distance_weights(grid: OccupancyGrid) -> torch.Tensor:
     return torch.as_tensor(1.0 + radius / radius.max(), dtype=torch.float32)
 
 
+def _focal_chunk(logits, target, class_weights, scale, gamma: float, alpha: float, with_grad: bool):
+    """Loss sum and gradient of one chunk of voxels (see :class:`_SigmoidFocalLoss`)."""
+    target = target[:, None]
+    prob = torch.sigmoid(logits)
+    not_prob = torch.sigmoid(-logits)
+    # -log(1 - p), the BCE of a negative (cheaper than softplus; finite for logits < 87).
+    softplus = -torch.log(not_prob.clamp_min(torch.finfo(logits.dtype).tiny))
+    prob_gamma = prob.pow(gamma)
+    # Every entry as a negative, then the target column replaced by its positive term.
+    negative = prob_gamma * softplus * (1.0 - alpha)
+    q_t = not_prob.gather(1, target)
+    softplus_neg_t = softplus.gather(1, target) - logits.gather(1, target)  # -log(p_t)
+    positive_t = alpha * q_t.pow(gamma) * softplus_neg_t
+    class_t = class_weights[target]
+    per_voxel = (negative * class_weights).sum(1, keepdim=True) + (positive_t - negative.gather(1, target)) * class_t
+    loss = (per_voxel * scale).sum()
+    grad = None
+    if with_grad:
+        grad = prob_gamma.mul_(gamma * not_prob * softplus + prob).mul_((1.0 - alpha) * class_weights)
+        p_t = prob.gather(1, target)
+        grad_t = -alpha * q_t.pow(gamma) * (gamma * p_t * softplus_neg_t + q_t)
+        grad.scatter_(1, target, grad_t * class_t).mul_(scale)
+    return loss, grad
+
+
+class _SigmoidFocalLoss(torch.autograd.Function):
+    """Fused forward/backward of :func:`sigmoid_focal_loss`: the gradient is computed in
+    closed form during the forward pass, chunk by chunk so the temporaries stay in cache
+    (a (V, K) autograd graph with a one-hot target costs ~40 passes over memory and
+    dominated a CPU training step)."""
+
+    @staticmethod
+    def forward(ctx, logits, target, class_weights, voxel_weights, gamma: float, alpha: float, chunk: int):
+        num_voxels = logits.shape[0]
+        with_grad = ctx.needs_input_grad[0]
+        grad = torch.empty(logits.shape, dtype=logits.dtype, device=logits.device) if with_grad else None
+        total = logits.new_zeros(())
+        for start in range(0, num_voxels, chunk):
+            sl = slice(start, start + chunk)
+            scale = voxel_weights[sl, None] / num_voxels
+            loss, chunk_grad = _focal_chunk(logits[sl], target[sl], class_weights, scale, gamma, alpha, with_grad)
+            total = total + loss
+            if with_grad:
+                grad[sl] = chunk_grad
+        if with_grad:
+            ctx.save_for_backward(grad)
+        return total
+
+    @staticmethod
+    def backward(ctx, grad_output):
+        (grad,) = ctx.saved_tensors
+        return grad * grad_output, None, None, None, None, None, None
+
+
 def sigmoid_focal_loss(logits: torch.Tensor, target: torch.Tensor, class_weights: Optional[torch.Tensor] = None,
                        voxel_weights: Optional[torch.Tensor] = None, gamma: float = 2.0,
-                       alpha: float = 0.25) -> torch.Tensor:
+                       alpha: float = 0.25, chunk_voxels: Optional[int] = None) -> torch.Tensor:
     """Per-class sigmoid focal loss, summed over classes and averaged over voxels.
 
-        loss = mean_v sum_k w_v c_k a_vk (1 - p_t)^gamma BCE(x_vk, t_vk)
+        loss = 1/V sum_v sum_k w_v c_k a_vk (1 - p_t)^gamma BCE(x_vk, t_vk)
     with t one-hot, p_t the probability of the true binary outcome, a = alpha for
-    positives and 1 - alpha for negatives.
+    positives and 1 - alpha for negatives (FB-Occ's focal loss).
 
     Args:
         logits: (V, K); target: (V,) int64 in [0, K).
-        class_weights: (K,) or None; voxel_weights: (V,) or None.
+        class_weights: (K,) or None (ones); voxel_weights: (V,) or None (ones).
+        chunk_voxels: voxels per processing chunk (default: ~256k logits per chunk).
+    Returns:
+        scalar; differentiable w.r.t. ``logits`` only.
     """
-    one_hot = F.one_hot(target, logits.shape[1]).to(logits.dtype)
-    prob = torch.sigmoid(logits)
-    p_wrong = (1.0 - prob) * one_hot + prob * (1.0 - one_hot)
-    modulation = (alpha * one_hot + (1.0 - alpha) * (1.0 - one_hot)) * p_wrong.pow(gamma)
-    loss = F.binary_cross_entropy_with_logits(logits, one_hot, reduction="none") * modulation
-    if class_weights is not None:
-        loss = loss * class_weights.to(loss.dtype)[None, :]
-    if voxel_weights is not None:
-        loss = loss * voxel_weights.to(loss.dtype)[:, None]
-    return loss.sum(-1).mean() if loss.numel() else logits.sum() * 0.0
+    num_voxels, num_classes = logits.shape
+    if num_voxels == 0:
+        return logits.sum() * 0.0
+    class_weights = logits.new_ones(num_classes) if class_weights is None else class_weights.to(logits.dtype)
+    voxel_weights = logits.new_ones(num_voxels) if voxel_weights is None else voxel_weights.to(logits.dtype)
+    chunk = int(chunk_voxels) if chunk_voxels else max(1, (1 << 18) // max(num_classes, 1))
+    return _SigmoidFocalLoss.apply(logits, target.long(), class_weights, voxel_weights, float(gamma), float(alpha),
+                                   chunk)
 
 
-def lovasz_softmax(probs: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+def lovasz_softmax(probs: torch.Tensor, target: torch.Tensor, num_buckets: Optional[int] = 16384) -> torch.Tensor:
     """Lovasz-softmax loss over the classes present in ``target``.
 
     For class c with foreground f_c and errors e = |f_c - p_c| sorted in decreasing
@@ -79,22 +134,86 @@ def lovasz_softmax(probs: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
         sum_i e_pi(i) * (J(i) - J(i-1)),  J(i) = 1 - |f \\ M_i| / |f u M_i|,
     M_i the first i voxels of pi; the result is averaged over present classes.
 
+    J only grows along pi and goes from 0 to 1, so the loss is a weighted mean of the
+    errors. With ``num_buckets`` the errors are ordered by a counting sort into that many
+    equal-width levels, and voxels of one level share the level's mean error (ties do not
+    change a Lovasz extension): the value is within ``1 / num_buckets`` of the exact one,
+    in O(V) per class instead of a comparison sort of V voxels (which cost ~0.5 s per
+    step on a CPU at 200x200x16). ``num_buckets=None`` sorts exactly.
+
     Args:
         probs: (V, K) class probabilities; target: (V,) int64.
     """
-    present = torch.unique(target)
+    present = (torch.bincount(target, minlength=probs.shape[1]) > 0).nonzero().flatten()
     if present.numel() == 0:
         return probs.sum() * 0.0
-    foreground = (target[:, None] == present[None, :]).to(probs.dtype)  # (V, P)
-    errors = (foreground - probs[:, present]).abs()
-    errors_sorted, order = torch.sort(errors, dim=0, descending=True)
-    fg_sorted = torch.gather(foreground, 0, order)
-    totals = fg_sorted.sum(0, keepdim=True)
-    intersection = totals - fg_sorted.cumsum(0)
-    union = totals + (1.0 - fg_sorted).cumsum(0)
+    if num_buckets is not None:
+        chunk = max(1, (1 << 20) // present.numel())
+        return _BucketedLovasz.apply(probs, target, present, int(num_buckets), chunk)
+    # Exact: a comparison sort per class, in a (classes, voxels) layout.
+    foreground = (present[:, None] == target[None, :]).to(probs.dtype)  # (P, V)
+    errors = (foreground - probs.t()[present]).abs()
+    errors_sorted, order = torch.sort(errors, dim=1, descending=True)
+    fg_sorted = torch.gather(foreground, 1, order)
+    totals = fg_sorted.sum(1, keepdim=True)
+    intersection = totals - fg_sorted.cumsum(1)
+    union = totals + (1.0 - fg_sorted).cumsum(1)
     jaccard = 1.0 - intersection / union
-    gradient = torch.cat([jaccard[:1], jaccard[1:] - jaccard[:-1]], dim=0)
-    return (errors_sorted * gradient).sum(0).mean()
+    gradient = torch.cat([jaccard[:, :1], jaccard[:, 1:] - jaccard[:, :-1]], dim=1)
+    return (errors_sorted * gradient).sum(1).mean()
+
+
+class _BucketedLovasz(torch.autograd.Function):
+    """Bucketed Lovasz-softmax (see :func:`lovasz_softmax`) in two chunked passes over the
+    voxels: (1) count voxels and foreground voxels per error level, (2) give every voxel
+    its level's share of the Jaccard step, accumulate the loss and its gradient
+    d loss / d p_cv = -+ share / P (minus on foreground, plus on background)."""
+
+    @staticmethod
+    def _levels(probs_t, target, present, num_buckets):
+        foreground = present[:, None] == target[None, :]  # (P, n)
+        errors = (foreground.to(probs_t.dtype) - probs_t[present]).abs_()
+        level = ((1.0 - errors) * num_buckets).long().clamp_(0, num_buckets - 1)
+        level += torch.arange(present.numel(), device=level.device)[:, None] * num_buckets
+        return foreground, errors, level
+
+    @staticmethod
+    def forward(ctx, probs, target, present, num_buckets: int, chunk: int):
+        probs_t = probs.t()  # (K, V)
+        num_present, num_voxels = present.numel(), probs.shape[0]
+        size = num_present * num_buckets
+        count_all = torch.zeros(size, dtype=torch.int64, device=probs.device)
+        count_fg = torch.zeros(size, dtype=torch.int64, device=probs.device)
+        for start in range(0, num_voxels, chunk):
+            sl = slice(start, start + chunk)
+            foreground, _, level = _BucketedLovasz._levels(probs_t[:, sl], target[sl], present, num_buckets)
+            level = level.flatten()
+            count_all += torch.bincount(level, minlength=size)
+            count_fg += torch.bincount(level[foreground.flatten()], minlength=size)
+        count_all = count_all.view(num_present, -1).to(torch.float64)
+        count_fg = count_fg.view(num_present, -1).to(torch.float64)
+        totals = count_fg.sum(1, keepdim=True)
+        # Level 0 holds the largest errors: cumulative sums run in decreasing-error order.
+        jaccard = 1.0 - (totals - count_fg.cumsum(1)) / (totals + (count_all - count_fg).cumsum(1))
+        step = torch.cat([jaccard[:, :1], jaccard[:, 1:] - jaccard[:, :-1]], dim=1)
+        share = (step / count_all.clamp(min=1)).flatten().to(probs.dtype) / num_present
+        loss = torch.zeros((), dtype=torch.float64, device=probs.device)
+        grad_t = torch.zeros_like(probs_t, memory_format=torch.contiguous_format) if ctx.needs_input_grad[0] else None
+        for start in range(0, num_voxels, chunk):
+            sl = slice(start, start + chunk)
+            foreground, errors, level = _BucketedLovasz._levels(probs_t[:, sl], target[sl], present, num_buckets)
+            weight = share[level]
+            loss += (errors * weight).sum(dtype=torch.float64)
+            if grad_t is not None:
+                grad_t[present, sl] = torch.where(foreground, -weight, weight)
+        if grad_t is not None:
+            ctx.save_for_backward(grad_t)
+        return loss.to(probs.dtype)
+
+    @staticmethod
+    def backward(ctx, grad_output):
+        (grad_t,) = ctx.saved_tensors
+        return (grad_t * grad_output).t(), None, None, None, None
 
 
 def _neg_log(x: torch.Tensor) -> torch.Tensor:
@@ -113,18 +232,23 @@ def sem_scal_loss(probs: torch.Tensor, target: torch.Tensor, free_index: int) ->
     Args:
         probs: (V, K) class probabilities; target: (V,) int64.
     """
-    num_classes = probs.shape[1]
-    classes = torch.tensor([c for c in range(num_classes) if c != free_index], device=probs.device)
-    truth = (target[:, None] == classes[None, :]).to(probs.dtype)  # (V, C)
-    prob = probs[:, classes]
-    counted = truth.sum(0) > 0
+    num_voxels, num_classes = probs.shape
+    # Per-class sums in O(V) with bincount / index_add instead of (C, V) one-hot masks.
+    truth_sum = torch.bincount(target, minlength=num_classes).to(probs.dtype)
+    prob_target = probs.gather(1, target[:, None]).squeeze(1)
+    true_positive = torch.zeros(num_classes, dtype=probs.dtype, device=probs.device).index_add(0, target, prob_target)
+    prob_sum = probs.sum(0)
+    keep = torch.ones(num_classes, dtype=torch.bool, device=probs.device)
+    keep[free_index] = False
+    truth_sum, true_positive, prob_sum = truth_sum[keep], true_positive[keep], prob_sum[keep]
+    counted = truth_sum > 0
     if not bool(counted.any()):
         return probs.sum() * 0.0
-    true_positive = (prob * truth).sum(0)
-    prob_sum, truth_sum, negatives = prob.sum(0), truth.sum(0), (1.0 - truth).sum(0)
+    negatives = num_voxels - truth_sum
     precision = true_positive / (prob_sum + _SCAL_EPS)
     recall = true_positive / (truth_sum + _SCAL_EPS)
-    specificity = ((1.0 - prob) * (1.0 - truth)).sum(0) / (negatives + _SCAL_EPS)
+    # sum((1 - p)(1 - t)) = V - sum(p) - sum(t) + sum(p t)
+    specificity = (num_voxels - prob_sum - truth_sum + true_positive) / (negatives + _SCAL_EPS)
     per_class = (_neg_log(precision) * (prob_sum > 0) + _neg_log(recall)
                  + _neg_log(specificity) * (negatives > 0))
     return (per_class * counted).sum() / counted.sum()
@@ -223,14 +347,15 @@ class OccupancyFlowLoss(nn.Module):
         spatial = tuple(occ_logits.shape[2:])
         if tuple(occ_target.shape) != (b, *spatial):
             raise ValueError(f"occ_semantics has shape {tuple(occ_target.shape)}, the head predicts {(b, *spatial)}")
-        logits = occ_logits.float().permute(0, 2, 3, 4, 1).reshape(-1, k)
+        # (V, K) views over a (K, V) layout: no copy for batch size 1.
+        logits = occ_logits.float().flatten(2).transpose(0, 1).reshape(k, -1).t()
         target = occ_target.reshape(-1).long()
         valid = (target != self.ignore_index) & (target >= 0) & (target < k)
         if valid_mask is not None:
             valid = valid & valid_mask.reshape(-1).bool()
-        # Non-finite logits (should not happen) must not poison the batch.
-        logits = torch.nan_to_num(logits, nan=0.0, posinf=30.0, neginf=-30.0)
-        logits_v, target_v = logits[valid], target[valid]
+        all_valid = bool(valid.all())
+        logits_v = logits if all_valid else logits[valid]
+        target_v = target if all_valid else target[valid]
         losses: Dict[str, torch.Tensor] = {}
         w = self.weights
         if not bool(valid.any()):  # nothing to supervise: zeros that keep the graph connected
@@ -244,11 +369,12 @@ class OccupancyFlowLoss(nn.Module):
                 if tuple(self.distance_weight_map.shape) != spatial[:2]:
                     raise ValueError(f"OccupancyFlowLoss: grid {tuple(self.distance_weight_map.shape)} does not "
                                      f"match predictions {spatial}")
-                voxel_weights = self.distance_weight_map[None, :, :, None].expand(b, *spatial).reshape(-1)[valid]
+                voxel_weights = self.distance_weight_map[None, :, :, None].expand(b, *spatial).reshape(-1)
+                voxel_weights = voxel_weights if all_valid else voxel_weights[valid]
             losses["loss_occ_focal"] = w["focal"] * sigmoid_focal_loss(
                 logits_v, target_v, self.class_weights, voxel_weights, self.focal_gamma, self.focal_alpha)
         if w["lovasz"] or w["sem_scal"] or w["geo_scal"]:
-            probs_v = logits_v.softmax(-1)
+            probs_v = logits_v.t().softmax(0).t()
             if w["lovasz"]:
                 losses["loss_occ_lovasz"] = w["lovasz"] * lovasz_softmax(probs_v, target_v)
             if w["sem_scal"]:
@@ -256,7 +382,7 @@ class OccupancyFlowLoss(nn.Module):
             if w["geo_scal"]:
                 losses["loss_occ_geo_scal"] = w["geo_scal"] * geo_scal_loss(probs_v, target_v, self.free_index)
         if w["flow"]:
-            flow_flat = flow.float().permute(0, 2, 3, 4, 1).reshape(-1, flow.shape[1])
+            flow_flat = flow.float().flatten(2).transpose(0, 1).reshape(flow.shape[1], -1).t()
             if flow_loss_enabled:
                 mask = valid & self.flow_class_lut[target.clamp(0, self.flow_class_lut.numel() - 1)]
                 losses["loss_flow"] = w["flow"] * flow_l1_loss(flow_flat, flow_target.reshape(-1, flow.shape[1]).float(),

@@ -29,7 +29,7 @@ class OccFlowHead(nn.Module):
         flow_dims: velocity components (2: vx, vy).
         grad_checkpointing: recompute the full-resolution part in the backward pass.
 
-    Forward: (B, in_channels, X', Y', Z') -> dict with
+    Forward: (B, in_channels, X', Y', Z') [, return_features] -> dict with
         ``occ_logits`` (B, num_classes, X, Y, Z), ``flow`` (B, flow_dims, X, Y, Z) in m/s,
         ``voxel_features`` (B, F, X, Y, Z): the full-resolution features the classifiers read.
     """
@@ -55,13 +55,27 @@ class OccFlowHead(nn.Module):
         self.feature_channels = feature_channels
         self.grad_checkpointing = grad_checkpointing
 
+    def _upsample(self, volume: torch.Tensor) -> torch.Tensor:
+        return F.interpolate(volume, size=self.output_shape, mode="trilinear", align_corners=False)
+
     def _full_resolution(self, reduced: torch.Tensor):
-        upsampled = F.interpolate(reduced, size=self.output_shape, mode="trilinear", align_corners=False)
-        features = self.hidden(upsampled)
+        features = self.hidden(self._upsample(reduced))
         return features, self.classifier(features), self.flow(features)
 
-    def forward(self, volume: torch.Tensor) -> Dict[str, torch.Tensor]:
+    def forward(self, volume: torch.Tensor, return_features: bool = True) -> Dict[str, torch.Tensor]:
+        """``return_features=False`` may leave ``voxel_features`` out (saves a full-resolution
+        upsampling when nothing reads it)."""
         reduced = self.reduce(volume)
+        if isinstance(self.hidden, nn.Identity):
+            # Trilinear upsampling is linear with weights summing to 1, so it commutes with the
+            # 1x1 affine classifiers: classify at the internal resolution, upsample the logits
+            # (same result, ~3x cheaper than classifying 640k voxels on a CPU).
+            logits, flow = self._upsample(torch.cat([self.classifier(reduced), self.flow(reduced)], dim=1)).split(
+                [self.num_classes, self.flow.out_channels], dim=1)
+            outputs = {"occ_logits": logits, "flow": flow}
+            if return_features:
+                outputs["voxel_features"] = self._upsample(reduced)
+            return outputs
         if self.grad_checkpointing and self.training and reduced.requires_grad:
             features, logits, flow = checkpoint(self._full_resolution, reduced, use_reentrant=False)
         else:

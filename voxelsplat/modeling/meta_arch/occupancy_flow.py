@@ -189,7 +189,8 @@ class OccupancyFlowModel(nn.Module):
         """Training: dict of scalar losses. Eval: list of per-sample dicts
         ``{"occ": int64 (X, Y, Z), "flow": float (X, Y, Z, 2) m/s, ["occ_logits": (K, X, Y, Z)]}``."""
         volume, depth_logits = self.extract_volume(batched_inputs)
-        head_outputs = self.head(volume)
+        # Full-resolution features are only needed by a training-time regularizer.
+        head_outputs = self.head(volume, return_features=self.training and self.regularizer is not None)
         if not self.training:
             return self.postprocess(head_outputs)
         return self.losses(batched_inputs, head_outputs, depth_logits)

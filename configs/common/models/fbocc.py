@@ -1,0 +1,82 @@
+"""FB-Occ (the baseline VoxelSplat regularizes) at its published sizes: ResNet-50 C4+C5 ->
+FPN (256 ch, stride 16) -> camera-aware depth net (80 bins, 2-42 m) -> LSS to a
+100x100x8 volume (0.8 m) -> one depth-aware backward-projection layer -> 16-frame
+temporal fusion -> 3D ResNet-18 + FPN3D -> occupancy (17 classes) + flow head at the
+200x200x16 GT grid. Label set and grid come from the dataset metadata
+(``occupancy_metadata``); switch ``_meta`` for another label set.
+"""
+from detectron2.config import LazyCall as L
+
+from voxelsplat.data.occupancy_meta import occupancy_metadata
+from voxelsplat.modeling.backbone import TimmBackbone
+from voxelsplat.modeling.heads import OccFlowHead, OccupancyFlowLoss
+from voxelsplat.modeling.lifting import (
+    CameraAwareDepthNet, DepthAwareBackwardProjection, LSSForwardProjection, TemporalVolumeFusion,
+)
+from voxelsplat.modeling.meta_arch import OccupancyFlowModel
+from voxelsplat.modeling.neck import FusionFPN
+from voxelsplat.modeling.voxel_encoder import ResNet3DFPN
+
+_meta = occupancy_metadata("openocc_v2")
+
+# Per-class voxel counts of the Occ3D-nuScenes training set (the class-frequency statistics
+# FB-Occ weights its focal loss with), keyed by class name so any label set can use them.
+_VOXEL_COUNTS = {
+    "others": 944004, "barrier": 1897170, "bicycle": 152386, "bus": 2391677, "car": 16957802,
+    "construction_vehicle": 724139, "motorcycle": 189027, "pedestrian": 2074468, "traffic_cone": 413451,
+    "trailer": 2384460, "truck": 5916653, "driveable_surface": 175883646, "other_flat": 4275424,
+    "sidewalk": 51393615, "terrain": 61411620, "manmade": 105975596, "vegetation": 116424404,
+    "free": 1892500630,
+}
+
+model = L(OccupancyFlowModel)(
+    backbone=L(TimmBackbone)(
+        model_name="resnet50", out_indices=(3, 4), init_checkpoint="", norm="BN", frozen_stages=-1,
+        grad_checkpointing=True,
+    ),
+    neck=L(FusionFPN)(in_channels=(1024, 2048), in_strides=(16, 32), out_channels=256, grad_checkpointing=True),
+    depth_net=L(CameraAwareDepthNet)(
+        in_channels="${..neck.out_channels}", mid_channels=256, context_channels=80,
+        depth_bins=(2.0, 42.0, 0.5), num_depth_blocks=3, grad_checkpointing=True,
+    ),
+    forward_projection=L(LSSForwardProjection)(
+        point_cloud_range=_meta["point_cloud_range"], voxel_size=_meta["voxel_size"] * 2,
+        depth_bins="${..depth_net.depth_bins}",
+    ),
+    backward_projection=L(DepthAwareBackwardProjection)(
+        embed_dims="${..depth_net.context_channels}",
+        point_cloud_range="${..forward_projection.point_cloud_range}",
+        voxel_size="${..forward_projection.voxel_size}", depth_bins="${..depth_net.depth_bins}",
+        num_heads=8, num_points_in_pillar=4, num_offsets=2, ffn_channels=320,
+    ),
+    temporal_fusion=L(TemporalVolumeFusion)(
+        in_channels="${..depth_net.context_channels}", out_channels=160, num_history=16,
+        point_cloud_range="${..forward_projection.point_cloud_range}",
+        voxel_size="${..forward_projection.voxel_size}", time_channels=8,
+    ),
+    voxel_encoder=L(ResNet3DFPN)(
+        in_channels="${..temporal_fusion.out_channels}", stage_channels=(64, 128, 256), stage_blocks=(2, 2, 2),
+        stage_strides=(1, 2, 2), out_channels=256, grad_checkpointing=True,
+    ),
+    head=L(OccFlowHead)(
+        in_channels="${..voxel_encoder.out_channels}", mid_channels=128, hidden_channels=64,
+        num_classes=len(_meta["class_names"]), output_shape=_meta["grid_shape"], grad_checkpointing=True,
+    ),
+    loss=L(OccupancyFlowLoss)(
+        num_classes=len(_meta["class_names"]), free_index=_meta["free_index"], flow_classes=_meta["flow_classes"],
+        point_cloud_range=_meta["point_cloud_range"], voxel_size=_meta["voxel_size"],
+        class_frequencies=[_VOXEL_COUNTS[name] for name in _meta["class_names"]],
+        focal_gamma=2.0, focal_alpha=0.25, distance_weighting=True,
+        focal_weight=100.0, lovasz_weight=1.0, sem_scal_weight=1.0, geo_scal_weight=1.0, flow_weight=1.0,
+    ),
+    class_names=_meta["class_names"],
+    free_index=_meta["free_index"],
+    flow_classes=_meta["flow_classes"],
+    grid_shape=_meta["grid_shape"],
+    regularizer=None,
+    pixel_mean=(123.675, 116.28, 103.53),
+    pixel_std=(58.395, 57.12, 57.375),
+    depth_loss_weight=1.0,
+    history_enabled=True,
+    flow_loss_enabled=True,
+)

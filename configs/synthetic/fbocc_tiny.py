@@ -1,0 +1,65 @@
+"""FB-Occ scaled to train on a 2-core CPU on the synthetic dataset.
+
+Same architecture as ``configs/fbocc_r50.py`` with a half-width ResNet-18 (random init,
+or weights from ``model.backbone.init_checkpoint``), 256x96 images, 20 depth bins of
+2 m, a 50x50x4 internal volume (1.6 m), 4 history frames and narrow 3D layers.
+Outputs stay at the GT grid (200x200x16, from the dataset metadata).
+
+    python tools/lazyconfig_train_net.py --config-file configs/synthetic/fbocc_tiny.py
+"""
+from detectron2.config import LazyCall as L
+
+from voxelsplat.engine.warmup_hook import WarmupSwitchHook
+
+from ..common.data.synthetic_occ import dataloader
+from ..common.models.fbocc import model
+from ..common.optim import AdamW as optimizer
+from ..common.schedule import step_lr_multiplier as lr_multiplier
+from ..common.train import train
+
+# ---------------------------------------------------------------- model
+model.backbone.model_name = "resnet18"
+model.backbone.model_kwargs = dict(channels=(32, 64, 128, 256), stem_width=32)
+model.backbone.norm = "BN"
+model.backbone.grad_checkpointing = False
+model.neck.in_channels = (128, 256)
+model.neck.out_channels = 64
+model.neck.grad_checkpointing = False
+model.depth_net.mid_channels = 64
+model.depth_net.context_channels = 32
+model.depth_net.depth_bins = (2.0, 42.0, 2.0)
+model.depth_net.num_depth_blocks = 1
+model.depth_net.grad_checkpointing = False
+model.forward_projection.voxel_size = 1.6
+model.backward_projection.num_heads = 4
+model.backward_projection.num_offsets = 1
+model.backward_projection.ffn_channels = 64
+model.temporal_fusion.out_channels = 32
+model.temporal_fusion.num_history = 4
+model.temporal_fusion.time_channels = 4
+model.voxel_encoder.stage_channels = (32, 48, 64)
+model.voxel_encoder.stage_blocks = (1, 1, 1)
+model.voxel_encoder.out_channels = 32
+model.voxel_encoder.grad_checkpointing = False
+model.head.mid_channels = 16
+model.head.hidden_channels = 0
+model.head.grad_checkpointing = False
+
+# ---------------------------------------------------------------- data
+dataloader.train.mapper.image_size = (256, 96)
+dataloader.train.total_batch_size = 1
+dataloader.train.num_workers = 1
+dataloader.test.num_workers = 1
+
+# ---------------------------------------------------------------- schedule
+train.device = "cpu"
+train.output_dir = "./output/synthetic/fbocc_tiny"
+train.max_iter = 600
+train.eval_period = 300
+train.checkpointer.period = 300
+train.log_period = 20
+optimizer.lr = 1e-3
+optimizer.params.lr_multipliers = {"backbone": 0.1}
+lr_multiplier.warmup_iters = 20
+# History fusion and the flow loss start after a warm-up (published: 2 epochs).
+train.extra_hooks = [L(WarmupSwitchHook)(history_start_iter=100, flow_loss_start_iter=100)]
