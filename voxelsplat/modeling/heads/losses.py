@@ -35,7 +35,7 @@ def class_weights_from_frequencies(frequencies: Sequence[float]) -> torch.Tensor
     counts = np.asarray(frequencies, dtype=np.float64)
     if counts.ndim != 1 or not np.all(counts > 1):
         raise ValueError(f"class_frequencies must be per-class voxel counts > 1, got {frequencies}")
-    return torch.as_tensor(1.0 / np.log(counts + 1e-3), dtype=torch.float32)
+    return torch.as_tensor(1.0 / np.log(counts + 1e-3), dtype=torch.float64)
 
 
 def distance_weights(grid: OccupancyGrid) -> torch.Tensor:
@@ -43,7 +43,7 @@ def distance_weights(grid: OccupancyGrid) -> torch.Tensor:
     origin (metres, horizontal)."""
     centers = grid.voxel_centers()[:, :, 0, :2]
     radius = np.linalg.norm(centers, axis=-1)
-    return torch.as_tensor(1.0 + radius / radius.max(), dtype=torch.float32)
+    return torch.as_tensor(1.0 + radius / radius.max(), dtype=torch.float64)
 
 
 def _focal_chunk(logits, target, class_weights, scale, gamma: float, alpha: float, with_grad: bool):
@@ -329,7 +329,7 @@ class OccupancyFlowLoss(nn.Module):
         if class_frequencies is not None and len(class_frequencies) != num_classes:
             raise ValueError(f"OccupancyFlowLoss: {len(class_frequencies)} class_frequencies for {num_classes} classes")
         weights = class_weights_from_frequencies(class_frequencies) if class_frequencies is not None \
-            else torch.ones(num_classes)
+            else torch.ones(num_classes, dtype=torch.float64)
         self.register_buffer("class_weights", weights, persistent=False)
         self.register_buffer("distance_weight_map", distance_weights(grid), persistent=False)
         flow_lut = torch.zeros(max(num_classes, self.ignore_index + 1), dtype=torch.bool)
@@ -348,7 +348,8 @@ class OccupancyFlowLoss(nn.Module):
         if tuple(occ_target.shape) != (b, *spatial):
             raise ValueError(f"occ_semantics has shape {tuple(occ_target.shape)}, the head predicts {(b, *spatial)}")
         # (V, K) views over a (K, V) layout: no copy for batch size 1.
-        logits = occ_logits.float().flatten(2).transpose(0, 1).reshape(k, -1).t()
+        dtype = torch.promote_types(occ_logits.dtype, torch.float32)  # float32 under mixed precision
+        logits = occ_logits.to(dtype).flatten(2).transpose(0, 1).reshape(k, -1).t()
         target = occ_target.reshape(-1).long()
         valid = (target != self.ignore_index) & (target >= 0) & (target < k)
         if valid_mask is not None:
@@ -382,10 +383,10 @@ class OccupancyFlowLoss(nn.Module):
             if w["geo_scal"]:
                 losses["loss_occ_geo_scal"] = w["geo_scal"] * geo_scal_loss(probs_v, target_v, self.free_index)
         if w["flow"]:
-            flow_flat = flow.float().flatten(2).transpose(0, 1).reshape(flow.shape[1], -1).t()
+            flow_flat = flow.to(dtype).flatten(2).transpose(0, 1).reshape(flow.shape[1], -1).t()
             if flow_loss_enabled:
                 mask = valid & self.flow_class_lut[target.clamp(0, self.flow_class_lut.numel() - 1)]
-                losses["loss_flow"] = w["flow"] * flow_l1_loss(flow_flat, flow_target.reshape(-1, flow.shape[1]).float(),
+                losses["loss_flow"] = w["flow"] * flow_l1_loss(flow_flat, flow_target.reshape(-1, flow.shape[1]).to(dtype),
                                                                mask)
             else:
                 # Keep the flow branch in the graph (DDP without find_unused_parameters).

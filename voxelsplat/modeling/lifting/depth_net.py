@@ -119,7 +119,8 @@ def depth_bce_loss(depth_logits: torch.Tensor, target_bins: torch.Tensor) -> tor
     Returns:
         scalar (0 with a zero gradient when no pixel has a target).
     """
-    logits = depth_logits.float().permute(0, 2, 3, 1).reshape(-1, depth_logits.shape[1])
+    # At least float32 (mixed precision), float64 kept.
+    logits = depth_logits.to(torch.promote_types(depth_logits.dtype, torch.float32)).permute(0, 2, 3, 1).reshape(-1, depth_logits.shape[1])
     target = target_bins.reshape(-1)
     valid = target >= 0
     if not bool(valid.any()):

@@ -1,0 +1,126 @@
+"""Backbones (timm, local checkpoints only), the warm-up hook and the shipped model configs."""
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+import timm
+import torch
+import torch.distributed as dist
+from detectron2.config import LazyConfig, instantiate
+from detectron2.layers import FrozenBatchNorm2d
+from torch import nn
+
+from voxelsplat.engine.warmup_hook import WarmupSwitchHook
+from voxelsplat.modeling.backbone import EVA02Backbone, TimmBackbone
+from voxelsplat.modeling.neck import FusionFPN
+from voxelsplat.modeling.registry import build_backbone
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_timm_backbone_frozen_bn_stages_and_local_checkpoint(tmp_path):
+    reference = timm.create_model("resnet18", pretrained=False)
+    path = tmp_path / "resnet18.pth"
+    torch.save(reference.state_dict(), path)
+    backbone = TimmBackbone("resnet18", out_indices=(3, 4), init_checkpoint=str(path), norm="FrozenBN",
+                            frozen_stages=1)
+    assert not any(isinstance(m, nn.BatchNorm2d) for m in backbone.modules())
+    assert any(isinstance(m, FrozenBatchNorm2d) for m in backbone.modules())
+    torch.testing.assert_close(backbone.model.layer3[0].conv1.weight, reference.layer3[0].conv1.weight)
+    torch.testing.assert_close(backbone.model.layer3[0].bn1.running_var, reference.layer3[0].bn1.running_var)
+    assert not any(p.requires_grad for p in backbone.model.conv1.parameters())
+    assert not any(p.requires_grad for p in backbone.model.layer1.parameters())
+    assert all(p.requires_grad for p in backbone.model.layer2.parameters())
+    assert backbone.out_channels == [256, 512] and backbone.out_strides == [16, 32]
+
+    features = backbone(torch.randn(2, 3, 64, 96))
+    assert features["stride16"].shape == (2, 256, 4, 6) and features["stride32"].shape == (2, 512, 2, 3)
+    neck = FusionFPN(backbone.out_channels, backbone.out_strides, out_channels=32)
+    assert neck(features).shape == (2, 32, 4, 6)
+
+    trainable = build_backbone({"name": "TimmBackbone", "model_name": "resnet18", "norm": "BN",
+                                "grad_checkpointing": True})
+    assert any(isinstance(m, nn.BatchNorm2d) for m in trainable.modules())
+    trainable(torch.randn(1, 3, 64, 64, requires_grad=True))["stride32"].sum().backward()
+    with pytest.raises(FileNotFoundError, match="local file"):
+        TimmBackbone("resnet18", init_checkpoint=str(tmp_path / "missing.pth"))
+
+
+def test_eva02_backbone_builds_offline_and_loads_a_resampled_checkpoint(tmp_path):
+    reference = timm.create_model("eva02_tiny_patch14_224", pretrained=False)  # patch 14 at 224
+    path = tmp_path / "eva02_tiny.pth"
+    torch.save(reference.state_dict(), path)
+    backbone = EVA02Backbone("eva02_tiny_patch14_224", img_size=(64, 128), patch_size=16, out_strides=(8, 16, 32),
+                             out_channels=24, init_checkpoint=str(path))
+    loaded, saved = backbone.vit.state_dict(), reference.state_dict()
+    common = [k for k in loaded if k in saved and loaded[k].shape == saved[k].shape and loaded[k].is_floating_point()]
+    assert len(common) > 50
+    for key in common:
+        torch.testing.assert_close(loaded[key], saved[key], msg=key)
+    assert backbone.vit.patch_embed.proj.weight.shape[-2:] == (16, 16)
+    features = backbone(torch.randn(1, 3, 64, 128))
+    assert {k: tuple(v.shape) for k, v in features.items()} == {
+        "stride8": (1, 24, 8, 16), "stride16": (1, 24, 4, 8), "stride32": (1, 24, 2, 4)}
+    with pytest.raises(ValueError, match="img_size"):
+        backbone(torch.randn(1, 3, 64, 96))
+
+
+class _PhasedModel(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.linear = nn.Linear(2, 2)
+        self.phases = []
+
+    def set_training_phase(self, history_enabled, flow_loss_enabled):
+        self.phases.append((history_enabled, flow_loss_enabled))
+
+
+def _run_hook(hook, model, start_iter, iterations):
+    hook.trainer = SimpleNamespace(model=model, iter=start_iter)
+    hook.before_train()
+    for iteration in iterations:
+        hook.trainer.iter = iteration
+        hook.before_step()
+
+
+def test_warmup_hook_switches_at_configured_iterations_and_after_resume(tmp_path):
+    inner = _PhasedModel()
+    _run_hook(WarmupSwitchHook(history_start_iter=3, flow_loss_start_iter=5), inner, 0, range(0, 7))
+    assert inner.phases == [(False, False), (True, False), (True, True)]
+
+    # Resumed past the history switch: the right phase from the first step on. The model is
+    # wrapped in DistributedDataParallel (one CPU process, gloo).
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'rendezvous'}", rank=0, world_size=1)
+    try:
+        inner = _PhasedModel()
+        wrapped = nn.parallel.DistributedDataParallel(inner)
+        _run_hook(WarmupSwitchHook(history_start_iter=3, flow_loss_start_iter=5), wrapped, 4, range(4, 6))
+        assert inner.phases == [(True, False), (True, True)]
+    finally:
+        dist.destroy_process_group()
+
+    with pytest.raises(TypeError, match="set_training_phase"):
+        _run_hook(WarmupSwitchHook(1, 1), nn.Linear(1, 1), 0, [0])
+
+
+def test_published_config_instantiates_with_its_settings():
+    cfg = LazyConfig.load(str(ROOT / "configs" / "fbocc_r50.py"))
+    assert set(cfg) >= {"model", "dataloader", "optimizer", "lr_multiplier", "train"}
+    assert tuple(cfg.dataloader.train.mapper.image_size) == (704, 256)
+    assert cfg.model.temporal_fusion.num_history == 16 and cfg.model.backbone.model_name == "resnet50"
+    model = instantiate(cfg.model)
+    assert model.forward_projection.volume_shape == (100, 100, 8)
+    assert model.depth_net.num_bins == 80
+    assert tuple(model.head.output_shape) == (200, 200, 16) and model.head.num_classes == 17
+    assert 35e6 < sum(p.numel() for p in model.parameters()) < 50e6
+    cfg.optimizer.params.model = model
+    optimizer = instantiate(cfg.optimizer)
+    backbone_params = {id(p) for p in model.backbone.parameters()}
+    for group in optimizer.param_groups:
+        in_backbone = {id(p) in backbone_params for p in group["params"]}
+        assert len(in_backbone) == 1
+        assert group["lr"] == pytest.approx(2e-5 if in_backbone.pop() else 2e-4)
+    iters_per_epoch = cfg.train.max_iter // 48
+    (hook,) = cfg.train.extra_hooks
+    assert hook.history_start_iter == hook.flow_loss_start_iter == 2 * iters_per_epoch
+    assert cfg.train.clip_grad.max_norm == 5.0

@@ -1,0 +1,177 @@
+"""OccupancyFlowModel end to end on samples built to the mapper contract
+(voxelsplat/data/sample_fields.py): eval outputs, the regularizer call site, and the
+tiny synthetic config learning."""
+import math
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from detectron2.config import LazyConfig, instantiate
+
+from voxelsplat.data.occupancy_meta import occupancy_metadata
+from voxelsplat.data.sample_fields import check_sample
+
+ROOT = Path(__file__).resolve().parents[1]
+META = occupancy_metadata("openocc_v2")
+
+
+def _camera_rig(num_cams, height, width):
+    focal = width / (2 * math.tan(math.radians(35.0)))
+    intrinsics = torch.tensor([[focal, 0, width / 2], [0, focal, height / 2], [0, 0, 1]]).repeat(num_cams, 1, 1)
+    cam2ego = torch.zeros(num_cams, 4, 4)
+    for n in range(num_cams):
+        yaw = 2 * math.pi * n / num_cams
+        forward = torch.tensor([math.cos(yaw), math.sin(yaw), 0.0])
+        right = torch.tensor([math.sin(yaw), -math.cos(yaw), 0.0])
+        down = torch.tensor([0.0, 0.0, -1.0])
+        cam2ego[n, :3, :3] = torch.stack([right, down, forward], dim=1)
+        cam2ego[n, :3, 3] = torch.tensor([0.5 * math.cos(yaw), 0.5 * math.sin(yaw), 1.6])
+        cam2ego[n, 3, 3] = 1.0
+    return intrinsics, cam2ego
+
+
+def make_sample(seed, height, width, frame=0, num_cams=6):
+    """One mapped sample: a road, a few moving cars, free space above; random images and
+    sparse LiDAR depth."""
+    gen = torch.Generator().manual_seed(seed)
+    x_size, y_size, z_size = META["grid_shape"]
+    names = META["class_names"]
+    semantics = torch.full((x_size, y_size, z_size), META["free_index"], dtype=torch.int64)
+    semantics[:, :, :3] = names.index("driveable_surface")
+    flow = torch.zeros(x_size, y_size, z_size, 2)
+    for _ in range(5):
+        cx, cy = torch.randint(20, x_size - 20, (2,), generator=gen).tolist()
+        semantics[cx - 6:cx + 6, cy - 3:cy + 3, 3:7] = names.index("car")
+        flow[cx - 6:cx + 6, cy - 3:cy + 3, 3:7] = torch.tensor([4.0, -1.0])
+    intrinsics, cam2ego = _camera_rig(num_cams, height, width)
+    ego2global = torch.eye(4, dtype=torch.float64)
+    ego2global[:2, 3] = torch.tensor([600.0 + 2.0 * frame, 1200.0], dtype=torch.float64)
+    lidar_hit = torch.rand(num_cams, height, width, generator=gen) < 0.05
+    sample = {
+        "img": torch.randint(0, 256, (num_cams, 3, height, width), generator=gen, dtype=torch.uint8),
+        "intrinsics": intrinsics, "cam2ego": cam2ego, "ego2global": ego2global,
+        "img_aug": torch.eye(3).repeat(num_cams, 1, 1), "bda": torch.eye(4),
+        "lidar_depth": torch.rand(num_cams, height, width, generator=gen) * 45.0 * lidar_hit,
+        "occ_semantics": semantics, "occ_flow": flow,
+        "sample_token": f"sample{seed}", "scene_token": "scene", "timestamp": 1_000_000 + 500_000 * frame,
+        "frame_index": frame, "sequence_start": frame == 0, "prev_sample_token": "" if frame == 0 else f"sample{seed - 1}",
+        "lidar_origins": torch.zeros(1, 3),
+    }
+    check_sample(sample)
+    return sample
+
+
+def _tiny_config():
+    return LazyConfig.load(str(ROOT / "configs" / "synthetic" / "fbocc_tiny.py"))
+
+
+@pytest.fixture(scope="module")
+def tiny_model():
+    torch.manual_seed(0)
+    return instantiate(_tiny_config().model)
+
+
+class RecordingRegularizer(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.calls = []
+        self.scale = torch.nn.Parameter(torch.ones(()))
+
+    def forward(self, batched_inputs, head_outputs, flow_loss_enabled):
+        self.calls.append(({k: tuple(v.shape) for k, v in head_outputs.items()}, flow_loss_enabled, len(batched_inputs)))
+        return {"loss_recorded": self.scale * head_outputs["voxel_features"].mean() * 0.0 + 1.0}
+
+
+def test_eval_returns_gt_grid_predictions_with_flow_only_on_flow_classes(tiny_model):
+    model = tiny_model.eval()
+    samples = [make_sample(1, 64, 176), make_sample(2, 64, 176)]
+    with torch.no_grad():
+        outputs = model(samples)
+    assert len(outputs) == 2
+    for out in outputs:
+        assert out["occ"].dtype == torch.int64 and tuple(out["occ"].shape) == tuple(META["grid_shape"])
+        assert out["flow"].dtype == torch.float32 and tuple(out["flow"].shape) == (*META["grid_shape"], 2)
+        outside = ~torch.isin(out["occ"], torch.tensor(META["flow_classes"]))
+        assert torch.count_nonzero(out["flow"][outside]) == 0
+
+    # The zeroing rule on controlled head outputs: logits pick class per voxel, flow is kept
+    # exactly where that class is a flow class.
+    gen = torch.Generator().manual_seed(3)
+    shape = (1, len(META["class_names"]), 4, 5, 2)
+    head_outputs = {"occ_logits": torch.randn(shape, generator=gen), "flow": torch.randn(1, 2, 4, 5, 2, generator=gen)}
+    (result,) = model.postprocess(head_outputs)
+    expected_occ = head_outputs["occ_logits"][0].argmax(0)
+    keep = torch.isin(expected_occ, torch.tensor(META["flow_classes"]))
+    assert keep.any() and (~keep).any()
+    torch.testing.assert_close(result["occ"], expected_occ)
+    torch.testing.assert_close(result["flow"], head_outputs["flow"][0].permute(1, 2, 3, 0) * keep[..., None])
+
+
+def test_regularizer_is_training_only_and_sees_head_outputs(tiny_model):
+    model = tiny_model
+    sample = make_sample(4, 64, 176)  # sequence_start: the temporal state is reset on each call
+    model.eval()
+    with torch.no_grad():
+        without = model([sample])[0]
+    regularizer = RecordingRegularizer()
+    model.regularizer = regularizer
+    try:
+        with torch.no_grad():
+            with_regularizer = model([sample])[0]
+        assert regularizer.calls == []
+        for key in without:
+            assert torch.equal(without[key], with_regularizer[key])
+
+        model.train()
+        model.set_training_phase(history_enabled=True, flow_loss_enabled=False)
+        losses = model([sample])
+        assert losses["loss_recorded"].item() == 1.0
+        assert {"loss_occ_focal", "loss_occ_lovasz", "loss_occ_sem_scal", "loss_occ_geo_scal", "loss_flow",
+                "loss_depth"} <= set(losses)
+        assert losses["loss_flow"].item() == 0.0
+        ((shapes, flow_enabled, batch),) = regularizer.calls
+        x, y, z = META["grid_shape"]
+        assert flow_enabled is False and batch == 1
+        assert shapes["occ_logits"] == (1, len(META["class_names"]), x, y, z)
+        assert shapes["flow"] == (1, 2, x, y, z)
+        assert shapes["voxel_features"][0] == 1 and shapes["voxel_features"][2:] == (x, y, z)
+        assert all(torch.isfinite(v) for v in losses.values())
+    finally:
+        model.regularizer = None
+        model.set_training_phase(True, True)
+
+
+def test_missing_or_non_finite_inputs_name_the_sample(tiny_model):
+    model = tiny_model.eval()
+    sample = make_sample(5, 64, 176)
+    broken = dict(sample, cam2ego=sample["cam2ego"].clone())
+    broken["cam2ego"][0, 0, 0] = float("nan")
+    with pytest.raises(ValueError, match="cam2ego.*sample5"):
+        model([broken])
+    missing = {k: v for k, v in sample.items() if k != "intrinsics"}
+    with pytest.raises(KeyError, match="sample5.*intrinsics|intrinsics"):
+        model([missing])
+
+
+def test_tiny_config_loss_falls_on_synthetic_samples():
+    """The CPU-sized config learns: total loss falls clearly within 30 iterations."""
+    cfg = _tiny_config()
+    width, height = cfg.dataloader.train.mapper.image_size
+    torch.manual_seed(0)
+    model = instantiate(cfg.model).train()
+    model.set_training_phase(history_enabled=False, flow_loss_enabled=True)  # the warm-up phase
+    samples = [make_sample(10, height, width, frame=0), make_sample(11, height, width, frame=1)]
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    history = []
+    for iteration in range(30):
+        losses = model([samples[iteration % 2]])
+        total = sum(losses.values())
+        assert torch.isfinite(total)
+        optimizer.zero_grad()
+        total.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 5.0)
+        optimizer.step()
+        history.append(total.item())
+    first, last = np.mean(history[:5]), np.mean(history[-5:])
+    assert last < 0.8 * first, history
