@@ -140,7 +140,7 @@ class OccupancyFlowModel(nn.Module):
         if images.dim() != 5 or images.shape[2] != 3:
             raise ValueError(f"OccupancyFlowModel: 'img' must be (N_cam, 3, H, W) per sample, got {tuple(images.shape[1:])}")
         b, n = images.shape[:2]
-        images = (images.flatten(0, 1) - self.pixel_mean) / self.pixel_std
+        images = (torch.nan_to_num(images.flatten(0, 1)) - self.pixel_mean) / self.pixel_std
         return images.view(b, n, *images.shape[1:])
 
     def _geometry(self, batched_inputs: List[dict]) -> Dict[str, torch.Tensor]:
