@@ -121,7 +121,6 @@ def random_scene(seed, num_gaussians=60, num_cams=2, channels=4, width=37, heigh
     opacities = rand(num_gaussians) * 0.95 + 0.02
     if dense_cluster:
         opacities[: num_gaussians // 3] = 0.9 + 0.09 * rand(num_gaussians // 3)
-        opacities[num_gaussians // 3 - 1] = 0.9999  # alpha capped at 0.999 near its centre
     opacities[:3] = torch.tensor([0.002, 0.0035, 0.5], dtype=dtype)[:3]  # below / near the 1/255 alpha threshold
     features = randn(num_cams, num_gaussians, channels) if per_camera_features else randn(num_gaussians, channels)
     viewmats, Ks = [], []
@@ -140,6 +139,15 @@ def random_scene(seed, num_gaussians=60, num_cams=2, channels=4, width=37, heigh
         Ks.append(torch.tensor([[f, 0, width * (0.4 + 0.2 * float(rand(1)))],
                                 [0, f * (0.9 + 0.2 * float(rand(1))), height * (0.4 + 0.2 * float(rand(1)))],
                                 [0, 0, 1]], dtype=dtype))
+    if dense_cluster:
+        # The nearest Gaussian seen by camera 0 sits exactly on a pixel centre with opacity
+        # 0.9999: its alpha there is capped at 0.999.
+        K0, depth = Ks[0], 7.0 - 1.2
+        centre_pixel = torch.floor(K0[:2, 2]) + 0.5
+        means[num_gaussians // 3 - 1] = torch.tensor([float((centre_pixel[0] - K0[0, 2]) * depth / K0[0, 0]),
+                                                      -float((centre_pixel[1] - K0[1, 2]) * depth / K0[1, 1]), 1.2],
+                                                     dtype=dtype)
+        opacities[num_gaussians // 3 - 1] = 0.9999
     if num_gaussians < 8:
         return dict(means=means, quats=quats, scales=scales, opacities=opacities, features=features,
                     viewmats=torch.stack(viewmats), Ks=torch.stack(Ks), width=width, height=height)
