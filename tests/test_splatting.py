@@ -55,7 +55,7 @@ def dense_reference(means, quats, scales, opacities, features, viewmats, Ks, wid
         order = sorted(range(means.shape[0]), key=lambda n: (float(cam_points[n, 2].detach()), n))
         for n in order:
             x, y, z = cam_points[n]
-            if not (near_plane <= float(z) <= far_plane):
+            if not (near_plane <= float(z.detach()) <= far_plane):
                 continue
             # Jacobian at the mean with x/z, y/z clamped to the field of view widened by 0.3 tan(fov/2).
             xz = torch.clamp(x / z, min=-(cx / fx + 0.3 * 0.5 * width / fx), max=(width - cx) / fx + 0.3 * 0.5 * width / fx)
@@ -63,7 +63,7 @@ def dense_reference(means, quats, scales, opacities, features, viewmats, Ks, wid
             zero = torch.zeros((), dtype=means.dtype)
             J = torch.stack([torch.stack([fx / z, zero, -fx * xz / z]), torch.stack([zero, fy / z, -fy * yz / z])])
             cov2d = J @ cam_cov[n] @ J.T + eps2d * torch.eye(2, dtype=means.dtype)
-            if float(torch.det(cov2d)) <= 0:
+            if float(torch.det(cov2d.detach())) <= 0:
                 continue
             precision = torch.linalg.inv(cov2d)
             centre = torch.stack([fx * x / z + cx, fy * y / z + cy])
