@@ -124,3 +124,37 @@ def test_published_config_instantiates_with_its_settings():
     (hook,) = cfg.train.extra_hooks
     assert hook.history_start_iter == hook.flow_loss_start_iter == 2 * iters_per_epoch
     assert cfg.train.clip_grad.max_norm == 5.0
+
+
+def test_model_builds_from_registry_names():
+    from voxelsplat.data.occupancy_meta import occupancy_metadata
+    from voxelsplat.modeling.registry import build_model
+
+    meta = occupancy_metadata("occ3d")
+    pc_range, voxel = meta["point_cloud_range"], meta["voxel_size"] * 4
+    model = build_model({
+        "name": "OccupancyFlowModel",
+        "backbone": {"name": "TimmBackbone", "model_name": "resnet18", "norm": "FrozenBN"},
+        "neck": {"name": "FusionFPN", "in_channels": [256, 512], "in_strides": [16, 32], "out_channels": 16},
+        "depth_net": {"name": "CameraAwareDepthNet", "in_channels": 16, "mid_channels": 16, "context_channels": 8,
+                      "depth_bins": [2.0, 42.0, 4.0], "num_depth_blocks": 1},
+        "forward_projection": {"name": "LSSForwardProjection", "point_cloud_range": pc_range, "voxel_size": voxel,
+                               "depth_bins": [2.0, 42.0, 4.0]},
+        "backward_projection": {"name": "DepthAwareBackwardProjection", "embed_dims": 8, "point_cloud_range": pc_range,
+                                "voxel_size": voxel, "depth_bins": [2.0, 42.0, 4.0], "num_heads": 2},
+        "temporal_fusion": {"name": "TemporalVolumeFusion", "in_channels": 8, "out_channels": 8, "num_history": 1,
+                            "point_cloud_range": pc_range, "voxel_size": voxel},
+        "voxel_encoder": {"name": "ResNet3DFPN", "in_channels": 8, "stage_channels": [8, 8, 8],
+                          "stage_blocks": [1, 1, 1], "out_channels": 8},
+        "head": {"name": "OccFlowHead", "in_channels": 8, "mid_channels": 8, "num_classes": len(meta["class_names"]),
+                 "output_shape": meta["grid_shape"]},
+        "loss": {"name": "OccupancyFlowLoss", "num_classes": len(meta["class_names"]), "free_index": meta["free_index"],
+                 "flow_classes": meta["flow_classes"], "point_cloud_range": pc_range, "voxel_size": meta["voxel_size"]},
+        "class_names": meta["class_names"], "free_index": meta["free_index"], "flow_classes": meta["flow_classes"],
+        "grid_shape": meta["grid_shape"], "use_camera_mask": True,
+    })
+    assert model.head.num_classes == 18 and model.forward_projection.volume_shape == (50, 50, 4)
+    with pytest.raises(ValueError, match="class names"):
+        build_model({"name": "OccupancyFlowModel", **{k: getattr(model, k) for k in (
+            "backbone", "neck", "depth_net", "forward_projection", "voxel_encoder", "head", "loss")},
+            "class_names": meta["class_names"][:-1], "free_index": 0, "flow_classes": [], "grid_shape": meta["grid_shape"]})
