@@ -4,7 +4,6 @@ import math
 import numpy as np
 import pytest
 import torch
-import torch.nn.functional as F
 
 from voxelsplat.data.occupancy_meta import OccupancyGrid
 from voxelsplat.modeling.heads.losses import (

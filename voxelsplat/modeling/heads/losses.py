@@ -16,7 +16,6 @@ from typing import Dict, Optional, Sequence
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from ...data.occupancy_meta import OccupancyGrid
