@@ -50,22 +50,22 @@ def _focal_chunk(logits, target, class_weights, scale, gamma: float, alpha: floa
     target = target[:, None]
     prob = torch.sigmoid(logits)
     not_prob = torch.sigmoid(-logits)
-    # -log(1 - p), the BCE of a negative (cheaper than softplus; finite for logits < 87).
-    softplus = -torch.log(not_prob.clamp_min(torch.finfo(logits.dtype).tiny))
+    # -log(1 - p) = softplus(x), the BCE of a negative (one log; finite for logits < 87 in float32).
+    neg_log_q = -torch.log(not_prob.clamp_min(torch.finfo(logits.dtype).tiny))
     prob_gamma = prob.pow(gamma)
     # Every entry as a negative, then the target column replaced by its positive term.
-    negative = prob_gamma * softplus * (1.0 - alpha)
+    negative = prob_gamma * neg_log_q * (1.0 - alpha)
     q_t = not_prob.gather(1, target)
-    softplus_neg_t = softplus.gather(1, target) - logits.gather(1, target)  # -log(p_t)
-    positive_t = alpha * q_t.pow(gamma) * softplus_neg_t
+    neg_log_p_t = neg_log_q.gather(1, target) - logits.gather(1, target)  # -log(p_t)
+    positive_t = alpha * q_t.pow(gamma) * neg_log_p_t
     class_t = class_weights[target]
     per_voxel = (negative * class_weights).sum(1, keepdim=True) + (positive_t - negative.gather(1, target)) * class_t
     loss = (per_voxel * scale).sum()
     grad = None
     if with_grad:
-        grad = prob_gamma.mul_(gamma * not_prob * softplus + prob).mul_((1.0 - alpha) * class_weights)
+        grad = prob_gamma.mul_(gamma * not_prob * neg_log_q + prob).mul_((1.0 - alpha) * class_weights)
         p_t = prob.gather(1, target)
-        grad_t = -alpha * q_t.pow(gamma) * (gamma * p_t * softplus_neg_t + q_t)
+        grad_t = -alpha * q_t.pow(gamma) * (gamma * p_t * neg_log_p_t + q_t)
         grad.scatter_(1, target, grad_t * class_t).mul_(scale)
     return loss, grad
 
