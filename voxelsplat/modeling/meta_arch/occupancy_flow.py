@@ -41,7 +41,9 @@ class OccupancyFlowModel(nn.Module):
         class_names, free_index, flow_classes, grid_shape: label set and GT grid (from the
             dataset's metadata).
         regularizer: optional training-only module called as
-            ``regularizer(batched_inputs, head_outputs, flow_loss_enabled=...)`` -> dict of losses.
+            ``regularizer(batched_inputs, head_outputs, flow_loss_enabled=...)`` -> dict of losses;
+            ``head_outputs`` holds ``occ_logits`` (B, K, X, Y, Z), ``flow`` (B, 2, X, Y, Z) and, unless
+            the regularizer's ``needs_voxel_features`` is False, ``voxel_features`` (B, F, X, Y, Z).
         pixel_mean, pixel_std: RGB normalisation in 0-255 units.
         depth_loss_weight: weight of the LiDAR depth BCE.
         history_enabled, flow_loss_enabled: initial training phase (see :meth:`set_training_phase`).
@@ -188,8 +190,10 @@ class OccupancyFlowModel(nn.Module):
         """Training: dict of scalar losses. Eval: list of per-sample dicts
         ``{"occ": int64 (X, Y, Z), "flow": float (X, Y, Z, 2) m/s, ["occ_logits": (K, X, Y, Z)]}``."""
         volume, depth_logits = self.extract_volume(batched_inputs)
-        # Full-resolution features are only needed by a training-time regularizer.
-        head_outputs = self.head(volume, return_features=self.training and self.regularizer is not None)
+        # Full-resolution features are only needed by a training-time regularizer that asks for them.
+        needs_features = self.training and self.regularizer is not None \
+            and bool(getattr(self.regularizer, "needs_voxel_features", True))
+        head_outputs = self.head(volume, return_features=needs_features)
         if not self.training:
             return self.postprocess(head_outputs)
         return self.losses(batched_inputs, head_outputs, depth_logits)
