@@ -54,12 +54,13 @@ dataloader.test.num_workers = 1
 # ---------------------------------------------------------------- schedule
 train.device = "cpu"
 train.output_dir = "./output/synthetic/fbocc_tiny"
-train.max_iter = 600
-train.eval_period = 300
-train.checkpointer.period = 300
+train.max_iter = 400
+train.eval_period = 400
+train.checkpointer.period = 200
 train.log_period = 20
 optimizer.lr = 1e-3
 optimizer.params.lr_multipliers = {"backbone": 0.1}
 lr_multiplier.warmup_iters = 20
-# History fusion and the flow loss start after a warm-up (published: 2 epochs).
+# History fusion and the flow loss start after a warm-up (published: 2 epochs; here 1/4 of
+# the run, so a demo-length run still trains with both for most of its iterations).
 train.extra_hooks = [L(WarmupSwitchHook)(history_start_iter=100, flow_loss_start_iter=100)]
