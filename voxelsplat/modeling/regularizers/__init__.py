@@ -1,0 +1,4 @@
+"""Training-only regularizers; importing this package registers them."""
+from .gaussian_splat import GaussianSplatRegularizer
+
+__all__ = ["GaussianSplatRegularizer"]

@@ -1,0 +1,355 @@
+"""GaussianSplatRegularizer on samples built to the mapper contract: render geometry with
+mapper-produced cameras, flow propagation, loss values, gradients and learning, the decoded
+mode, training-only use in the model, and the TensorBoard image hook."""
+import math
+from unittest import mock
+
+import numpy as np
+import pytest
+import torch
+
+from voxelsplat.data.occupancy_meta import OccupancyGrid, occupancy_metadata
+from voxelsplat.data.render_views import adjacent_render_views
+from voxelsplat.modeling.regularizers import GaussianSplatRegularizer
+from voxelsplat.utils.geometry import bda_matrix, pose_to_transform, project_points
+
+META = occupancy_metadata("openocc_v2")
+CLASSES = META["class_names"]
+FREE = META["free_index"]
+# A small grid (same conventions, fewer voxels) keeps the learning tests fast.
+SMALL_GRID = OccupancyGrid((-12.0, -12.0, -1.0, 12.0, 12.0, 2.2), 0.4)
+
+# nuScenes calibration of CAM_FRONT and CAM_BACK (scene-0061), 1600x900 images.
+NUSCENES_CAMERAS = {
+    "CAM_FRONT": dict(translation=[1.70079118954, 0.0159456324149, 1.51095763913],
+                      rotation=[0.4998015430569128, -0.5030316162024876, 0.4997798114386805, -0.49701864389469785],
+                      intrinsics=[[1266.417203046554, 0.0, 816.2670197447984], [0.0, 1266.417203046554, 491.50706579294757],
+                                  [0.0, 0.0, 1.0]]),
+    "CAM_BACK": dict(translation=[0.0283260309358, 0.00345136761476, 1.57910346144],
+                     rotation=[0.5037872666382278, -0.49740249788611096, -0.4941850223835201, 0.5045496097725578],
+                     intrinsics=[[809.2209905677063, 0.0, 829.2196003259838], [0.0, 809.2209905677063, 481.77842384512485],
+                                 [0.0, 0.0, 1.0]]),
+}
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _single_thread():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def make_regularizer(grid=SMALL_GRID, **kwargs):
+    kwargs.setdefault("backend", "torch")
+    return GaussianSplatRegularizer(point_cloud_range=grid.point_cloud_range, voxel_size=grid.voxel_size,
+                                    free_index=FREE, num_classes=len(CLASSES), **kwargs)
+
+
+def _record(frame, cameras, ego_x):
+    ego2global = pose_to_transform([ego_x, 0.0, 0.0], [1.0, 0.0, 0.0, 0.0])
+    return dict(sample_token=f"s{frame}", frame_index=frame, timestamp=1_000_000 + 500_000 * frame, ego2global=ego2global,
+                cameras=[dict(channel=name, cam2ego=pose_to_transform(c["translation"], c["rotation"]),
+                              ego2global=ego2global, intrinsics=np.array(c["intrinsics"]), width=1600, height=900,
+                              timestamp=1_000_000 + 500_000 * frame + 1000 * i)
+                         for i, (name, c) in enumerate(cameras.items())])
+
+
+def mapper_views(bda=np.eye(4), frame_offsets=(0,), render_scale=0.0625):
+    """Render views exactly as the mapper builds them (adjacent_render_views), 100x56 px."""
+    records = [_record(f, NUSCENES_CAMERAS, ego_x=2.0 * f) for f in range(3)]
+    views = adjacent_render_views(records[1], records, frame_offsets, bda, render_scale)
+    return dict(render_viewmats=torch.from_numpy(views["render_viewmats"]).float(),
+                render_intrinsics=torch.from_numpy(views["render_intrinsics"]).float(),
+                render_image_size=tuple(views["render_image_size"]),
+                render_frame_offsets=torch.from_numpy(views["render_frame_offsets"]),
+                render_time_offsets=torch.from_numpy(views["render_time_offsets"]).float())
+
+
+def street_sample(seed, grid=SMALL_GRID, num_gaussians=600, views=None, classes=("car", "driveable_surface", "manmade")):
+    """GT grid with a road, a wall and moving cars; Gaussians sampled among all voxels."""
+    g = torch.Generator().manual_seed(seed)
+    x, y, z = grid.shape
+    semantics = torch.full((x, y, z), FREE, dtype=torch.int64)
+    flow = torch.zeros(x, y, z, 2)
+    semantics[:, :, 0] = CLASSES.index(classes[1 % len(classes)])
+    semantics[:, -4:, :6] = CLASSES.index(classes[2 % len(classes)])
+    for _ in range(4):
+        cx, cy = torch.randint(8, x - 8, (1,), generator=g).item(), torch.randint(8, y - 8, (1,), generator=g).item()
+        semantics[cx - 5:cx + 5, cy - 2:cy + 2, 1:5] = CLASSES.index(classes[0])
+        flow[cx - 5:cx + 5, cy - 2:cy + 2, 1:5] = torch.tensor([6.0, -1.5])
+    occupied = (semantics != FREE).nonzero()
+    free = (semantics == FREE).nonzero()
+    pick_occ = occupied[torch.randperm(len(occupied), generator=g)[: num_gaussians * 2 // 3]]
+    pick_free = free[torch.randperm(len(free), generator=g)[: num_gaussians - len(pick_occ)]]
+    sample = dict(sample_token=f"street{seed}", occ_semantics=semantics, occ_flow=flow,
+                  gaussian_voxel_indices=torch.cat([pick_occ, pick_free]))
+    sample.update(views if views is not None else ring_views(4, dt=(0.0, 0.5, -0.5, 0.5)))
+    return sample
+
+
+def ring_views(num_views, dt, width=64, height=40):
+    """Cameras at the ego origin looking outwards (yaw steps of 360/num_views), OpenCV frames."""
+    viewmats, Ks = [], []
+    focal = width / (2 * math.tan(math.radians(40.0)))
+    for v in range(num_views):
+        yaw = 2 * math.pi * v / num_views
+        forward = torch.tensor([math.cos(yaw), math.sin(yaw), 0.0])
+        right = torch.tensor([math.sin(yaw), -math.cos(yaw), 0.0])
+        rotation = torch.stack([right, torch.tensor([0.0, 0.0, -1.0]), forward])
+        viewmat = torch.eye(4)
+        viewmat[:3, :3] = rotation
+        viewmat[:3, 3] = -rotation @ torch.tensor([0.0, 0.0, 1.2])
+        viewmats.append(viewmat)
+        Ks.append(torch.tensor([[focal, 0, width / 2], [0, focal, height / 2], [0, 0, 1]]))
+    return dict(render_viewmats=torch.stack(viewmats), render_intrinsics=torch.stack(Ks),
+                render_image_size=(width, height), render_frame_offsets=torch.zeros(num_views, dtype=torch.int64),
+                render_time_offsets=torch.tensor(dt, dtype=torch.float32))
+
+
+def matching_head_outputs(sample, grid=SMALL_GRID, magnitude=25.0):
+    """Head outputs that agree with the GT: class logit +magnitude / others -magnitude, GT flow."""
+    semantics = sample["occ_semantics"]
+    logits = torch.full((len(CLASSES),) + tuple(grid.shape), -magnitude)
+    logits.scatter_(0, semantics[None], magnitude)
+    return {"occ_logits": logits[None], "flow": sample["occ_flow"].permute(3, 0, 1, 2)[None].clone()}
+
+
+# --------------------------------------------------------------------------------------------- geometry
+@pytest.mark.parametrize("flip_x,rotation_deg", [(False, 0.0), (True, 20.0)])
+def test_gt_voxel_renders_at_its_projected_pixel_in_mapper_cameras(flip_x, rotation_deg):
+    """A car voxel ahead of the ego shows in CAM_FRONT at K (R p + t), nothing in CAM_BACK;
+    a voxel behind shows in CAM_BACK. Cameras that looked backwards would swap them."""
+    grid = OccupancyGrid()
+    bda = bda_matrix(rotation_deg=rotation_deg, flip_x=flip_x)
+    views = mapper_views(bda=bda)
+    regularizer = make_regularizer(grid=grid, keep_views=2)
+    semantics = torch.full(grid.shape, FREE, dtype=torch.int64)
+    ahead = np.array([12.2, 1.0, 0.6])  # metres, un-augmented ego frame
+    augmented = (bda[:3, :3] @ ahead)
+    index = torch.from_numpy(grid.point_to_index(augmented))
+    semantics[tuple(index)] = CLASSES.index("car")
+    centre = torch.from_numpy(grid.index_to_center(index.numpy())).float()
+    sample = dict(sample_token="geometry", occ_semantics=semantics, occ_flow=torch.zeros(*grid.shape, 2),
+                  gaussian_voxel_indices=index[None], **views)
+    head = matching_head_outputs(sample, grid)
+    regularizer(  # noqa: the losses are not the point here, the stashed GT renders are
+        [sample], head, flow_loss_enabled=False)
+    renders = regularizer.last_renders
+    front_alpha, back_alpha = renders["gt_alphas"][0], renders["gt_alphas"][1]
+    assert float(back_alpha.max()) == 0.0
+    assert float(front_alpha.max()) > 0.5
+    uv, depth = project_points(views["render_intrinsics"][0], views["render_viewmats"][0], centre[None])
+    assert 8.0 < float(depth[0]) < 16.0
+    peak = int(front_alpha.flatten().argmax())
+    width = views["render_image_size"][0]
+    assert (peak % width, peak // width) == (int(uv[0, 0]), int(uv[0, 1]))
+    # the rendered class is "car"
+    assert int(renders["gt_features"][0].flatten(0, 1)[peak].argmax()) == CLASSES.index("car")
+
+    # a voxel behind the ego shows in CAM_BACK only
+    behind = torch.from_numpy(grid.point_to_index(bda[:3, :3] @ np.array([-10.2, -0.6, 0.6])))
+    semantics2 = torch.full(grid.shape, FREE, dtype=torch.int64)
+    semantics2[tuple(behind)] = CLASSES.index("bus")
+    sample2 = dict(sample, occ_semantics=semantics2, gaussian_voxel_indices=behind[None])
+    regularizer([sample2], matching_head_outputs(sample2, grid), flow_loss_enabled=False)
+    assert float(regularizer.last_renders["gt_alphas"][0].max()) == 0.0
+    assert float(regularizer.last_renders["gt_alphas"][1].max()) > 0.5
+
+
+def test_propagated_state_moves_renders_by_flow_times_dt():
+    views = ring_views(1, dt=(0.4,), width=80, height=48)
+    regularizer = make_regularizer()
+    semantics = torch.full(SMALL_GRID.shape, FREE, dtype=torch.int64)
+    index = torch.from_numpy(SMALL_GRID.point_to_index(np.array([8.1, -1.3, 0.5])))
+    semantics[tuple(index)] = CLASSES.index("car")
+    flow = torch.zeros(*SMALL_GRID.shape, 2)
+    flow[tuple(index)] = torch.tensor([-5.0, 3.0])  # m/s -> (-2.0, 1.2) m after 0.4 s
+    sample = dict(sample_token="move", occ_semantics=semantics, occ_flow=flow, gaussian_voxel_indices=index[None], **views)
+    fields = regularizer.sample_inputs(sample, torch.device("cpu"))
+    gt = regularizer.gt_gaussians(sample, fields["indices"])
+    still = regularizer.render(gt, fields)
+    moved = regularizer.render(gt, fields, regularizer.flow_displacement(gt["flow"], fields["time_offsets"]))
+    centre = torch.from_numpy(SMALL_GRID.index_to_center(index.numpy())).float()
+    for render, point in ((still, centre), (moved, centre + torch.tensor([-2.0, 1.2, 0.0]))):
+        uv, _ = project_points(views["render_intrinsics"][0], views["render_viewmats"][0], point[None])
+        peak = int(render[1][0].flatten().argmax())
+        assert (peak % 80, peak // 80) == (int(uv[0, 0]), int(uv[0, 1]))
+    assert not torch.equal(still[1], moved[1])
+
+
+# --------------------------------------------------------------------------------------------- losses
+def test_matching_prediction_gives_near_zero_losses_and_wrong_ones_do_not():
+    sample = street_sample(0, classes=("car",))  # one class: every covered pixel has a pure target
+    regularizer = make_regularizer()
+    head = matching_head_outputs(sample)
+    losses = regularizer([sample], head, flow_loss_enabled=True)
+    assert set(losses) == {"loss_splat_semantic", "loss_splat_depth", "loss_splat_flow"}
+    assert float(regularizer.last_renders["gt_alphas"].max()) > 0.9
+    for name, value in losses.items():
+        assert float(value) < 1e-3, name
+
+    wrong_class = {k: v.clone() for k, v in head.items()}
+    wrong_class["occ_logits"][:, [CLASSES.index("car"), CLASSES.index("bus")]] = \
+        wrong_class["occ_logits"][:, [CLASSES.index("bus"), CLASSES.index("car")]]
+    assert float(regularizer([sample], wrong_class, flow_loss_enabled=True)["loss_splat_semantic"]) > 1.0
+
+    wrong_flow = {k: v.clone() for k, v in head.items()}
+    wrong_flow["flow"] = wrong_flow["flow"] + 3.0
+    worse = regularizer([sample], wrong_flow, flow_loss_enabled=True)
+    assert float(worse["loss_splat_flow"]) > 1.0
+    # moved by the wrong flow in the propagated state, the depth render no longer matches
+    assert float(worse["loss_splat_depth"]) > 10 * float(losses["loss_splat_depth"]) + 1e-3
+
+    empty = {k: v.clone() for k, v in head.items()}
+    empty["occ_logits"][:, FREE] = 25.0  # everything predicted free: no coverage, wrong depth
+    assert float(regularizer([sample], empty, flow_loss_enabled=False)["loss_splat_depth"]) > 1.0
+
+
+def test_losses_match_a_direct_computation_on_the_renders():
+    """Loss formulas against a per-pixel loop over the stashed renders (one view, one state)."""
+    sample = street_sample(1, views=ring_views(1, dt=(0.0,)))
+    g = torch.Generator().manual_seed(0)
+    head = {"occ_logits": torch.randn(1, len(CLASSES), *SMALL_GRID.shape, generator=g) * 2,
+            "flow": torch.randn(1, 2, *SMALL_GRID.shape, generator=g)}
+    regularizer = make_regularizer(loss_weights={"semantic": 1.0, "depth": 1.0, "flow": 1.0}, depth_scale=2.0)
+    losses = regularizer([sample], head, flow_loss_enabled=True)
+    r = regularizer.last_renders
+    keep = [c for c in range(len(CLASSES)) if c != FREE]
+    fields = regularizer.sample_inputs(sample, torch.device("cpu"))
+    pred = regularizer.render(regularizer.predicted_gaussians(head, 0, fields["indices"]), fields)
+    gt = regularizer.render(regularizer.gt_gaussians(sample, fields["indices"]), fields)
+    ce, depth, flow, count = 0.0, 0.0, 0.0, 0
+    for i in range(40):
+        for j in range(64):
+            if float(gt[1][0, i, j]) <= 0.5:
+                continue
+            count += 1
+            target = gt[0][0, i, j, :-2].double()
+            target = target / target.sum()
+            logp = torch.log_softmax(pred[0][0, i, j, :-2].double(), 0)
+            ce += float(-(target * logp).sum())
+            depth += abs(float(pred[2][0, i, j]) - float(gt[2][0, i, j])) / 2.0
+            gt_flow, pred_flow = gt[0][0, i, j, -2:].double(), pred[0][0, i, j, -2:].double()
+            flow += float((gt_flow.norm() + 0.1) * (pred_flow - gt_flow).abs().sum())
+    assert count > 50
+    assert torch.equal(r["gt_alphas"][0], gt[1][0])
+    assert float(losses["loss_splat_semantic"]) == pytest.approx(ce / count, rel=1e-4)
+    assert float(losses["loss_splat_depth"]) == pytest.approx(depth / count, rel=1e-4)
+    # with dt = 0 the propagated state renders the same: the mean over states equals one state
+    assert float(losses["loss_splat_flow"]) == pytest.approx(flow / count, rel=1e-4)
+    assert torch.isinf(r["pred_features"][..., FREE]).all() and torch.isfinite(r["pred_features"][..., keep]).all()
+
+
+def test_gradients_reach_logits_and_flow_and_losses_fall():
+    torch.manual_seed(0)
+    sample = street_sample(2)
+    logits = torch.nn.Parameter(torch.randn(1, len(CLASSES), *SMALL_GRID.shape) * 0.5)
+    flow = torch.nn.Parameter(torch.zeros(1, 2, *SMALL_GRID.shape))
+    regularizer = make_regularizer()
+    optimizer = torch.optim.Adam([logits, flow], lr=0.3)
+    history = []
+    for step in range(25):
+        losses = regularizer([sample], {"occ_logits": logits, "flow": flow}, flow_loss_enabled=True)
+        total = sum(losses.values())
+        optimizer.zero_grad()
+        total.backward()
+        if step == 0:
+            idx = sample["gaussian_voxel_indices"]
+            assert logits.grad[0, :, idx[:, 0], idx[:, 1], idx[:, 2]].abs().sum() > 0
+            assert flow.grad[0, :, idx[:, 0], idx[:, 1], idx[:, 2]].abs().sum() > 0
+            # voxels that were not sampled get nothing
+            assert float(logits.grad.abs().sum()) == pytest.approx(
+                float(logits.grad[0, :, idx[:, 0], idx[:, 1], idx[:, 2]].abs().sum()), rel=1e-5)
+        optimizer.step()
+        history.append({k: float(v.detach()) for k, v in losses.items()})
+    for name in history[0]:
+        assert history[-1][name] < 0.5 * history[0][name], (name, history[0][name], history[-1][name])
+
+
+def test_flow_loss_switch_and_propagation_flag():
+    sample = street_sample(3)
+    head = matching_head_outputs(sample)
+    head["flow"] = head["flow"] + 1.0
+    head["flow"].requires_grad_(True)
+    regularizer = make_regularizer()
+    off = regularizer([sample], head, flow_loss_enabled=False)
+    assert float(off["loss_splat_flow"].detach()) == 0.0
+    # without the flow loss, and without the propagated state, nothing reaches the flow
+    sum(off.values()).backward()
+    assert head["flow"].grad is None or float(head["flow"].grad.abs().sum()) == 0.0
+    # with propagation only (flow loss weight 0), the positions carry a gradient to the flow
+    regularizer = make_regularizer(loss_weights={"flow": 0.0})
+    on = regularizer([sample], head, flow_loss_enabled=True)
+    sum(on.values()).backward()
+    assert float(head["flow"].grad.abs().sum()) > 0
+    no_propagation = make_regularizer(loss_weights={"flow": 0.0}, propagate_by_flow=False)
+    head["flow"].grad = None
+    sum(no_propagation([sample], head, flow_loss_enabled=True).values()).backward()
+    assert head["flow"].grad is None or float(head["flow"].grad.abs().sum()) == 0.0
+
+
+def test_max_views_and_render_chunk_do_not_change_a_full_render():
+    sample = street_sample(4, views=ring_views(6, dt=(0.0, 0.1, 0.1, 0.2, 0.3, 0.0)))
+    head = matching_head_outputs(sample)
+    head["flow"] = head["flow"] * 0.5
+    full = make_regularizer()([sample], head, flow_loss_enabled=True)
+    chunked = make_regularizer(render_chunk=2)([sample], head, flow_loss_enabled=True)
+    for k in full:
+        assert float(chunked[k]) == pytest.approx(float(full[k]), rel=1e-5, abs=1e-7)
+    torch.manual_seed(0)
+    few = make_regularizer(max_views=2, keep_views=6)
+    few([sample], head, flow_loss_enabled=True)
+    assert few.last_renders["gt_alphas"].shape[0] == 2
+
+
+def test_decoded_mode_starts_at_voxel_centres_and_trains_its_decoder():
+    sample = street_sample(5)
+    g = torch.Generator().manual_seed(1)
+    head = {"occ_logits": torch.randn(1, len(CLASSES), *SMALL_GRID.shape, generator=g),
+            "flow": torch.randn(1, 2, *SMALL_GRID.shape, generator=g),
+            "voxel_features": torch.randn(1, 8, *SMALL_GRID.shape, generator=g).requires_grad_(True)}
+    regularizer = make_regularizer(mode="decoded", feature_channels=8, hidden_channels=16)
+    assert regularizer.needs_voxel_features and not make_regularizer().needs_voxel_features
+    idx = sample["gaussian_voxel_indices"]
+    decoded = regularizer.predicted_gaussians(head, 0, idx)
+    release = make_regularizer().predicted_gaussians(head, 0, idx)
+    torch.testing.assert_close(decoded["means"], release["means"])
+    torch.testing.assert_close(decoded["scales"], release["scales"])
+    torch.testing.assert_close(decoded["quats"], release["quats"].contiguous())
+    torch.testing.assert_close(decoded["opacities"], torch.full_like(decoded["opacities"], 0.5))
+    # The zero-initialised last layer learns first; after one step the gradient reaches the
+    # whole decoder and the voxel features.
+    optimizer = torch.optim.SGD(regularizer.parameters(), lr=0.1)
+    for _ in range(2):
+        optimizer.zero_grad()
+        head["voxel_features"].grad = None
+        sum(regularizer([sample], head, flow_loss_enabled=True).values()).backward()
+        optimizer.step()
+    assert all(p.grad is not None and float(p.grad.abs().sum()) > 0 for p in regularizer.parameters())
+    assert float(head["voxel_features"].grad.abs().sum()) > 0
+    with torch.no_grad():  # bounds hold for any decoder output
+        for p in regularizer.parameters():
+            p.add_(torch.randn_like(p) * 5)
+        decoded = regularizer.predicted_gaussians(head, 0, idx)
+    offset = decoded["means"] - release["means"]
+    assert float(offset.abs().max()) <= SMALL_GRID.voxel_size + 1e-6
+    assert float(decoded["scales"].min()) >= 0.04 - 1e-6 and float(decoded["scales"].max()) <= 0.4 + 1e-6
+    torch.testing.assert_close(decoded["quats"].norm(dim=-1), torch.ones(len(idx)))
+
+
+def test_bad_inputs_raise_errors_naming_the_sample_and_field():
+    regularizer = make_regularizer()
+    sample = street_sample(6)
+    head = matching_head_outputs(sample)
+    broken = {k: v for k, v in sample.items() if k != "render_viewmats"}
+    with pytest.raises(KeyError, match="street6.*render_viewmats"):
+        regularizer([broken], head, flow_loss_enabled=False)
+    with pytest.raises(ValueError, match="street6.*render_intrinsics"):
+        regularizer([dict(sample, render_intrinsics=sample["render_intrinsics"][:2])], head, flow_loss_enabled=False)
+    with pytest.raises(ValueError, match="mode"):
+        make_regularizer(mode="dense")
+    with pytest.raises(ValueError, match="feature_channels"):
+        make_regularizer(mode="decoded")
+    with pytest.raises(KeyError, match="colour"):
+        make_regularizer(loss_weights={"colour": 1.0})

@@ -1,0 +1,379 @@
+"""VoxelSplat's training-only regularizer: voxel predictions -> 3D Gaussians -> renders
+in the current and adjacent keyframes' cameras -> losses against renders of the GT.
+
+Per sample, with the N voxels the mapper sampled (``gaussian_voxel_indices``) and the V
+render views (cameras of keyframes t-2..t+3 in the current augmented ego frame):
+
+- **predicted Gaussians** at all N voxel centres. Features: the non-free class logits
+  and the predicted flow (vx, vy). ``mode="release"`` (the released code): opacity
+  ``sigmoid(-free logit)``, isotropic ``scale``, identity rotation. ``mode="decoded"``
+  (the paper): a 1x1 head on the full-resolution voxel features decodes a position
+  offset (``tanh`` x ``max_offset`` voxels), per-axis scales (within ``scale_range``),
+  a rotation and an opacity.
+- **GT Gaussians** at the sampled voxels whose GT class is not free: one-hot class
+  (non-free classes) + GT flow, opacity 1, isotropic ``scale``, identity rotation.
+- **states**: "current" (positions as they are) and, once the flow loss is on,
+  "propagated": every Gaussian moved by ``flow * dt`` in x, y for a view taken ``dt``
+  seconds from the current keyframe — predictions by the predicted flow, the GT by the
+  GT flow (the gradient reaches the predicted flow through the positions too).
+- **losses** on the pixels the GT render covers (GT alpha > ``coverage_threshold``),
+  averaged over views, states and samples:
+
+  * ``loss_splat_semantic``: soft-target cross-entropy, targets the GT rendered class
+    features normalised to sum to 1, predictions the softmax of the rendered logits;
+  * ``loss_splat_depth``: L1 between the accumulated depths ``sum_i w_i z_i`` of the
+    two renders (gsplat's "D", in units of ``depth_scale`` metres). Accumulated rather
+    than normalised (``D / alpha``) depth: it stays smooth where the prediction's alpha
+    is small, and also penalises missing coverage (too little opacity along the ray);
+  * ``loss_splat_flow``: ``(|gt| + 0.1)``-weighted L1 between the rendered flows (the
+    model's voxel flow loss, :func:`~voxelsplat.modeling.heads.losses.flow_l1_loss`);
+    0 (but present) while the flow loss is off.
+
+Cameras are OpenCV (x right, y down, z forward) world-to-camera matrices used as they
+come: the released code flipped frames that are already OpenCV (its virtual cameras
+looked backwards), which this module must not do.
+
+The latest renders of a few views (detached, on CPU) stay in :attr:`last_renders` for
+:class:`voxelsplat.engine.render_image_hook.RenderImageHook` and ``tools/visualize.py``.
+"""
+from __future__ import annotations
+
+import math
+from typing import Dict, List, Optional, Sequence, Tuple
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ...splatting import rasterize_gaussians
+from ..heads.losses import flow_l1_loss
+from ..registry import REGULARIZER_REGISTRY
+
+__all__ = ["GaussianSplatRegularizer"]
+
+DEFAULT_LOSS_WEIGHTS = {"semantic": 0.5, "depth": 1.0, "flow": 0.5}
+MODES = ("release", "decoded")
+
+
+class _GaussianDecoder(nn.Module):
+    """1x1 (per-voxel) MLP: voxel features (N, F) -> offset (N, 3) m, scales (N, 3) m,
+    quaternions (N, 4) w,x,y,z, opacities (N,).
+
+    The last layer starts at zero, so a new decoder places Gaussians at the voxel
+    centres with identity rotation, ``initial_scale`` and opacity 0.5.
+    """
+
+    def __init__(self, feature_channels: int, hidden_channels: int, voxel_size: float, max_offset: float,
+                 scale_range: Tuple[float, float], initial_scale: float):
+        super().__init__()
+        low, high = float(scale_range[0]), float(scale_range[1])
+        if not 0 < low < high or not low < initial_scale < high:
+            raise ValueError(f"GaussianSplatRegularizer: need 0 < scale_range[0] < scale ({initial_scale}) < "
+                             f"scale_range[1], got scale_range={scale_range}")
+        self.mlp = nn.Sequential(nn.Linear(feature_channels, hidden_channels), nn.ReLU(inplace=True),
+                                 nn.Linear(hidden_channels, 3 + 3 + 4 + 1))
+        nn.init.zeros_(self.mlp[-1].weight)
+        nn.init.zeros_(self.mlp[-1].bias)
+        self.max_offset_m = float(max_offset) * float(voxel_size)
+        self.scale_low, self.scale_high = low, high
+        # sigmoid(bias) puts the initial scale at ``initial_scale``.
+        fraction = (initial_scale - low) / (high - low)
+        self.register_buffer("scale_bias", torch.tensor(math.log(fraction / (1 - fraction))), persistent=False)
+
+    def forward(self, features: torch.Tensor):
+        raw_offset, raw_scale, raw_quat, raw_opacity = self.mlp(features).split([3, 3, 4, 1], dim=-1)
+        offset = torch.tanh(raw_offset) * self.max_offset_m
+        scales = self.scale_low + (self.scale_high - self.scale_low) * torch.sigmoid(raw_scale + self.scale_bias)
+        identity = torch.tensor([1.0, 0.0, 0.0, 0.0], dtype=raw_quat.dtype, device=raw_quat.device)
+        quats = F.normalize(raw_quat + identity, dim=-1)
+        return offset, scales, quats, torch.sigmoid(raw_opacity[:, 0])
+
+
+@REGULARIZER_REGISTRY.register()
+class GaussianSplatRegularizer(nn.Module):
+    """Gaussian-splatting losses on voxel predictions (VoxelSplat); training only.
+
+    Args:
+        point_cloud_range: (x_min, y_min, z_min, x_max, y_max, z_max) of the GT grid, metres
+            (dataset metadata).
+        voxel_size: GT voxel edge, metres (dataset metadata).
+        free_index: index of the free class (dataset metadata).
+        num_classes: number of classes including free (dataset metadata).
+        mode: "release" (opacity from the free logit, fixed scale and rotation) or
+            "decoded" (offset, scale, rotation and opacity decoded from voxel features).
+        scale: isotropic Gaussian standard deviation, metres (published 0.12).
+        loss_weights: {"semantic", "depth", "flow"} weights (published 0.5, 1.0, 0.5).
+        backend: rasterization backend (see :func:`voxelsplat.splatting.rasterize_gaussians`).
+        propagate_by_flow: add the flow-propagated state once the flow loss is on.
+        max_views: render at most this many of a sample's views, drawn at random each call
+            (None: all), to bound CPU cost.
+        render_chunk: views per rasterization call (None: all views of a state in one call).
+        coverage_threshold: GT alpha above which a pixel is supervised.
+        depth_scale: metres per unit of the depth loss.
+        near_plane: Gaussians nearer to a camera than this (metres) are not rendered.
+        feature_channels, hidden_channels, max_offset, scale_range: the decoder of
+            ``mode="decoded"`` (channels of ``voxel_features``; hidden width; largest
+            offset in voxels; scale bounds in metres).
+        keep_views: how many views of the first sample to keep in :attr:`last_renders`.
+
+    Forward:
+        ``losses = regularizer(batched_inputs, head_outputs, flow_loss_enabled)`` with
+        ``head_outputs`` {"occ_logits": (B, num_classes, X, Y, Z), "flow": (B, 2, X, Y, Z)
+        m/s in the augmented ego frame, "voxel_features": (B, F, X, Y, Z) (decoded mode)}
+        and per-sample fields ``gaussian_voxel_indices`` (N, 3), ``occ_semantics``
+        (X, Y, Z), ``occ_flow`` (X, Y, Z, 2), ``render_viewmats`` (V, 4, 4),
+        ``render_intrinsics`` (V, 3, 3), ``render_image_size`` (W, H),
+        ``render_time_offsets`` (V,) s. Returns {"loss_splat_semantic",
+        "loss_splat_depth", "loss_splat_flow"}: weighted scalar losses.
+    """
+
+    def __init__(
+        self,
+        *,
+        point_cloud_range: Sequence[float],
+        voxel_size: float,
+        free_index: int,
+        num_classes: int,
+        mode: str = "release",
+        scale: float = 0.12,
+        loss_weights: Optional[Dict[str, float]] = None,
+        backend: str = "auto",
+        propagate_by_flow: bool = True,
+        max_views: Optional[int] = None,
+        render_chunk: Optional[int] = None,
+        coverage_threshold: float = 0.5,
+        depth_scale: float = 1.0,
+        near_plane: float = 0.1,
+        feature_channels: Optional[int] = None,
+        hidden_channels: int = 32,
+        max_offset: float = 1.0,
+        scale_range: Tuple[float, float] = (0.04, 0.4),
+        keep_views: int = 3,
+    ):
+        super().__init__()
+        if mode not in MODES:
+            raise ValueError(f"GaussianSplatRegularizer: mode must be one of {MODES}, got {mode!r}")
+        if len(point_cloud_range) != 6:
+            raise ValueError(f"GaussianSplatRegularizer: point_cloud_range needs 6 values, got {point_cloud_range!r}")
+        if not 0 <= int(free_index) < int(num_classes):
+            raise ValueError(f"GaussianSplatRegularizer: free_index {free_index} outside [0, {num_classes})")
+        weights = dict(DEFAULT_LOSS_WEIGHTS)
+        unknown = sorted(set(loss_weights or {}) - set(weights))
+        if unknown:
+            raise KeyError(f"GaussianSplatRegularizer: unknown loss_weights {unknown}; known: {sorted(weights)}")
+        weights.update({k: float(v) for k, v in (loss_weights or {}).items()})
+        if scale <= 0 or depth_scale <= 0:
+            raise ValueError(f"GaussianSplatRegularizer: scale and depth_scale must be > 0, got {scale}, {depth_scale}")
+        for name, value in (("max_views", max_views), ("render_chunk", render_chunk)):
+            if value is not None and int(value) < 1:
+                raise ValueError(f"GaussianSplatRegularizer: {name} must be >= 1 or None, got {value}")
+        self.mode = mode
+        self.voxel_size = float(voxel_size)
+        self.register_buffer("range_min", torch.tensor([float(v) for v in point_cloud_range[:3]]), persistent=False)
+        self.free_index = int(free_index)
+        self.num_classes = int(num_classes)
+        self.register_buffer("semantic_classes",
+                             torch.tensor([c for c in range(self.num_classes) if c != self.free_index]),
+                             persistent=False)
+        self.scale = float(scale)
+        self.loss_weights = weights
+        self.backend = backend
+        self.propagate_by_flow = bool(propagate_by_flow)
+        self.max_views = None if max_views is None else int(max_views)
+        self.render_chunk = None if render_chunk is None else int(render_chunk)
+        self.coverage_threshold = float(coverage_threshold)
+        self.depth_scale = float(depth_scale)
+        self.near_plane = float(near_plane)
+        self.keep_views = int(keep_views)
+        self.decoder = None
+        if mode == "decoded":
+            if feature_channels is None:
+                raise ValueError("GaussianSplatRegularizer: mode='decoded' needs feature_channels (the channels of "
+                                 "the head's voxel_features)")
+            self.decoder = _GaussianDecoder(int(feature_channels), int(hidden_channels), self.voxel_size, max_offset,
+                                            scale_range, self.scale)
+        self.last_renders: Dict[str, torch.Tensor] = {}
+
+    @property
+    def needs_voxel_features(self) -> bool:
+        """Whether ``head_outputs`` must carry ``voxel_features`` (decoded mode only)."""
+        return self.decoder is not None
+
+    # ------------------------------------------------------------------ Gaussians
+    def sample_inputs(self, sample: dict, device) -> dict:
+        """The regularizer's fields of one mapped sample, checked, on ``device``: voxel
+        ``indices`` (N, 3), ``viewmats`` (V, 4, 4), ``intrinsics`` (V, 3, 3), ``time_offsets``
+        (V,) s, ``width``, ``height`` (views subsampled to ``max_views``)."""
+        token = sample.get("sample_token", "<unknown>")
+        needed = ("gaussian_voxel_indices", "occ_semantics", "occ_flow", "render_viewmats", "render_intrinsics",
+                  "render_image_size", "render_time_offsets")
+        missing = [k for k in needed if k not in sample]
+        if missing:
+            raise KeyError(f"GaussianSplatRegularizer: sample {token} lacks {missing}; configure the mapper's "
+                           "regularizer options (dataloader.train.mapper.regularizer)")
+        indices = torch.as_tensor(sample["gaussian_voxel_indices"], device=device).long()
+        viewmats = torch.as_tensor(sample["render_viewmats"], device=device, dtype=torch.float32)
+        intrinsics = torch.as_tensor(sample["render_intrinsics"], device=device, dtype=torch.float32)
+        time_offsets = torch.as_tensor(sample["render_time_offsets"], device=device, dtype=torch.float32)
+        width, height = (int(v) for v in sample["render_image_size"])
+        num_views = viewmats.shape[0]
+        if indices.dim() != 2 or indices.shape[1] != 3:
+            raise ValueError(f"GaussianSplatRegularizer: sample {token} gaussian_voxel_indices has shape "
+                             f"{tuple(indices.shape)}, expected (N, 3)")
+        if viewmats.shape[1:] != (4, 4) or intrinsics.shape != (num_views, 3, 3) or time_offsets.shape != (num_views,):
+            raise ValueError(f"GaussianSplatRegularizer: sample {token} render views disagree: render_viewmats "
+                             f"{tuple(viewmats.shape)}, render_intrinsics {tuple(intrinsics.shape)}, "
+                             f"render_time_offsets {tuple(time_offsets.shape)}; expected (V, 4, 4), (V, 3, 3), (V,)")
+        if self.max_views is not None and num_views > self.max_views:
+            keep = torch.randperm(num_views)[: self.max_views].sort().values.to(device)
+            viewmats, intrinsics, time_offsets = viewmats[keep], intrinsics[keep], time_offsets[keep]
+        return dict(indices=indices, viewmats=viewmats, intrinsics=intrinsics, time_offsets=time_offsets,
+                    width=width, height=height, token=token)
+
+    def _voxel_centres(self, indices: torch.Tensor) -> torch.Tensor:
+        return self.range_min + self.voxel_size * (indices.float() + 0.5)
+
+    def predicted_gaussians(self, head_outputs: Dict[str, torch.Tensor], batch_index: int,
+                            indices: torch.Tensor) -> Dict[str, torch.Tensor]:
+        """The prediction's Gaussians at the sampled voxels of one sample.
+
+        Returns {"means" (N, 3) m, "quats" (N, 4), "scales" (N, 3) m, "opacities" (N,),
+        "features" (N, num_classes - 1 + 2): non-free logits then (vx, vy), "flow" (N, 2)}.
+        """
+        x, y, z = indices.unbind(-1)
+        logits = head_outputs["occ_logits"][batch_index][:, x, y, z].T.float()  # (N, K)
+        flow = head_outputs["flow"][batch_index][:, x, y, z].T.float()  # (N, 2)
+        means = self._voxel_centres(indices)
+        n = means.shape[0]
+        if self.decoder is None:
+            quats = means.new_tensor([1.0, 0.0, 0.0, 0.0]).expand(n, 4)
+            scales = means.new_full((n, 3), self.scale)
+            opacities = torch.sigmoid(-logits[:, self.free_index])
+        else:
+            if "voxel_features" not in head_outputs:
+                raise KeyError("GaussianSplatRegularizer(mode='decoded') needs head_outputs['voxel_features']")
+            voxel_features = head_outputs["voxel_features"][batch_index][:, x, y, z].T.float()
+            offset, scales, quats, opacities = self.decoder(voxel_features)
+            means = means + offset
+        features = torch.cat([logits.index_select(1, self.semantic_classes), flow], dim=1)
+        return dict(means=means, quats=quats, scales=scales, opacities=opacities, features=features, flow=flow)
+
+    def gt_gaussians(self, sample: dict, indices: torch.Tensor) -> Dict[str, torch.Tensor]:
+        """GT Gaussians at the sampled voxels whose class is not free (nor outside the label
+        set): one-hot non-free class + GT flow, opacity 1, isotropic ``scale``."""
+        device = indices.device
+        x, y, z = indices.unbind(-1)
+        semantics = torch.as_tensor(sample["occ_semantics"], device=device).long()[x, y, z]
+        flow = torch.as_tensor(sample["occ_flow"], device=device).float()[x, y, z]
+        flow = torch.nan_to_num(flow, nan=0.0, posinf=0.0, neginf=0.0)
+        occupied = (semantics != self.free_index) & (semantics >= 0) & (semantics < self.num_classes)
+        semantics, flow = semantics[occupied], flow[occupied]
+        # class c -> its channel among the non-free classes
+        channel = semantics - (semantics > self.free_index).long()
+        one_hot = F.one_hot(channel, self.num_classes - 1).float()
+        means = self._voxel_centres(indices[occupied])
+        n = means.shape[0]
+        return dict(means=means, quats=means.new_tensor([1.0, 0.0, 0.0, 0.0]).expand(n, 4),
+                    scales=means.new_full((n, 3), self.scale), opacities=means.new_ones(n),
+                    features=torch.cat([one_hot, flow], dim=1), flow=flow)
+
+    # ------------------------------------------------------------------ rendering
+    def render(self, gaussians: Dict[str, torch.Tensor], views: dict, displacement: Optional[torch.Tensor] = None):
+        """Render ``gaussians`` into the views; ``displacement`` (V, N, 3) moves them per view.
+
+        Returns features (V, H, W, D), alphas (V, H, W), accumulated depths (V, H, W).
+        """
+        num_views = views["viewmats"].shape[0]
+        if displacement is None:
+            chunk = self.render_chunk or num_views
+            groups = [list(range(s, min(s + chunk, num_views))) for s in range(0, num_views, chunk)]
+        else:
+            # Views taken at the same instant share positions: one call per distinct dt.
+            groups = [torch.nonzero(views["time_offsets"] == dt).flatten().tolist()
+                      for dt in torch.unique(views["time_offsets"])]
+            if self.render_chunk:
+                groups = [g[s:s + self.render_chunk] for g in groups for s in range(0, len(g), self.render_chunk)]
+        rendered = []
+        for group in groups:
+            means = gaussians["means"] if displacement is None else gaussians["means"] + displacement[group[0]]
+            index = torch.tensor(group, device=means.device)
+            rendered.append(rasterize_gaussians(
+                means, gaussians["quats"], gaussians["scales"], gaussians["opacities"], gaussians["features"],
+                views["viewmats"][index], views["intrinsics"][index], views["width"], views["height"],
+                near_plane=self.near_plane, backend=self.backend))
+        features, alphas, depths = (torch.cat(parts) for parts in zip(*rendered))
+        order = [v for group in groups for v in group]
+        if order != list(range(num_views)):
+            inverse = torch.empty(num_views, dtype=torch.long)
+            inverse[torch.tensor(order)] = torch.arange(num_views)
+            inverse = inverse.to(features.device)
+            features, alphas, depths = features[inverse], alphas[inverse], depths[inverse]
+        return features, alphas, depths
+
+    def flow_displacement(self, flow: torch.Tensor, time_offsets: torch.Tensor) -> torch.Tensor:
+        """(V, N, 3) per-view displacement ``(vx dt, vy dt, 0)`` of Gaussians with (N, 2) flow."""
+        xy = time_offsets[:, None, None] * flow[None]
+        return F.pad(xy, (0, 1))
+
+    # ------------------------------------------------------------------ losses
+    def _losses(self, pred, gt, flow_loss_enabled: bool) -> Dict[str, torch.Tensor]:
+        pred_features, _, pred_depths = pred
+        gt_features, gt_alphas, gt_depths = gt
+        k = self.num_classes - 1
+        covered = gt_alphas > self.coverage_threshold
+        logits, pred_flow = pred_features[covered].split([k, 2], dim=-1)
+        gt_classes, gt_flow = gt_features[covered].split([k, 2], dim=-1)
+        if logits.shape[0] == 0:
+            zero = pred_features.sum() * 0.0
+            return {"semantic": zero, "depth": zero, "flow": zero}
+        target = gt_classes / gt_classes.sum(-1, keepdim=True).clamp(min=1e-6)
+        semantic = -(target * F.log_softmax(logits, dim=-1)).sum(-1).mean()
+        depth = (pred_depths[covered] - gt_depths[covered]).abs().mean() / self.depth_scale
+        if flow_loss_enabled:
+            flow = flow_l1_loss(pred_flow, gt_flow, torch.ones_like(gt_flow[:, 0], dtype=torch.bool))
+        else:
+            flow = pred_flow.sum() * 0.0
+        return {"semantic": semantic, "depth": depth, "flow": flow}
+
+    def forward(self, batched_inputs: List[dict], head_outputs: Dict[str, torch.Tensor],
+                flow_loss_enabled: bool) -> Dict[str, torch.Tensor]:
+        device = head_outputs["occ_logits"].device
+        totals = {name: [] for name in self.loss_weights}
+        self.last_renders = {}
+        for batch_index, sample in enumerate(batched_inputs):
+            views = self.sample_inputs(sample, device)
+            pred = self.predicted_gaussians(head_outputs, batch_index, views["indices"])
+            with torch.no_grad():
+                gt = self.gt_gaussians(sample, views["indices"])
+            states = [(None, None)]
+            if flow_loss_enabled and self.propagate_by_flow:
+                states.append((self.flow_displacement(pred["flow"], views["time_offsets"]),
+                               self.flow_displacement(gt["flow"], views["time_offsets"])))
+            for state, (pred_move, gt_move) in enumerate(states):
+                with torch.no_grad():
+                    gt_render = self.render(gt, views, gt_move)
+                pred_render = self.render(pred, views, pred_move)
+                for name, value in self._losses(pred_render, gt_render, flow_loss_enabled).items():
+                    totals[name].append(value)
+                if batch_index == 0 and state == 0:
+                    self._keep_renders(pred_render, gt_render)
+        return {f"loss_splat_{name}": self.loss_weights[name] * torch.stack(values).mean()
+                for name, values in totals.items()}
+
+    @torch.no_grad()
+    def _keep_renders(self, pred_render, gt_render) -> None:
+        """Stash a few views (CPU, detached) with class scores over all ``num_classes``
+        channels (free at -inf), as ``render_to_color`` expects."""
+        views = min(self.keep_views, pred_render[0].shape[0])
+        if views <= 0:
+            return
+        k = self.num_classes - 1
+        stash = {}
+        for prefix, (features, alphas, depths) in (("pred", pred_render), ("gt", gt_render)):
+            scores = features[:views, ..., :k].detach().float().cpu()
+            full = scores.new_full(scores.shape[:-1] + (self.num_classes,), float("-inf"))
+            full[..., self.semantic_classes.cpu()] = scores
+            stash[f"{prefix}_features"] = full
+            stash[f"{prefix}_alphas"] = alphas[:views].detach().float().cpu()
+            stash[f"{prefix}_depths"] = depths[:views].detach().float().cpu()
+        self.last_renders = stash
