@@ -353,3 +353,91 @@ def test_bad_inputs_raise_errors_naming_the_sample_and_field():
         make_regularizer(mode="decoded")
     with pytest.raises(KeyError, match="colour"):
         make_regularizer(loss_weights={"colour": 1.0})
+
+
+# --------------------------------------------------------------------------------------------- model + hook
+def model_sample(seed, height=64, width=176, num_gaussians=1500):
+    """A mapped training sample (sample_fields contract) on the full GT grid, with the
+    regularizer's fields: 6 outward cameras, render views = the same cameras at 1/2 size."""
+    from voxelsplat.data.sample_fields import check_sample
+
+    grid = OccupancyGrid()
+    views = ring_views(6, dt=(0.0,) * 6, width=width // 2, height=height // 2)
+    cam2ego = torch.linalg.inv(views["render_viewmats"])
+    intrinsics = views["render_intrinsics"].clone()
+    intrinsics[:, :2] *= 2
+    g = torch.Generator().manual_seed(seed)
+    street = street_sample(seed, grid=grid, num_gaussians=num_gaussians, views=views)
+    sample = dict(
+        street,
+        img=torch.randint(0, 256, (6, 3, height, width), generator=g, dtype=torch.uint8),
+        intrinsics=intrinsics, cam2ego=cam2ego, ego2global=torch.eye(4, dtype=torch.float64),
+        img_aug=torch.eye(3).repeat(6, 1, 1), bda=torch.eye(4),
+        lidar_depth=torch.rand(6, height, width, generator=g) * 40 * (torch.rand(6, height, width, generator=g) < 0.05),
+        scene_token="scene", timestamp=1_000_000, frame_index=0, sequence_start=True, prev_sample_token="",
+        lidar_origins=torch.zeros(1, 3),
+    )
+    check_sample(sample, with_regularizer=True)
+    return sample
+
+
+def test_regularizer_is_training_only_in_the_tiny_model():
+    from pathlib import Path
+
+    from detectron2.config import LazyConfig, instantiate
+
+    cfg = LazyConfig.load(str(Path(__file__).resolve().parents[1] / "configs" / "synthetic" / "fbocc_tiny.py"))
+    torch.manual_seed(0)
+    model = instantiate(cfg.model).eval()
+    sample = model_sample(7)
+    with torch.no_grad():
+        without = model([sample])[0]
+    model.regularizer = make_regularizer(grid=OccupancyGrid(), max_views=3)
+    with mock.patch.object(GaussianSplatRegularizer, "forward", side_effect=AssertionError("called at inference")):
+        with torch.no_grad():
+            with_regularizer = model([sample])[0]
+    for key in without:
+        assert torch.equal(without[key], with_regularizer[key]), key
+    # in training it adds its losses, and they reach the head
+    model.train()
+    losses = model([sample])
+    assert {"loss_splat_semantic", "loss_splat_depth", "loss_splat_flow"} <= set(losses)
+    assert all(bool(torch.isfinite(v)) for v in losses.values())
+    splat = losses["loss_splat_semantic"] + losses["loss_splat_depth"]
+    splat.backward()
+    assert float(model.head.classifier.weight.grad.abs().sum()) > 0
+
+
+def test_render_image_hook_puts_prediction_and_gt_renders_into_the_event_storage():
+    from detectron2.utils.events import EventStorage
+
+    from voxelsplat.engine.render_image_hook import RenderImageHook
+
+    sample = street_sample(8)
+    regularizer = make_regularizer(keep_views=2)
+    regularizer([sample], matching_head_outputs(sample), flow_loss_enabled=False)
+    model = torch.nn.Module()
+    model.regularizer = regularizer
+    model.class_names = CLASSES
+    trainer = mock.Mock(model=model)
+    hook = RenderImageHook(period=5, max_views=2)
+    hook.trainer = trainer
+    with EventStorage(0) as storage:
+        trainer.storage = storage
+        for iteration in range(10):
+            trainer.iter = iteration
+            storage.iter = iteration
+            hook.after_step()
+        images = storage._vis_data
+    assert [name for name, _, _ in images] == [hook.name, hook.name]
+    _, image, step = images[0]
+    assert step == 4
+    assert image.shape[0] == 3 and image.dtype == np.float32 and 0.0 <= image.min() and image.max() <= 1.0
+    # two views side by side (prediction | GT): the two columns agree for a matching prediction
+    width, height = sample["render_image_size"]
+    assert image.shape[1] > 2 * height and image.shape[2] > 2 * width
+    left = image[:, 4:4 + height, 4:4 + width]
+    right = image[:, 4:4 + height, 8 + width:8 + 2 * width]
+    # labels cover the top-left corners; compare the lower halves
+    assert np.abs(left[:, height // 2:] - right[:, height // 2:]).mean() < 0.02
+    assert left[:, height // 2:].std() > 0.05  # not blank
