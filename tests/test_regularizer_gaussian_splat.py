@@ -381,30 +381,37 @@ def model_sample(seed, height=64, width=176, num_gaussians=1500):
     return sample
 
 
-def test_regularizer_is_training_only_in_the_tiny_model():
+def test_tiny_voxelsplat_config_regularizer_is_training_only():
+    """configs/synthetic/voxelsplat_tiny.py: the regularizer changes no eval output, is not
+    called at inference, adds no checkpoint entries, and in training adds its losses."""
     from pathlib import Path
 
     from detectron2.config import LazyConfig, instantiate
 
-    cfg = LazyConfig.load(str(Path(__file__).resolve().parents[1] / "configs" / "synthetic" / "fbocc_tiny.py"))
+    configs = Path(__file__).resolve().parents[1] / "configs" / "synthetic"
+    cfg = LazyConfig.load(str(configs / "voxelsplat_tiny.py"))
+    assert cfg.dataloader.train.mapper.regularizer.num_gaussians > 0
     torch.manual_seed(0)
     model = instantiate(cfg.model).eval()
+    assert isinstance(model.regularizer, GaussianSplatRegularizer)
+    baseline_keys = set(instantiate(LazyConfig.load(str(configs / "fbocc_tiny.py")).model).state_dict())
+    assert set(model.state_dict()) == baseline_keys
     sample = model_sample(7)
-    with torch.no_grad():
-        without = model([sample])[0]
-    model.regularizer = make_regularizer(grid=OccupancyGrid(), max_views=3)
     with mock.patch.object(GaussianSplatRegularizer, "forward", side_effect=AssertionError("called at inference")):
         with torch.no_grad():
             with_regularizer = model([sample])[0]
+    regularizer, model.regularizer = model.regularizer, None
+    with torch.no_grad():
+        without = model([sample])[0]
     for key in without:
         assert torch.equal(without[key], with_regularizer[key]), key
     # in training it adds its losses, and they reach the head
+    model.regularizer = regularizer
     model.train()
     losses = model([sample])
     assert {"loss_splat_semantic", "loss_splat_depth", "loss_splat_flow"} <= set(losses)
     assert all(bool(torch.isfinite(v)) for v in losses.values())
-    splat = losses["loss_splat_semantic"] + losses["loss_splat_depth"]
-    splat.backward()
+    (losses["loss_splat_semantic"] + losses["loss_splat_depth"]).backward()
     assert float(model.head.classifier.weight.grad.abs().sum()) > 0
 
 
