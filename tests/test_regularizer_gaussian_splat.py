@@ -11,6 +11,7 @@ import torch
 from voxelsplat.data.occupancy_meta import OccupancyGrid, occupancy_metadata
 from voxelsplat.data.render_views import adjacent_render_views
 from voxelsplat.modeling.regularizers import GaussianSplatRegularizer
+from voxelsplat.modeling.regularizers.gaussian_splat import gather_voxels
 from voxelsplat.utils.geometry import bda_matrix, pose_to_transform, project_points
 
 META = occupancy_metadata("openocc_v2")
@@ -217,7 +218,9 @@ def test_losses_match_a_direct_computation_on_the_renders():
     r = regularizer.last_renders
     keep = [c for c in range(len(CLASSES)) if c != FREE]
     fields = regularizer.sample_inputs(sample, torch.device("cpu"))
-    pred = regularizer.render(regularizer.predicted_gaussians(head, 0, fields["indices"]), fields)
+    voxels = {k: gather_voxels(v, torch.zeros(len(fields["indices"]), dtype=torch.long), fields["indices"])
+              for k, v in head.items()}
+    pred = regularizer.render(regularizer.predicted_gaussians(voxels, fields["indices"]), fields)
     gt = regularizer.render(regularizer.gt_gaussians(sample, fields["indices"]), fields)
     ce, depth, flow, count = 0.0, 0.0, 0.0, 0
     for i in range(40):
@@ -312,8 +315,12 @@ def test_decoded_mode_starts_at_voxel_centres_and_trains_its_decoder():
     regularizer = make_regularizer(mode="decoded", feature_channels=8, hidden_channels=16)
     assert regularizer.needs_voxel_features and not make_regularizer().needs_voxel_features
     idx = sample["gaussian_voxel_indices"]
-    decoded = regularizer.predicted_gaussians(head, 0, idx)
-    release = make_regularizer().predicted_gaussians(head, 0, idx)
+    # gather_voxels against plain indexing
+    voxels = {k: gather_voxels(v, torch.zeros(len(idx), dtype=torch.long), idx) for k, v in head.items()}
+    for k, v in head.items():
+        torch.testing.assert_close(voxels[k], v[0][:, idx[:, 0], idx[:, 1], idx[:, 2]].T)
+    decoded = regularizer.predicted_gaussians(voxels, idx)
+    release = make_regularizer().predicted_gaussians(voxels, idx)
     torch.testing.assert_close(decoded["means"], release["means"])
     torch.testing.assert_close(decoded["scales"], release["scales"])
     torch.testing.assert_close(decoded["quats"], release["quats"].contiguous())
@@ -331,7 +338,7 @@ def test_decoded_mode_starts_at_voxel_centres_and_trains_its_decoder():
     with torch.no_grad():  # bounds hold for any decoder output
         for p in regularizer.parameters():
             p.add_(torch.randn_like(p) * 5)
-        decoded = regularizer.predicted_gaussians(head, 0, idx)
+        decoded = regularizer.predicted_gaussians(voxels, idx)
     offset = decoded["means"] - release["means"]
     assert float(offset.abs().max()) <= SMALL_GRID.voxel_size + 1e-6
     assert float(decoded["scales"].min()) >= 0.04 - 1e-6 and float(decoded["scales"].max()) <= 0.4 + 1e-6

@@ -236,6 +236,21 @@ def test_float32_render_is_close_to_float64():
         assert close.float().mean() > 0.99
 
 
+def test_per_camera_means_render_each_camera_at_its_own_positions():
+    scene = random_scene(10, num_cams=3, per_camera_features=True)
+    g = torch.Generator().manual_seed(3)
+    per_camera = scene["means"][None] + torch.randn(3, 1, 3, generator=g, dtype=torch.float64) * 0.7
+    out = _render({**scene, "means": per_camera}, backend="torch")
+    for c in range(3):
+        single = {**scene, "means": per_camera[c], "features": scene["features"][c], "viewmats": scene["viewmats"][c:c + 1],
+                  "Ks": scene["Ks"][c:c + 1]}
+        ref = dense_reference(**single)
+        for got, want in zip(out, ref):
+            torch.testing.assert_close(got[c:c + 1], want, rtol=1e-9, atol=1e-10)
+    with pytest.raises(ValueError, match="per-camera means"):
+        _render({**scene, "means": per_camera[:2]}, backend="torch")
+
+
 def test_small_pair_chunks_give_the_same_render():
     from voxelsplat.splatting.torch_backend import rasterize_torch
 

@@ -8,6 +8,13 @@ Figures are ratios against the smallest workload measured in the same run
 is the peak of the process RSS above its level before the call (sampled by a thread);
 on CUDA, ``torch.cuda.max_memory_allocated``.
 
+Regularizer overhead (``regularizer_overhead``): one training step (forward, backward,
+AdamW) of ``configs/synthetic/voxelsplat_tiny.py`` against the same model and weights without
+the regularizer (the tiny FB-Occ baseline), as ``step_time_ratio`` and ``peak_memory_ratio``
+(peak RSS of a fresh process per variant; step times interleaved in one process). Samples are built to the mapper contract
+(``voxelsplat/data/sample_fields.py``) at the tiny config's sizes: a street scene on the GT
+grid, 6 cameras, 3 keyframes of render views, the config's Gaussian count.
+
 When CUDA is available, the published workload (100k Gaussians, 36 views, 400x225,
 18 channels + depth) is timed with every backend that runs there (torch, gsplat, inria),
 as ratios against gsplat.
@@ -15,12 +22,17 @@ as ratios against gsplat.
 from __future__ import annotations
 
 import math
+import multiprocessing
+import os
 import threading
 import time
 from typing import Dict, List
 
 import torch
 
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+TINY_CONFIG = os.path.join(ROOT, "configs", "synthetic", "voxelsplat_tiny.py")
+CAMERA_IMAGE_SIZE = (352, 128)  # the demo's synthetic camera images (W, H)
 CHANNELS = 18  # 16 non-free class logits + 2 flow components
 SCALE_M = 0.12
 RING_CAMERAS = 6
@@ -155,6 +167,7 @@ def run(args) -> dict:
                                     "seconds_per_view": round(stats["seconds"] / v, 4),
                                     "time_ratio": round(stats["seconds"] / baseline["seconds"], 2),
                                     "memory_ratio": round(stats["peak_mib"] / max(baseline["peak_mib"], 1e-3), 2)})
+    results["regularizer_overhead"] = regularizer_overhead(steps=2 if quick else 4)
     if torch.cuda.is_available():
         results["gpu"] = _gpu_comparison(quick)
     else:
@@ -186,3 +199,146 @@ def _gpu_comparison(quick: bool) -> dict:
                 out[backend]["time_ratio_vs_gsplat"] = round(out[backend]["seconds"] / reference["seconds"], 2)
                 out[backend]["memory_ratio_vs_gsplat"] = round(out[backend]["peak_mib"] / max(reference["peak_mib"], 1e-3), 2)
     return out
+
+
+# ------------------------------------------------------------------------------ regularizer overhead
+def _camera_rig(num_cams: int, position_x: float = 0.0):
+    """(num_cams, 4, 4) OpenCV cam2ego of outward-looking cameras 1.6 m above the ground."""
+    cam2ego = torch.zeros(num_cams, 4, 4)
+    for n in range(num_cams):
+        yaw = 2 * math.pi * n / num_cams
+        forward = torch.tensor([math.cos(yaw), math.sin(yaw), 0.0])
+        right = torch.tensor([math.sin(yaw), -math.cos(yaw), 0.0])
+        cam2ego[n, :3, :3] = torch.stack([right, torch.tensor([0.0, 0.0, -1.0]), forward], dim=1)
+        cam2ego[n, :3, 3] = torch.tensor([position_x + 0.5 * math.cos(yaw), 0.5 * math.sin(yaw), 1.6])
+        cam2ego[n, 3, 3] = 1.0
+    return cam2ego
+
+
+def tiny_training_sample(cfg, seed: int) -> dict:
+    """A mapped training sample at the tiny config's sizes, with the regularizer's fields."""
+    from voxelsplat.data.occupancy_meta import OPENOCC_V2_CLASSES, OccupancyGrid
+
+    g = torch.Generator().manual_seed(seed)
+    grid = OccupancyGrid()
+    free = OPENOCC_V2_CLASSES.index("free")
+    x_size, y_size, z_size = grid.shape
+    semantics = torch.full((x_size, y_size, z_size), free, dtype=torch.int64)
+    flow = torch.zeros(x_size, y_size, z_size, 2)
+    semantics[:, :, :3] = OPENOCC_V2_CLASSES.index("driveable_surface")
+    semantics[:, 150:, :12] = OPENOCC_V2_CLASSES.index("manmade")
+    for _ in range(8):
+        cx, cy = torch.randint(20, x_size - 20, (2,), generator=g).tolist()
+        semantics[cx - 6:cx + 6, cy - 3:cy + 3, 3:7] = OPENOCC_V2_CLASSES.index("car")
+        flow[cx - 6:cx + 6, cy - 3:cy + 3, 3:7] = torch.tensor([5.0, -1.0])
+    options = cfg.dataloader.train.mapper.regularizer
+    num_gaussians = int(options.num_gaussians)
+    occupied, empty = (semantics != free).nonzero(), (semantics == free).nonzero()
+    indices = torch.cat([occupied[torch.randperm(len(occupied), generator=g)[: num_gaussians * 2 // 3]],
+                         empty[torch.randperm(len(empty), generator=g)[: num_gaussians - num_gaussians * 2 // 3]]])
+    width, height = (int(v) for v in cfg.dataloader.train.mapper.image_size)
+    focal = CAMERA_IMAGE_SIZE[0] / (2 * math.tan(math.radians(35.0)))
+    camera_K = torch.tensor([[focal, 0, CAMERA_IMAGE_SIZE[0] / 2], [0, focal, CAMERA_IMAGE_SIZE[1] / 2], [0, 0, 1.0]])
+    render_size = tuple(int(round(v * float(options.render_scale))) for v in CAMERA_IMAGE_SIZE)
+    render_K = torch.diag(torch.tensor([render_size[0] / CAMERA_IMAGE_SIZE[0], render_size[1] / CAMERA_IMAGE_SIZE[1], 1.0]))
+    offsets = [int(o) for o in options.frame_offsets]
+    viewmats = torch.cat([torch.linalg.inv(_camera_rig(6, position_x=3.0 * 0.5 * o)) for o in offsets])
+    input_K = torch.diag(torch.tensor([width / CAMERA_IMAGE_SIZE[0], height / CAMERA_IMAGE_SIZE[1], 1.0])) @ camera_K
+    return {
+        "img": torch.randint(0, 256, (6, 3, height, width), generator=g, dtype=torch.uint8),
+        "intrinsics": input_K.repeat(6, 1, 1), "cam2ego": _camera_rig(6), "ego2global": torch.eye(4, dtype=torch.float64),
+        "img_aug": torch.eye(3).repeat(6, 1, 1), "bda": torch.eye(4),
+        "lidar_depth": torch.rand(6, height, width, generator=g) * 40 * (torch.rand(6, height, width, generator=g) < 0.05),
+        "occ_semantics": semantics, "occ_flow": flow, "sample_token": f"bench{seed}", "scene_token": "bench",
+        "timestamp": 1_000_000, "frame_index": 0, "sequence_start": True, "prev_sample_token": "",
+        "lidar_origins": torch.zeros(1, 3), "gaussian_voxel_indices": indices,
+        "render_viewmats": viewmats, "render_intrinsics": (render_K @ camera_K).repeat(len(viewmats), 1, 1),
+        "render_image_size": render_size,
+        "render_frame_offsets": torch.tensor([o for o in offsets for _ in range(6)]),
+        "render_time_offsets": torch.tensor([0.5 * o for o in offsets for _ in range(6)]),
+    }
+
+
+def _tiny_model_and_batches(steps: int):
+    from detectron2.config import LazyConfig, instantiate
+
+    torch.manual_seed(0)
+    cfg = LazyConfig.load(TINY_CONFIG)
+    model = instantiate(cfg.model).train()
+    model.set_training_phase(history_enabled=True, flow_loss_enabled=True)  # both states rendered
+    batches = [[tiny_training_sample(cfg, seed)] for seed in range(steps + 1)]
+    return cfg, model, batches
+
+
+def _training_step(model, optimizer, batch) -> float:
+    start = time.perf_counter()
+    losses = model(batch)
+    total = sum(losses.values())
+    optimizer.zero_grad()
+    total.backward()
+    optimizer.step()
+    return time.perf_counter() - start
+
+
+def _peak_memory_worker(with_regularizer: bool, steps: int) -> float:
+    """Peak RSS (MiB) of a fresh process that trains the tiny model with or without its regularizer."""
+    import resource
+
+    _, model, batches = _tiny_model_and_batches(steps)
+    if not with_regularizer:
+        model.regularizer = None
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
+    for batch in batches:
+        _training_step(model, optimizer, batch)
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def _step_time_worker(steps: int) -> dict:
+    """Median training-step seconds of the tiny model without and with its regularizer, steps
+    interleaved (same weights, same batches) so that a changing machine load hits both alike;
+    and the regularizer alone (forward + backward from detached head outputs)."""
+    cfg, model, batches = _tiny_model_and_batches(steps)
+    regularizer = model.regularizer
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=0.0)  # weights stay put
+    times = {"baseline": [], "voxelsplat": [], "regularizer": []}
+    for i, batch in enumerate(batches):
+        model.regularizer = None
+        baseline = _training_step(model, optimizer, batch)
+        model.regularizer = regularizer
+        voxelsplat = _training_step(model, optimizer, batch)
+        with torch.no_grad():
+            volume, _ = model.extract_volume(batch)
+            head = model.head(volume, return_features=regularizer.needs_voxel_features)
+        head = {k: v.detach().requires_grad_(True) for k, v in head.items()}
+        start = time.perf_counter()
+        sum(regularizer(batch, head, flow_loss_enabled=True).values()).backward()
+        if i:  # the first step warms up
+            times["baseline"].append(baseline)
+            times["voxelsplat"].append(voxelsplat)
+            times["regularizer"].append(time.perf_counter() - start)
+    result = {f"{k}_step_seconds" if k != "regularizer" else "regularizer_seconds": round(sorted(v)[len(v) // 2], 3)
+              for k, v in times.items()}
+    result["renders_per_step"] = {
+        "views": min(regularizer.max_views or 10**9, len(batches[0][0]["render_viewmats"])), "states": 2,
+        "gaussians": int(cfg.dataloader.train.mapper.regularizer.num_gaussians),
+        "image_size": list(batches[0][0]["render_image_size"])}
+    result["torch_threads"] = torch.get_num_threads()
+    return result
+
+
+def regularizer_overhead(steps: int) -> dict:
+    """Training step time and peak memory of the tiny VoxelSplat config over the same model
+    without the regularizer (the tiny FB-Occ baseline)."""
+    if not os.path.isfile(TINY_CONFIG):
+        return {"skipped": f"{TINY_CONFIG} not found"}
+    context = multiprocessing.get_context("spawn")
+    with context.Pool(1) as pool:
+        results = pool.apply(_step_time_worker, (steps,))
+    for name, flag in (("baseline", False), ("voxelsplat", True)):
+        with context.Pool(1) as pool:
+            results[f"{name}_peak_rss_mib"] = round(pool.apply(_peak_memory_worker, (flag, 1)), 1)
+    results["step_time_ratio"] = round(results["voxelsplat_step_seconds"] / results["baseline_step_seconds"], 3)
+    results["peak_memory_ratio"] = round(results["voxelsplat_peak_rss_mib"] / results["baseline_peak_rss_mib"], 3)
+    results["regularizer_share_of_baseline_step"] = round(results["regularizer_seconds"] / results["baseline_step_seconds"], 3)
+    results["config"] = os.path.relpath(TINY_CONFIG, ROOT)
+    return results

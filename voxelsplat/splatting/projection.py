@@ -94,7 +94,7 @@ def project_gaussians(
 
     Args:
         means (N, 3), quats (N, 4) w,x,y,z, scales (N, 3), opacities (N,): the Gaussians
-            in the world frame (metres).
+            in the world frame (metres); means may be (C, N, 3), one position per camera.
         viewmats (C, 4, 4): world -> camera (OpenCV: x right, y down, z forward).
         Ks (C, 3, 3): pinhole intrinsics in pixels.
         width, height: image size in pixels.
@@ -104,15 +104,22 @@ def project_gaussians(
     """
     rotations, translations = viewmats[:, :3, :3], viewmats[:, :3, 3]
     with torch.no_grad():
-        depth_all = means @ rotations[:, 2, :].T + translations[:, 2]  # (N, C)
-        in_range = (depth_all >= near_plane) & (depth_all <= far_plane) & (opacities[:, None] >= ALPHA_THRESHOLD)
+        if means.dim() == 2:
+            depth_all = rotations[:, 2, :] @ means.T + translations[:, 2, None]  # (C, N)
+        else:
+            depth_all = (means * rotations[:, None, 2, :]).sum(-1) + translations[:, 2, None]
+        in_range = (depth_all >= near_plane) & (depth_all <= far_plane) & (opacities[None, :] >= ALPHA_THRESHOLD)
         # nonzero over (C, N) orders pairs by camera, then Gaussian index.
-        camera_ids, gaussian_ids = in_range.T.nonzero(as_tuple=True)
+        camera_ids, gaussian_ids = in_range.nonzero(as_tuple=True)
 
     # Only the pairs in range are projected: computing 1/z for culled pairs would put
     # inf/nan into the backward pass even though their values are never used.
     rotation = rotations.index_select(0, camera_ids)  # (K, 3, 3)
-    mean_c = (rotation * means.index_select(0, gaussian_ids)[:, None, :]).sum(-1) + translations.index_select(0, camera_ids)
+    if means.dim() == 2:
+        mean_w = means.index_select(0, gaussian_ids)
+    else:
+        mean_w = means.reshape(-1, 3).index_select(0, camera_ids * means.shape[1] + gaussian_ids)
+    mean_c = (rotation * mean_w[:, None, :]).sum(-1) + translations.index_select(0, camera_ids)
     # Camera-frame factor of the covariance, R_view (R_q S): cov_c = A A^T. Broadcast
     # products instead of batched 3x3 matmuls, which are slow on CPU.
     factor = quaternion_to_rotation(quats) * scales[:, None, :]  # (N, 3, 3)

@@ -18,9 +18,9 @@ class BackendUnavailableError(RuntimeError):
 
 
 def _check_inputs(means, quats, scales, opacities, features, viewmats, Ks, width, height) -> None:
-    if means.dim() != 2 or means.shape[1] != 3:
-        raise ValueError(f"rasterize_gaussians: means must be (N, 3), got {tuple(means.shape)}")
-    n = means.shape[0]
+    if means.dim() not in (2, 3) or means.shape[-1] != 3:
+        raise ValueError(f"rasterize_gaussians: means must be (N, 3) or (C, N, 3), got {tuple(means.shape)}")
+    n = means.shape[-2]
     expected = {"quats": (quats, (n, 4)), "scales": (scales, (n, 3)), "opacities": (opacities, (n,))}
     for name, (tensor, shape) in expected.items():
         if tuple(tensor.shape) != shape:
@@ -28,6 +28,9 @@ def _check_inputs(means, quats, scales, opacities, features, viewmats, Ks, width
     if viewmats.dim() != 3 or viewmats.shape[1:] != (4, 4):
         raise ValueError(f"rasterize_gaussians: viewmats must be (C, 4, 4), got {tuple(viewmats.shape)}")
     c = viewmats.shape[0]
+    if means.dim() == 3 and means.shape[0] != c:
+        raise ValueError(f"rasterize_gaussians: per-camera means must be ({c}, N, 3) for C={c} cameras, "
+                         f"got {tuple(means.shape)}")
     if tuple(Ks.shape) != (c, 3, 3):
         raise ValueError(f"rasterize_gaussians: Ks must be ({c}, 3, 3) for C={c} cameras, got {tuple(Ks.shape)}")
     if not ((features.dim() == 2 and features.shape[0] == n) or (features.dim() == 3 and features.shape[:2] == (c, n))):
@@ -139,7 +142,8 @@ def rasterize_gaussians(
       so culling never changes an image.
 
     Args:
-        means: (N, 3) Gaussian centres in the world frame, metres.
+        means: (N, 3) Gaussian centres in the world frame, metres; or (C, N, 3), a position
+            per camera (e.g. Gaussians moved to each view's time).
         quats: (N, 4) rotations as quaternions (w, x, y, z); normalised internally.
         scales: (N, 3) standard deviations along the Gaussian's local axes, metres.
         opacities: (N,) opacities in [0, 1].
@@ -171,15 +175,16 @@ def rasterize_gaussians(
     _check_inputs(means, quats, scales, opacities, features, viewmats, Ks, width, height)
     width, height = int(width), int(height)
     chosen = resolve_backend(backend, means.device)
-    args = (means, quats, scales, opacities, features, viewmats, Ks, width, height, near_plane, far_plane, eps2d)
     if chosen == "torch":
-        from .torch_backend import rasterize_torch
-
-        return rasterize_torch(*args)
-    if chosen == "gsplat":
-        from .gsplat_backend import rasterize_gsplat
-
-        return rasterize_gsplat(*args)
-    from .inria_backend import rasterize_inria
-
-    return rasterize_inria(*args)
+        from .torch_backend import rasterize_torch as rasterize
+    elif chosen == "gsplat":
+        from .gsplat_backend import rasterize_gsplat as rasterize
+    else:
+        from .inria_backend import rasterize_inria as rasterize
+    options = (width, height, near_plane, far_plane, eps2d)
+    if means.dim() == 3 and chosen != "torch":
+        # The CUDA rasterizers take one position per Gaussian: one call per camera.
+        per_camera = [rasterize(means[c], quats, scales, opacities, features[c] if features.dim() == 3 else features,
+                                viewmats[c:c + 1], Ks[c:c + 1], *options) for c in range(viewmats.shape[0])]
+        return tuple(torch.cat(parts) for parts in zip(*per_camera))
+    return rasterize(means, quats, scales, opacities, features, viewmats, Ks, *options)

@@ -49,7 +49,7 @@ from ...splatting import rasterize_gaussians
 from ..heads.losses import flow_l1_loss
 from ..registry import REGULARIZER_REGISTRY
 
-__all__ = ["GaussianSplatRegularizer"]
+__all__ = ["GaussianSplatRegularizer", "gather_voxels"]
 
 DEFAULT_LOSS_WEIGHTS = {"semantic": 0.5, "depth": 1.0, "flow": 0.5}
 MODES = ("release", "decoded")
@@ -87,6 +87,15 @@ class _GaussianDecoder(nn.Module):
         identity = torch.tensor([1.0, 0.0, 0.0, 0.0], dtype=raw_quat.dtype, device=raw_quat.device)
         quats = F.normalize(raw_quat + identity, dim=-1)
         return offset, scales, quats, torch.sigmoid(raw_opacity[:, 0])
+
+
+def gather_voxels(volume: torch.Tensor, batch_ids: torch.Tensor, indices: torch.Tensor) -> torch.Tensor:
+    """Values of a (B, C, X, Y, Z) volume at voxels (M, 3) [x, y, z] of samples ``batch_ids``
+    (M,), as (M, C); one indexing op (differentiable)."""
+    x_size, y_size, z_size = volume.shape[2:]
+    linear = (indices[:, 0] * y_size + indices[:, 1]) * z_size + indices[:, 2]
+    channels = torch.arange(volume.shape[1], device=volume.device)
+    return volume.flatten(2)[batch_ids[:, None], channels[None, :], linear[:, None]]
 
 
 @REGULARIZER_REGISTRY.register()
@@ -233,16 +242,18 @@ class GaussianSplatRegularizer(nn.Module):
     def _voxel_centres(self, indices: torch.Tensor) -> torch.Tensor:
         return self.range_min + self.voxel_size * (indices.float() + 0.5)
 
-    def predicted_gaussians(self, head_outputs: Dict[str, torch.Tensor], batch_index: int,
-                            indices: torch.Tensor) -> Dict[str, torch.Tensor]:
+    def predicted_gaussians(self, voxel_outputs: Dict[str, torch.Tensor], indices: torch.Tensor) -> Dict[str, torch.Tensor]:
         """The prediction's Gaussians at the sampled voxels of one sample.
 
+        Args:
+            voxel_outputs: the head outputs at those voxels (:func:`gather_voxels`):
+                "occ_logits" (N, num_classes), "flow" (N, 2) and, in decoded mode,
+                "voxel_features" (N, F).
+            indices: (N, 3) voxel indices [x, y, z].
         Returns {"means" (N, 3) m, "quats" (N, 4), "scales" (N, 3) m, "opacities" (N,),
         "features" (N, num_classes - 1 + 2): non-free logits then (vx, vy), "flow" (N, 2)}.
         """
-        x, y, z = indices.unbind(-1)
-        logits = head_outputs["occ_logits"][batch_index][:, x, y, z].T.float()  # (N, K)
-        flow = head_outputs["flow"][batch_index][:, x, y, z].T.float()  # (N, 2)
+        logits, flow = voxel_outputs["occ_logits"].float(), voxel_outputs["flow"].float()
         means = self._voxel_centres(indices)
         n = means.shape[0]
         if self.decoder is None:
@@ -250,10 +261,7 @@ class GaussianSplatRegularizer(nn.Module):
             scales = means.new_full((n, 3), self.scale)
             opacities = torch.sigmoid(-logits[:, self.free_index])
         else:
-            if "voxel_features" not in head_outputs:
-                raise KeyError("GaussianSplatRegularizer(mode='decoded') needs head_outputs['voxel_features']")
-            voxel_features = head_outputs["voxel_features"][batch_index][:, x, y, z].T.float()
-            offset, scales, quats, opacities = self.decoder(voxel_features)
+            offset, scales, quats, opacities = self.decoder(voxel_outputs["voxel_features"].float())
             means = means + offset
         features = torch.cat([logits.index_select(1, self.semantic_classes), flow], dim=1)
         return dict(means=means, quats=quats, scales=scales, opacities=opacities, features=features, flow=flow)
@@ -284,31 +292,16 @@ class GaussianSplatRegularizer(nn.Module):
         Returns features (V, H, W, D), alphas (V, H, W), accumulated depths (V, H, W).
         """
         num_views = views["viewmats"].shape[0]
-        if displacement is None:
-            chunk = self.render_chunk or num_views
-            groups = [list(range(s, min(s + chunk, num_views))) for s in range(0, num_views, chunk)]
-        else:
-            # Views taken at the same instant share positions: one call per distinct dt.
-            groups = [torch.nonzero(views["time_offsets"] == dt).flatten().tolist()
-                      for dt in torch.unique(views["time_offsets"])]
-            if self.render_chunk:
-                groups = [g[s:s + self.render_chunk] for g in groups for s in range(0, len(g), self.render_chunk)]
+        means = gaussians["means"] if displacement is None else gaussians["means"][None] + displacement
+        chunk = self.render_chunk or num_views
         rendered = []
-        for group in groups:
-            means = gaussians["means"] if displacement is None else gaussians["means"] + displacement[group[0]]
-            index = torch.tensor(group, device=means.device)
+        for start in range(0, num_views, chunk):
+            group = slice(start, start + chunk)
             rendered.append(rasterize_gaussians(
-                means, gaussians["quats"], gaussians["scales"], gaussians["opacities"], gaussians["features"],
-                views["viewmats"][index], views["intrinsics"][index], views["width"], views["height"],
-                near_plane=self.near_plane, backend=self.backend))
-        features, alphas, depths = (torch.cat(parts) for parts in zip(*rendered))
-        order = [v for group in groups for v in group]
-        if order != list(range(num_views)):
-            inverse = torch.empty(num_views, dtype=torch.long)
-            inverse[torch.tensor(order)] = torch.arange(num_views)
-            inverse = inverse.to(features.device)
-            features, alphas, depths = features[inverse], alphas[inverse], depths[inverse]
-        return features, alphas, depths
+                means if displacement is None else means[group], gaussians["quats"], gaussians["scales"],
+                gaussians["opacities"], gaussians["features"], views["viewmats"][group], views["intrinsics"][group],
+                views["width"], views["height"], near_plane=self.near_plane, backend=self.backend))
+        return tuple(torch.cat(parts) for parts in zip(*rendered))
 
     def flow_displacement(self, flow: torch.Tensor, time_offsets: torch.Tensor) -> torch.Tensor:
         """(V, N, 3) per-view displacement ``(vx dt, vy dt, 0)`` of Gaussians with (N, 2) flow."""
@@ -340,9 +333,19 @@ class GaussianSplatRegularizer(nn.Module):
         device = head_outputs["occ_logits"].device
         totals = {name: [] for name in self.loss_weights}
         self.last_renders = {}
-        for batch_index, sample in enumerate(batched_inputs):
-            views = self.sample_inputs(sample, device)
-            pred = self.predicted_gaussians(head_outputs, batch_index, views["indices"])
+        inputs = [self.sample_inputs(sample, device) for sample in batched_inputs]
+        keys = ["occ_logits", "flow"] + (["voxel_features"] if self.needs_voxel_features else [])
+        missing = [k for k in keys if k not in head_outputs]
+        if missing:
+            raise KeyError(f"GaussianSplatRegularizer(mode={self.mode!r}) needs head_outputs {missing}")
+        counts = [len(views["indices"]) for views in inputs]
+        batch_ids = torch.repeat_interleave(torch.arange(len(inputs), device=device), torch.tensor(counts, device=device))
+        all_indices = torch.cat([views["indices"] for views in inputs])
+        # One gather per head output for the whole batch: its backward fills a full-size
+        # gradient once instead of once per sample.
+        gathered = {k: gather_voxels(head_outputs[k], batch_ids, all_indices).split(counts) for k in keys}
+        for batch_index, (sample, views) in enumerate(zip(batched_inputs, inputs)):
+            pred = self.predicted_gaussians({k: v[batch_index] for k, v in gathered.items()}, views["indices"])
             with torch.no_grad():
                 gt = self.gt_gaussians(sample, views["indices"])
             states = [(None, None)]
