@@ -1,6 +1,6 @@
 """VoxelSplat on the tiny synthetic setup: ``configs/synthetic/fbocc_tiny.py`` (unchanged)
 plus the Gaussian-splatting regularizer, sized for a 2-core CPU: 3000 Gaussians per sample,
-keyframes t-1..t+1 (18 views) of which 8 are rendered per step, renders at 0.3x the camera
+keyframes t-1..t+1 (18 views) of which 6 are rendered per step, renders at 0.3x the camera
 images (106x38 for the 352x128 demo images). Same scale, loss weights and states as
 ``configs/r50.py``.
 
@@ -15,7 +15,7 @@ from ..common.models.voxelsplat import regularizer as _regularizer
 from .fbocc_tiny import dataloader, lr_multiplier, model, optimizer, train
 
 model.regularizer = _regularizer
-model.regularizer.max_views = 8
+model.regularizer.max_views = 6
 dataloader.train.mapper.regularizer = _mapper_options
 dataloader.train.mapper.regularizer.num_gaussians = 3000
 dataloader.train.mapper.regularizer.frame_offsets = (-1, 0, 1)

@@ -104,13 +104,25 @@ def project_gaussians(
     """
     rotations, translations = viewmats[:, :3, :3], viewmats[:, :3, 3]
     with torch.no_grad():
-        if means.dim() == 2:
-            depth_all = rotations[:, 2, :] @ means.T + translations[:, 2, None]  # (C, N)
-        else:
-            depth_all = (means * rotations[:, None, 2, :]).sum(-1) + translations[:, 2, None]
-        in_range = (depth_all >= near_plane) & (depth_all <= far_plane) & (opacities[None, :] >= ALPHA_THRESHOLD)
+        equation = "cij,nj->cni" if means.dim() == 2 else "cij,cnj->cni"
+        cam_points = torch.einsum(equation, rotations, means) + translations[:, None, :]  # (C, N, 3)
+        x, y, z = cam_points.unbind(-1)
+        keep = (z >= near_plane) & (z <= far_plane) & (opacities[None, :] >= ALPHA_THRESHOLD)
+        # Cheap early cull of pairs whose screen box must lie off-screen, with a radius that
+        # bounds the exact one: std along x <= |J row x| * |R_view|_2 * max(scale), where
+        # |J row x| <= fx / z * sqrt(1 + lim_x^2) (the Jacobian clamps x/z to +-lim_x).
+        fx, fy = Ks[:, 0, 0, None], Ks[:, 1, 1, None]
+        cx, cy = Ks[:, 0, 2, None], Ks[:, 1, 2, None]
+        lim_x = torch.maximum(width - cx, cx) / fx + 0.3 * 0.5 * width / fx
+        lim_y = torch.maximum(height - cy, cy) / fy + 0.3 * 0.5 * height / fy
+        spread = (torch.linalg.matrix_norm(rotations, ord=2)[:, None] * scales.amax(-1)[None, :]) ** 2  # (C, N)
+        safe_z = torch.where(keep, z, torch.ones_like(z))
+        bound_x = MAX_EXTEND * torch.sqrt((fx / safe_z) ** 2 * (1 + lim_x ** 2) * spread + eps2d) + 1
+        bound_y = MAX_EXTEND * torch.sqrt((fy / safe_z) ** 2 * (1 + lim_y ** 2) * spread + eps2d) + 1
+        u, v = fx * x / safe_z + cx, fy * y / safe_z + cy
+        keep &= (u + bound_x > 0) & (u - bound_x < width) & (v + bound_y > 0) & (v - bound_y < height)
         # nonzero over (C, N) orders pairs by camera, then Gaussian index.
-        camera_ids, gaussian_ids = in_range.nonzero(as_tuple=True)
+        camera_ids, gaussian_ids = keep.nonzero(as_tuple=True)
 
     # Only the pairs in range are projected: computing 1/z for culled pairs would put
     # inf/nan into the backward pass even though their values are never used.

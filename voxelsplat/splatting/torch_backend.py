@@ -175,10 +175,12 @@ def rasterize_torch(
         is_start = torch.ones_like(pixel, dtype=torch.bool)
         is_start[1:] = pixel[1:] != pixel[:-1]
         _, alpha = _pair_sigma_alpha(proj, proj_index, pixel_x.index_select(0, order), pixel_y.index_select(0, order))
-        _, inclusive = _segment_exclusive_log_transmittance(torch.log1p(-alpha), is_start)
+        exclusive, inclusive = _segment_exclusive_log_transmittance(torch.log1p(-alpha), is_start)
         # A pixel stops before the Gaussian that would take its transmittance to <= 1e-4;
         # transmittance only falls, so the survivors are a prefix of each pixel's list.
         survivors = (torch.exp(inclusive) > TRANSMITTANCE_THRESHOLD).nonzero(as_tuple=True)[0]
+        # The survivors' weights; recomputed with gradients below when any input needs them.
+        weights = (alpha * torch.exp(exclusive).to(alpha.dtype)).index_select(0, survivors)
         proj_index, pixel = proj_index.index_select(0, survivors), pixel.index_select(0, survivors)
         pixel_x, pixel_y = pixel % width, (pixel // width) % height
         is_start = torch.ones_like(pixel, dtype=torch.bool)
@@ -192,9 +194,10 @@ def rasterize_torch(
         proj_crow = torch.cat([zero, torch.cumsum(torch.bincount(proj_index, minlength=num_proj), 0)])
         pixel_cols = pixel.index_select(0, to_proj_order)
 
-    _, alpha = _pair_sigma_alpha(proj, proj_index, pixel_x, pixel_y)
-    exclusive, _ = _segment_exclusive_log_transmittance(torch.log1p(-alpha), is_start)
-    weights = alpha * torch.exp(exclusive).to(alpha.dtype)
+    if torch.is_grad_enabled() and any(t.requires_grad for t in (means, quats, scales, opacities)):
+        _, alpha = _pair_sigma_alpha(proj, proj_index, pixel_x, pixel_y)
+        exclusive, _ = _segment_exclusive_log_transmittance(torch.log1p(-alpha), is_start)
+        weights = alpha * torch.exp(exclusive).to(alpha.dtype)
 
     if features.dim() == 2:
         per_projection = features.index_select(0, proj.gaussian_ids)

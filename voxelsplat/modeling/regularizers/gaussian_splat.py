@@ -295,12 +295,15 @@ class GaussianSplatRegularizer(nn.Module):
         means = gaussians["means"] if displacement is None else gaussians["means"][None] + displacement
         chunk = self.render_chunk or num_views
         rendered = []
-        for start in range(0, num_views, chunk):
-            group = slice(start, start + chunk)
-            rendered.append(rasterize_gaussians(
-                means if displacement is None else means[group], gaussians["quats"], gaussians["scales"],
-                gaussians["opacities"], gaussians["features"], views["viewmats"][group], views["intrinsics"][group],
-                views["width"], views["height"], near_plane=self.near_plane, backend=self.backend))
+        # Rasterize in float32 even inside a mixed-precision training step.
+        with torch.autocast(device_type=means.device.type, enabled=False):
+            for start in range(0, num_views, chunk):
+                group = slice(start, start + chunk)
+                rendered.append(rasterize_gaussians(
+                    means if displacement is None else means[group], gaussians["quats"], gaussians["scales"],
+                    gaussians["opacities"], gaussians["features"], views["viewmats"][group],
+                    views["intrinsics"][group], views["width"], views["height"], near_plane=self.near_plane,
+                    backend=self.backend))
         return tuple(torch.cat(parts) for parts in zip(*rendered))
 
     def flow_displacement(self, flow: torch.Tensor, time_offsets: torch.Tensor) -> torch.Tensor:
