@@ -1,0 +1,29 @@
+"""Evaluation: ray casting, RayIoU / mAVE / OccScore, Occ3D mIoU, and the detectron2 evaluator."""
+from .evaluator import OccupancyEvaluator
+from .ray_casting import RayCastResult, cast_rays, lidar_pitch_angles, lidar_ray_directions
+from .ray_metrics import (
+    MAVE_THRESHOLD,
+    RAY_IOU_THRESHOLDS,
+    SampleStats,
+    cast_sample_rays,
+    compute_occ3d_miou,
+    compute_ray_metrics,
+    sample_stats,
+    summarize,
+)
+
+__all__ = [
+    "OccupancyEvaluator",
+    "RayCastResult",
+    "cast_rays",
+    "lidar_pitch_angles",
+    "lidar_ray_directions",
+    "MAVE_THRESHOLD",
+    "RAY_IOU_THRESHOLDS",
+    "SampleStats",
+    "cast_sample_rays",
+    "compute_occ3d_miou",
+    "compute_ray_metrics",
+    "sample_stats",
+    "summarize",
+]

@@ -94,6 +94,8 @@ class RayCastResult:
             never entered the grid.
         depth: (V, N) float64, metres from the origin to where the ray leaves that voxel
             (0 where the ray never entered the grid).
+        depth_voxels: (V, N) float64, the same distance in voxel units (``depth / voxel_size``
+            without the rounding of a division: exact where the geometry is).
         hit: (V, N) bool, True where ``voxel_index`` is occupied in that volume.
 
     Rays are ordered origin-major: ray ``k * R + r`` starts at origin ``k`` with direction ``r``.
@@ -101,6 +103,7 @@ class RayCastResult:
 
     voxel_index: torch.Tensor
     depth: torch.Tensor
+    depth_voxels: torch.Tensor
     hit: torch.Tensor
 
     @property
@@ -169,7 +172,7 @@ def cast_rays(
     volume_bits = (1 << num_volumes) - 1
     voxel_index, depth_vox, hit = _march(code, clearance, grid.shape, origins_vox, unit_directions, volume_bits,
                                          num_volumes)
-    return RayCastResult(voxel_index=voxel_index, depth=depth_vox * grid.voxel_size, hit=hit)
+    return RayCastResult(voxel_index=voxel_index, depth=depth_vox * grid.voxel_size, depth_voxels=depth_vox, hit=hit)
 
 
 # --------------------------------------------------------------------------------------

@@ -1,0 +1,346 @@
+"""``OccupancyEvaluator``: RayIoU / mAVE / OccScore (and Occ3D mIoU) as a detectron2
+``DatasetEvaluator``, with the OpenOcc challenge submission export.
+
+Per sample only small count arrays are kept (:class:`~voxelsplat.evaluation.ray_metrics.SampleStats`,
+about 1 KB), so memory stays flat over the 6019 validation samples; ``evaluate()`` gathers
+them from every process, adds them up and prints a per-class table. Results are returned
+as ``{"occupancy": {"RayIoU": ..., "RayIoU@1": ..., "mAVE": ..., "OccScore": ..., ...}}``
+and written to ``<output_dir>/inference/occupancy_results.json``.
+
+Submission export (``export_submission=True``): for every sample token the predicted
+class (``pcd_cls``, uint8), depth (``pcd_dist``, float16, metres) and flow (``pcd_flow``,
+float16 (N, 2), m/s) of every ray, N = K origins x 14040 rays, origin-major then
+pitch-major - the format of the OpenOcc occupancy-and-flow challenge - in one gzip
+pickle ``<output_dir>/inference/submission.gz``. Rays are spooled to disk per sample
+while evaluating and streamed into the pickle at the end. With several processes the
+spool folder must be on a file system they all see.
+"""
+from __future__ import annotations
+
+import gzip
+import json
+import logging
+import math
+import os
+import pickle
+import shutil
+import tempfile
+from typing import Dict, Iterator, List, Optional, Sequence, Tuple
+
+import numpy as np
+import torch
+from detectron2.evaluation import DatasetEvaluator
+from detectron2.utils import comm
+
+from voxelsplat.data.occupancy_meta import OccupancyGrid, grid_from_metadata, occupancy_metadata
+
+from .ray_metrics import (
+    RAY_IOU_THRESHOLDS,
+    SampleStats,
+    average_velocity_errors,
+    cast_sample_rays,
+    occ3d_confusion,
+    ray_iou_table,
+    sample_stats,
+    summarize,
+)
+
+logger = logging.getLogger(__name__)
+
+__all__ = ["OccupancyEvaluator"]
+
+RESULTS_FILE = "occupancy_results.json"
+SUBMISSION_FILE = "submission.gz"
+SUBMISSION_INFO_KEYS = ("method", "team", "authors", "e-mail", "institution / company", "country / region")
+
+
+class OccupancyEvaluator(DatasetEvaluator):
+    """Evaluate occupancy (+ flow) predictions with the ray-based benchmark metrics.
+
+    Inputs of :meth:`process` are mapped samples (see ``voxelsplat.data.sample_fields``):
+    ``sample_token``, ``occ_semantics`` (X, Y, Z), ``lidar_origins`` (K, 3), for flow
+    metrics ``occ_flow`` (X, Y, Z, 2), for mIoU ``occ_mask_camera`` (X, Y, Z), and
+    optionally ``bda`` (4, 4) (origins are moved into the augmented frame). Outputs are the
+    model's per-sample dicts ``{"occ": LongTensor[X, Y, Z], "flow": FloatTensor[X, Y, Z, 2]}``.
+    """
+
+    def __init__(
+        self,
+        dataset_name: Optional[str] = None,
+        *,
+        class_names: Optional[Sequence[str]] = None,
+        free_index: Optional[int] = None,
+        flow_classes: Optional[Sequence[int]] = None,
+        grid: Optional[OccupancyGrid] = None,
+        output_dir: Optional[str] = None,
+        distributed: bool = True,
+        compute_flow: Optional[bool] = None,
+        compute_miou: bool = False,
+        export_submission: bool = False,
+        submission_info: Optional[Dict[str, object]] = None,
+        ray_directions: Optional[torch.Tensor] = None,
+    ):
+        """
+        Args:
+            dataset_name: a dataset registered in ``MetadataCatalog``; its ``thing_classes``,
+                ``free_index``, ``flow_classes``, grid (``point_cloud_range``, ``voxel_size``)
+                and ``gt_format`` are the defaults of the arguments below. Without it, the
+                OpenOcc v2 label set and the default grid are the defaults.
+            class_names, free_index, flow_classes, grid: override the label set / grid.
+            output_dir: where ``inference/occupancy_results.json`` (and the submission) go;
+                None writes nothing.
+            distributed: gather the statistics of every process in :meth:`evaluate`.
+            compute_flow: report mAVE and OccScore (default: the ground truth has flow,
+                i.e. ``gt_format == "openocc_v2"``).
+            compute_miou: also report the Occ3D voxel mIoU over ``occ_mask_camera``.
+            export_submission: write the challenge submission (needs ``output_dir``).
+            submission_info: the submission's method/team/authors/... fields.
+            ray_directions: (R, 3) override of the LiDAR ray pattern (tests, ablations).
+        """
+        meta = None
+        if dataset_name is not None:
+            from detectron2.data import MetadataCatalog
+
+            meta = MetadataCatalog.get(dataset_name)
+            missing = [k for k in ("free_index", "point_cloud_range", "voxel_size") if not hasattr(meta, k)]
+            if missing or not hasattr(meta, "thing_classes"):
+                raise KeyError(f"OccupancyEvaluator: MetadataCatalog entry {dataset_name!r} lacks "
+                               f"{missing or ['thing_classes']} (register the dataset with "
+                               "voxelsplat.data.datasets.register_nuscenes_occupancy or set occupancy_metadata())")
+            defaults = dict(class_names=list(meta.thing_classes), free_index=int(meta.free_index),
+                            flow_classes=list(getattr(meta, "flow_classes", [])), grid=grid_from_metadata(meta),
+                            gt_format=getattr(meta, "gt_format", None))
+        else:
+            base = occupancy_metadata("openocc_v2")
+            defaults = dict(class_names=base["class_names"], free_index=base["free_index"],
+                            flow_classes=base["flow_classes"], grid=grid_from_metadata(base), gt_format="openocc_v2")
+        self.dataset_name = dataset_name
+        self.class_names = list(class_names if class_names is not None else defaults["class_names"])
+        self.free_index = int(free_index if free_index is not None else defaults["free_index"])
+        self.flow_classes = [int(c) for c in (flow_classes if flow_classes is not None else defaults["flow_classes"])]
+        self.grid = grid if grid is not None else defaults["grid"]
+        if not 0 <= self.free_index < len(self.class_names):
+            raise ValueError(f"OccupancyEvaluator: free_index {self.free_index} is not a class index of "
+                             f"{self.class_names}")
+        bad = [c for c in self.flow_classes if not 0 <= c < len(self.class_names) or c == self.free_index]
+        if bad:
+            raise ValueError(f"OccupancyEvaluator: flow classes {bad} are not non-free classes of {self.class_names}")
+        self.compute_flow = (defaults["gt_format"] in (None, "openocc_v2") and bool(self.flow_classes)) \
+            if compute_flow is None else bool(compute_flow)
+        self.compute_miou = bool(compute_miou)
+        self.output_dir = output_dir
+        self.distributed = distributed
+        self.export_submission = bool(export_submission)
+        if self.export_submission and not output_dir:
+            raise ValueError("OccupancyEvaluator: export_submission=True needs an output_dir")
+        unknown = sorted(set(submission_info or {}) - set(SUBMISSION_INFO_KEYS))
+        if unknown:
+            raise KeyError(f"OccupancyEvaluator: unknown submission_info keys {unknown}; expected "
+                           f"{list(SUBMISSION_INFO_KEYS)}")
+        self.submission_info = {key: "" for key in SUBMISSION_INFO_KEYS}
+        self.submission_info.update(submission_info or {})
+        self.ray_directions = ray_directions
+        self._warned_bda = False
+        self.reset()
+
+    # ------------------------------------------------------------------ detectron2 API
+
+    def reset(self) -> None:
+        self._stats: Dict[str, SampleStats] = {}
+        self._spooled: List[Tuple[str, str]] = []  # (token, file) of this process's submission parts
+        self._spool_dir: Optional[str] = None  # created on the first spooled sample
+
+    def process(self, inputs: List[dict], outputs: List[dict]) -> None:
+        for sample, output in zip(inputs, outputs):
+            token = str(sample.get("sample_token", "<no sample_token>"))
+            if "occ" not in output:
+                raise KeyError(f"OccupancyEvaluator: model output for sample {token} has no 'occ' "
+                               f"(keys: {sorted(output)})")
+            if "lidar_origins" not in sample:
+                raise KeyError(f"OccupancyEvaluator: sample {token} has no 'lidar_origins' (the RayIoU ray origins, "
+                               "see voxelsplat.data.sample_fields)")
+            has_gt = "occ_semantics" in sample
+            if not has_gt and not self.export_submission:
+                raise KeyError(f"OccupancyEvaluator: sample {token} has no 'occ_semantics' ground truth")
+            pred_flow = output.get("flow") if (self.compute_flow or self.export_submission) else None
+            gt_flow = None
+            if self.compute_flow and pred_flow is None:
+                raise KeyError(f"OccupancyEvaluator: model output for sample {token} has no 'flow' (set "
+                               "compute_flow=False to evaluate occupancy only)")
+            if self.compute_flow and has_gt:
+                if "occ_flow" not in sample:
+                    raise KeyError(f"OccupancyEvaluator: sample {token} has no 'occ_flow' ground truth (set "
+                                   "compute_flow=False to evaluate occupancy only)")
+                gt_flow = sample["occ_flow"]
+            origins = self._origins_in_grid_frame(sample, token)
+            with torch.no_grad():
+                rays = cast_sample_rays(
+                    output["occ"], origins, sample["occ_semantics"] if has_gt else None,
+                    pred_flow, gt_flow, num_classes=len(self.class_names), free_index=self.free_index,
+                    grid=self.grid, ray_directions=self.ray_directions, token=token)
+                if has_gt:
+                    stats = sample_stats(rays, num_classes=len(self.class_names), voxel_size=self.grid.voxel_size)
+                    if self.compute_miou:
+                        if "occ_mask_camera" not in sample:
+                            raise KeyError(f"OccupancyEvaluator: sample {token} has no 'occ_mask_camera' (needed "
+                                           "for the Occ3D mIoU; set compute_miou=False)")
+                        stats.confusion = occ3d_confusion(output["occ"], sample["occ_semantics"],
+                                                          sample["occ_mask_camera"],
+                                                          num_classes=len(self.class_names), token=token)
+                    if token in self._stats:
+                        logger.warning("OccupancyEvaluator: sample %s seen twice; counting it once", token)
+                    self._stats[token] = stats
+            if self.export_submission:
+                self._spool(token, rays)
+
+    def evaluate(self) -> Dict[str, Dict[str, float]]:
+        stats, spooled = self._stats, self._spooled
+        if self.distributed and comm.get_world_size() > 1:
+            comm.synchronize()
+            gathered = comm.gather((stats, spooled), dst=0)
+            if not comm.is_main_process():
+                return {}
+            stats, spooled = {}, []
+            for part_stats, part_spooled in gathered:
+                for token, value in part_stats.items():
+                    stats.setdefault(token, value)
+                spooled.extend(part_spooled)
+        results: Dict[str, float] = {}
+        if stats:
+            total = SampleStats.total(stats.values())
+            results = summarize(total, self.class_names, self.free_index,
+                                self.flow_classes if self.compute_flow else None)
+            logger.info("Occupancy evaluation on %d samples%s:\n%s", len(stats),
+                        f" of {self.dataset_name}" if self.dataset_name else "", self.format_table(total, results))
+        elif not spooled:
+            logger.warning("OccupancyEvaluator: no samples were processed")
+            return {}
+        if self.output_dir:
+            folder = os.path.join(self.output_dir, "inference")
+            os.makedirs(folder, exist_ok=True)
+            if results:
+                payload = {k: (None if isinstance(v, float) and math.isnan(v) else v) for k, v in results.items()}
+                _atomic_write(os.path.join(folder, RESULTS_FILE),
+                              lambda f: f.write(json.dumps(dict(payload, num_samples=len(stats)), indent=2).encode()))
+            if self.export_submission:
+                path = self._write_submission(folder, spooled)
+                logger.info("OccupancyEvaluator: challenge submission with %d samples written to %s",
+                            len(spooled), path)
+        return {"occupancy": results} if results else {}
+
+    # ------------------------------------------------------------------ helpers
+
+    def format_table(self, total: SampleStats, results: Optional[Dict[str, float]] = None) -> str:
+        """Per-class table: RayIoU at each threshold, AVE (flow classes) and Occ3D IoU."""
+        from tabulate import tabulate
+
+        results = results if results is not None else summarize(
+            total, self.class_names, self.free_index, self.flow_classes if self.compute_flow else None)
+        iou = 100 * ray_iou_table(total)
+        ave = average_velocity_errors(total)
+        headers = ["class"] + [f"RayIoU@{t:g}" for t in RAY_IOU_THRESHOLDS] + ["RayIoU"]
+        if self.compute_flow:
+            headers.append("AVE")
+        if total.confusion is not None:
+            headers.append("IoU")
+        rows = []
+        for c, name in enumerate(self.class_names):
+            if c == self.free_index:
+                continue
+            row = [name] + [iou[j, c] for j in range(len(RAY_IOU_THRESHOLDS))] + [results[f"RayIoU/{name}"]]
+            if self.compute_flow:
+                row.append(ave[c] if c in self.flow_classes else "")
+            if total.confusion is not None:
+                row.append(results[f"IoU/{name}"])
+            rows.append(row)
+        mean = ["MEAN"] + [results[f"RayIoU@{t:g}"] for t in RAY_IOU_THRESHOLDS] + [results["RayIoU"]]
+        if self.compute_flow:
+            mean.append(results["mAVE"])
+        if total.confusion is not None:
+            mean.append(results["mIoU"])
+        rows.append(mean)
+        table = tabulate(rows, headers=headers, floatfmt=".2f", missingval="nan")
+        if self.compute_flow:
+            table += f"\nOccScore: {results['OccScore']:.2f}"
+        return table
+
+    def _origins_in_grid_frame(self, sample: dict, token: str) -> torch.Tensor:
+        """The sample's ray origins in the frame of its (possibly BEV-augmented) grid."""
+        origins = torch.as_tensor(sample["lidar_origins"], dtype=torch.float64).reshape(-1, 3)
+        bda = sample.get("bda")
+        if bda is None:
+            return origins
+        bda = torch.as_tensor(bda, dtype=torch.float64).cpu()
+        if tuple(bda.shape) != (4, 4):
+            raise ValueError(f"OccupancyEvaluator: sample {token} has 'bda' of shape {tuple(bda.shape)}, "
+                             "expected (4, 4)")
+        if torch.allclose(bda, torch.eye(4, dtype=torch.float64)):
+            return origins
+        linear = bda[:3, :3]
+        if not self._warned_bda and not torch.allclose(linear.abs(), torch.eye(3, dtype=torch.float64)):
+            logger.warning("OccupancyEvaluator: sample %s is BEV-augmented with a rotation or scale; the ray "
+                           "pattern then differs from the benchmark's (evaluate without BEV augmentation)", token)
+            self._warned_bda = True
+        return origins.to(bda.device) @ linear.T + bda[:3, 3]
+
+    def _spool(self, token: str, rays) -> None:
+        """Write one sample's submission arrays to this process's spool folder."""
+        if self._spool_dir is None:
+            parts = os.path.join(self.output_dir, "inference", ".submission_parts")
+            os.makedirs(parts, exist_ok=True)
+            self._spool_dir = tempfile.mkdtemp(prefix=f"rank{comm.get_rank()}-", dir=parts)
+        pcd_flow = rays.pred_flow if rays.pred_flow is not None else torch.zeros(rays.pred_class.numel(), 2)
+        arrays = dict(pcd_cls=rays.pred_class.cpu().numpy().astype(np.uint8),
+                      pcd_dist=rays.pred_depth.cpu().numpy().astype(np.float16),
+                      pcd_flow=pcd_flow.cpu().numpy().astype(np.float16))
+        path = os.path.join(self._spool_dir, f"{len(self._spooled):06d}.npz")
+        _atomic_write(path, lambda f: np.savez(f, **arrays))
+        self._spooled.append((token, path))
+
+    def _write_submission(self, folder: str, spooled: List[Tuple[str, str]]) -> str:
+        seen, unique = set(), []
+        for token, path in spooled:
+            if token not in seen:
+                seen.add(token)
+                unique.append((token, path))
+        submission = dict(self.submission_info, results=_StreamedDict(_load_parts(unique)))
+        path = os.path.join(folder, SUBMISSION_FILE)
+
+        def write(f):
+            with gzip.GzipFile(fileobj=f, mode="wb", compresslevel=6, mtime=0) as zipped:
+                pickle.dump(submission, zipped, protocol=pickle.HIGHEST_PROTOCOL)
+
+        _atomic_write(path, write)
+        shutil.rmtree(os.path.join(folder, ".submission_parts"), ignore_errors=True)
+        return path
+
+
+def _load_parts(parts: List[Tuple[str, str]]) -> Iterator[Tuple[str, Dict[str, np.ndarray]]]:
+    for token, path in parts:
+        with np.load(path) as arrays:
+            yield token, {key: arrays[key] for key in ("pcd_cls", "pcd_dist", "pcd_flow")}
+
+
+class _StreamedDict:
+    """Pickles as a plain ``dict`` whose items are produced one at a time, so a submission
+    of thousands of samples never sits in memory whole."""
+
+    def __init__(self, items: Iterator[Tuple[str, dict]]):
+        self.items = items
+
+    def __reduce__(self):
+        return dict, (), None, None, self.items
+
+
+def _atomic_write(path: str, write) -> None:
+    """Write a file through ``write(fileobj)`` to a temporary name, then rename it into place."""
+    folder = os.path.dirname(os.path.abspath(path))
+    fd, tmp = tempfile.mkstemp(prefix=".tmp-", dir=folder)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            write(f)
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise

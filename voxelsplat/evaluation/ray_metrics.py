@@ -1,0 +1,400 @@
+"""RayIoU, mAVE and OccScore (the OpenOcc v2 occupancy-and-flow benchmark) and Occ3D mIoU.
+
+Definitions (the benchmark's; see docs of :mod:`voxelsplat.evaluation.ray_casting` for
+the ray walk):
+
+- Rays: the virtual LiDAR pattern (39 pitches x 360 azimuths) from each of a sample's
+  ray origins (up to 8, ego frame, see ``voxelsplat.utils.geometry.select_lidar_origins``),
+  cast through the ground truth and through the prediction. A ray's class is the class of
+  the voxel it stops in; its depth is where it leaves that voxel; its flow is the flow
+  stored at that voxel (prediction at the predicted hit, ground truth at the GT hit).
+- Only rays whose ground-truth hit is not free count. Per class c and threshold t in
+  {1, 2, 4} m: ``TP = #(gt class = pred class = c and |depth error| < t)``, ``GT = #(gt
+  class = c)``, ``Pred = #(pred class = c)``, pooled over the whole dataset; ``IoU = TP /
+  (GT + Pred - TP)`` (NaN when the class appears in neither). ``RayIoU@t`` is the mean over
+  the non-free classes (NaN-ignoring), ``RayIoU`` the mean over classes and thresholds.
+- ``AVE`` of a flow class: mean L2 error (m/s) between predicted and ground-truth flow
+  over that class's true-positive rays at 2 m; ``mAVE``: mean over the flow classes,
+  NaN-ignoring. (Not over all rays of the class: a released script averages over every
+  ray, which is a defect this library does not copy.)
+- ``OccScore = 0.9 RayIoU + 0.1 max(1 - mAVE, 0)``.
+- Occ3D ``mIoU``: voxel confusion matrix over camera-visible voxels, per-class IoU,
+  mean over the non-free classes (NaN-ignoring).
+
+Reported numbers: RayIoU*, mIoU and OccScore in percent (0-100, as papers print them),
+mAVE and AVE in m/s. Depth errors are compared in voxel units (``|d_pred - d_gt| <
+t / voxel_size``), so an error of exactly ``t`` is exactly not a true positive.
+
+Statistics are kept as small per-sample count arrays (:class:`SampleStats`) that add up
+across samples and processes; :func:`summarize` turns a sum into the numbers above.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Dict, Iterable, List, Optional, Sequence, Union
+
+import numpy as np
+import torch
+
+from voxelsplat.data.occupancy_meta import DEFAULT_GRID, FLOW_CLASS_NAMES, OPENOCC_V2_CLASSES, OccupancyGrid
+
+from .ray_casting import RayCastResult, cast_rays, lidar_ray_directions
+
+__all__ = [
+    "RAY_IOU_THRESHOLDS",
+    "MAVE_THRESHOLD",
+    "SampleStats",
+    "RaySampleResult",
+    "cast_sample_rays",
+    "sample_stats",
+    "summarize",
+    "compute_ray_metrics",
+    "compute_occ3d_miou",
+]
+
+RAY_IOU_THRESHOLDS = (1.0, 2.0, 4.0)  # metres
+MAVE_THRESHOLD = 2.0  # metres: flow errors are taken over the true positives at this threshold
+
+ArrayLike = Union[np.ndarray, torch.Tensor]
+
+
+@dataclass
+class SampleStats:
+    """Counts of one sample (or a sum of samples). C = number of classes, T = thresholds.
+
+    Attributes:
+        tp: (T, C) int64 true-positive rays per threshold and class.
+        gt: (C,) int64 counted rays per ground-truth class.
+        pred: (C,) int64 counted rays per predicted class.
+        flow_error_sum: (C,) float64 summed L2 flow error (m/s) over the true positives at
+            :data:`MAVE_THRESHOLD`, per class.
+        flow_tp: (C,) int64 number of those true positives.
+        confusion: (C, C) int64 Occ3D voxel confusion matrix [gt, pred] over camera-visible
+            voxels, or None when mIoU is not computed.
+        num_samples: how many samples were added up.
+    """
+
+    tp: np.ndarray
+    gt: np.ndarray
+    pred: np.ndarray
+    flow_error_sum: np.ndarray
+    flow_tp: np.ndarray
+    confusion: Optional[np.ndarray] = None
+    num_samples: int = 1
+
+    @classmethod
+    def zeros(cls, num_classes: int, num_thresholds: int = len(RAY_IOU_THRESHOLDS),
+              with_confusion: bool = False) -> "SampleStats":
+        return cls(
+            tp=np.zeros((num_thresholds, num_classes), np.int64), gt=np.zeros(num_classes, np.int64),
+            pred=np.zeros(num_classes, np.int64), flow_error_sum=np.zeros(num_classes, np.float64),
+            flow_tp=np.zeros(num_classes, np.int64),
+            confusion=np.zeros((num_classes, num_classes), np.int64) if with_confusion else None, num_samples=0)
+
+    def __add__(self, other: "SampleStats") -> "SampleStats":
+        if self.tp.shape != other.tp.shape:
+            raise ValueError(f"SampleStats: cannot add counts of shape {self.tp.shape} and {other.tp.shape} "
+                             "(different class lists or thresholds)")
+        if (self.confusion is None) != (other.confusion is None):
+            raise ValueError("SampleStats: cannot add stats with and without an Occ3D confusion matrix")
+        return SampleStats(
+            tp=self.tp + other.tp, gt=self.gt + other.gt, pred=self.pred + other.pred,
+            flow_error_sum=self.flow_error_sum + other.flow_error_sum, flow_tp=self.flow_tp + other.flow_tp,
+            confusion=None if self.confusion is None else self.confusion + other.confusion,
+            num_samples=self.num_samples + other.num_samples)
+
+    @staticmethod
+    def total(stats: Iterable["SampleStats"]) -> "SampleStats":
+        stats = list(stats)
+        if not stats:
+            raise ValueError("SampleStats.total: no samples to add up")
+        result = stats[0]
+        for item in stats[1:]:
+            result = result + item
+        return result
+
+
+@dataclass
+class RaySampleResult:
+    """The rays of one sample: prediction (and ground truth) class, depth and flow per ray.
+
+    All arrays have N = K * R rays, origin-major. GT fields are None without ground truth.
+    ``pred_depth``/``gt_depth`` are metres; ``*_depth_voxels`` voxel units.
+    """
+
+    pred_class: torch.Tensor
+    pred_depth: torch.Tensor
+    pred_depth_voxels: torch.Tensor
+    pred_flow: Optional[torch.Tensor]
+    gt_class: Optional[torch.Tensor] = None
+    gt_depth: Optional[torch.Tensor] = None
+    gt_depth_voxels: Optional[torch.Tensor] = None
+    gt_flow: Optional[torch.Tensor] = None
+    counted: Optional[torch.Tensor] = field(default=None)  # (N,) bool: GT hit is not free
+
+
+def _as_tensor(value: ArrayLike, name: str, token: str, device=None) -> torch.Tensor:
+    if isinstance(value, np.ndarray):
+        value = torch.from_numpy(value)
+    if not isinstance(value, torch.Tensor):
+        raise TypeError(f"sample {token}: {name} must be a numpy array or tensor, got {type(value).__name__}")
+    return value.to(device) if device is not None else value
+
+
+def _check_semantics(value: torch.Tensor, name: str, token: str, grid: OccupancyGrid, num_classes: int) -> torch.Tensor:
+    if value.numel() != math.prod(grid.shape) or value.dim() not in (1, 3):
+        raise ValueError(f"sample {token}: {name} has shape {tuple(value.shape)}, expected {tuple(grid.shape)}")
+    if value.is_floating_point() or value.dtype == torch.bool:
+        raise ValueError(f"sample {token}: {name} must hold integer class indices, got {value.dtype}")
+    value = value.reshape(grid.shape).long()
+    low, high = int(value.min()), int(value.max())
+    if low < 0 or high >= num_classes:
+        raise ValueError(f"sample {token}: {name} holds class indices in [{low}, {high}], expected [0, "
+                         f"{num_classes - 1}]")
+    return value
+
+
+def _check_flow(value: torch.Tensor, name: str, token: str, grid: OccupancyGrid) -> torch.Tensor:
+    expected = tuple(grid.shape) + (2,)
+    if value.numel() != math.prod(expected) or value.shape[-1] != 2:
+        raise ValueError(f"sample {token}: {name} has shape {tuple(value.shape)}, expected {expected}")
+    return value.reshape(expected).to(torch.float64)
+
+
+def cast_sample_rays(
+    pred_semantics: ArrayLike,
+    lidar_origins: ArrayLike,
+    gt_semantics: Optional[ArrayLike] = None,
+    pred_flow: Optional[ArrayLike] = None,
+    gt_flow: Optional[ArrayLike] = None,
+    *,
+    num_classes: int,
+    free_index: int,
+    grid: OccupancyGrid = DEFAULT_GRID,
+    ray_directions: Optional[torch.Tensor] = None,
+    token: str = "<unknown>",
+) -> RaySampleResult:
+    """Cast the benchmark's rays through one sample's prediction (and ground truth).
+
+    Args:
+        pred_semantics, gt_semantics: (X, Y, Z) integer class per voxel (``free_index`` = free).
+        lidar_origins: (K, 3) ray origins, metres, ego frame of the grid.
+        pred_flow, gt_flow: optional (X, Y, Z, 2) flow per voxel (m/s).
+        ray_directions: (R, 3) directions; default :func:`lidar_ray_directions`.
+        token: sample token, named in error messages.
+    The rays are cast on the device of ``pred_semantics``.
+    """
+    pred = _check_semantics(_as_tensor(pred_semantics, "prediction", token), "prediction", token, grid, num_classes)
+    device = pred.device
+    origins = _as_tensor(lidar_origins, "lidar_origins", token, device).to(torch.float64)
+    if origins.dim() != 2 or origins.shape[1] != 3:
+        raise ValueError(f"sample {token}: lidar_origins has shape {tuple(origins.shape)}, expected (K, 3)")
+    directions = lidar_ray_directions(device=device) if ray_directions is None else \
+        torch.as_tensor(ray_directions, dtype=torch.float64, device=device)
+    volumes = [pred != free_index]
+    gt = None
+    if gt_semantics is not None:
+        gt = _check_semantics(_as_tensor(gt_semantics, "ground truth", token, device), "ground truth", token, grid,
+                              num_classes)
+        volumes.insert(0, gt != free_index)
+    cast: RayCastResult = cast_rays(torch.stack(volumes), origins, directions, grid)
+    p = len(volumes) - 1  # the prediction's volume in the cast
+    pred_index = cast.voxel_index[p]
+    entered = pred_index >= 0
+    safe_index = pred_index.clamp_min(0)
+    pred_class = torch.where(entered, pred.reshape(-1)[safe_index], torch.full_like(safe_index, free_index))
+    flow_p = None
+    if pred_flow is not None:
+        flow_p = _check_flow(_as_tensor(pred_flow, "predicted flow", token, device), "predicted flow", token, grid)
+        flow_p = flow_p.reshape(-1, 2)[safe_index] * entered[:, None]
+    result = RaySampleResult(pred_class=pred_class, pred_depth=cast.depth[p], pred_depth_voxels=cast.depth_voxels[p],
+                             pred_flow=flow_p)
+    if gt is not None:
+        gt_index = cast.voxel_index[0].clamp_min(0)
+        result.gt_class = torch.where(cast.voxel_index[0] >= 0, gt.reshape(-1)[gt_index],
+                                      torch.full_like(gt_index, free_index))
+        result.gt_depth, result.gt_depth_voxels = cast.depth[0], cast.depth_voxels[0]
+        result.counted = cast.hit[0]
+        if gt_flow is not None:
+            result.gt_flow = _check_flow(_as_tensor(gt_flow, "ground-truth flow", token, device), "ground-truth flow",
+                                         token, grid).reshape(-1, 2)[gt_index]
+    return result
+
+
+def sample_stats(
+    rays: RaySampleResult,
+    *,
+    num_classes: int,
+    voxel_size: float,
+    thresholds: Sequence[float] = RAY_IOU_THRESHOLDS,
+    flow_threshold: float = MAVE_THRESHOLD,
+) -> SampleStats:
+    """Count one sample's rays (which must have been cast with ground truth)."""
+    if rays.gt_class is None:
+        raise ValueError("sample_stats: the rays were cast without ground truth")
+    counted = rays.counted
+    gt_class = rays.gt_class[counted]
+    pred_class = rays.pred_class[counted]
+    error = (rays.pred_depth_voxels[counted] - rays.gt_depth_voxels[counted]).abs()
+    match = gt_class == pred_class
+
+    def per_class(classes, weights=None):
+        return torch.bincount(classes, weights=weights, minlength=num_classes).cpu().numpy()
+
+    tp = np.stack([per_class(gt_class[match & (error < t / voxel_size)]) for t in thresholds]).astype(np.int64)
+    stats = SampleStats(tp=tp, gt=per_class(gt_class).astype(np.int64), pred=per_class(pred_class).astype(np.int64),
+                        flow_error_sum=np.zeros(num_classes, np.float64), flow_tp=np.zeros(num_classes, np.int64))
+    if rays.pred_flow is not None and rays.gt_flow is not None:
+        flow_tp = match & (error < flow_threshold / voxel_size)
+        flow_error = (rays.pred_flow[counted][flow_tp] - rays.gt_flow[counted][flow_tp]).norm(dim=-1)
+        stats.flow_error_sum = per_class(gt_class[flow_tp], flow_error.to(torch.float64)).astype(np.float64)
+        stats.flow_tp = per_class(gt_class[flow_tp]).astype(np.int64)
+    return stats
+
+
+def occ3d_confusion(pred_semantics: ArrayLike, gt_semantics: ArrayLike, mask_camera: Optional[ArrayLike], *,
+                    num_classes: int, token: str = "<unknown>") -> np.ndarray:
+    """(C, C) int64 voxel confusion matrix [gt, pred] over the voxels where ``mask_camera`` is set."""
+    pred = _as_tensor(pred_semantics, "prediction", token).reshape(-1).long()
+    gt = _as_tensor(gt_semantics, "ground truth", token, pred.device).reshape(-1).long()
+    if pred.shape != gt.shape:
+        raise ValueError(f"sample {token}: prediction has {pred.numel()} voxels, ground truth {gt.numel()}")
+    if mask_camera is not None:
+        mask = _as_tensor(mask_camera, "mask_camera", token, pred.device).reshape(-1)
+        if mask.numel() != gt.numel():
+            raise ValueError(f"sample {token}: mask_camera has {mask.numel()} voxels, expected {gt.numel()}")
+        mask = mask.bool()
+        pred, gt = pred[mask], gt[mask]
+    counts = torch.bincount(gt * num_classes + pred, minlength=num_classes * num_classes)
+    return counts.reshape(num_classes, num_classes).cpu().numpy().astype(np.int64)
+
+
+def _nanmean(values) -> float:
+    values = np.asarray(values, dtype=np.float64)
+    finite = values[~np.isnan(values)]
+    return float(finite.mean()) if finite.size else float("nan")
+
+
+def ray_iou_table(stats: SampleStats) -> np.ndarray:
+    """(T, C) float64 IoU per threshold and class (NaN where a class appears in neither)."""
+    union = stats.gt[None, :] + stats.pred[None, :] - stats.tp
+    with np.errstate(divide="ignore", invalid="ignore"):
+        return np.where(union > 0, stats.tp / np.maximum(union, 1), np.nan)
+
+
+def average_velocity_errors(stats: SampleStats) -> np.ndarray:
+    """(C,) float64 mean flow error (m/s) over each class's 2 m true positives (NaN without any)."""
+    with np.errstate(divide="ignore", invalid="ignore"):
+        return np.where(stats.flow_tp > 0, stats.flow_error_sum / np.maximum(stats.flow_tp, 1), np.nan)
+
+
+def summarize(
+    stats: SampleStats,
+    class_names: Sequence[str],
+    free_index: int,
+    flow_classes: Optional[Sequence[int]] = None,
+    thresholds: Sequence[float] = RAY_IOU_THRESHOLDS,
+) -> Dict[str, float]:
+    """The benchmark numbers from (summed) counts.
+
+    Returns ``RayIoU``, ``RayIoU@<t>`` (percent), ``RayIoU/<class>`` (percent, mean over
+    thresholds); with ``flow_classes``: ``mAVE``, ``AVE/<class>`` (m/s) and ``OccScore``
+    (percent); with a confusion matrix: ``mIoU`` and ``IoU/<class>`` (percent).
+    """
+    if len(class_names) != stats.gt.shape[0]:
+        raise ValueError(f"summarize: {len(class_names)} class names for counts of {stats.gt.shape[0]} classes")
+    keep = [c for c in range(len(class_names)) if c != free_index]
+    iou = ray_iou_table(stats)[:, keep]
+    results: Dict[str, float] = {"RayIoU": 100 * _nanmean(iou)}
+    for j, t in enumerate(thresholds):
+        results[f"RayIoU@{t:g}"] = 100 * _nanmean(iou[j])
+    for column, c in enumerate(keep):
+        results[f"RayIoU/{class_names[c]}"] = 100 * _nanmean(iou[:, column])
+    if flow_classes is not None and len(flow_classes):
+        ave = average_velocity_errors(stats)
+        flow_classes = list(flow_classes)
+        results["mAVE"] = _nanmean(ave[flow_classes])
+        for c in flow_classes:
+            results[f"AVE/{class_names[c]}"] = float(ave[c])
+        ray_iou = results["RayIoU"] / 100
+        results["OccScore"] = 100 * (0.9 * ray_iou + 0.1 * max(1.0 - results["mAVE"], 0.0)) \
+            if not math.isnan(results["mAVE"]) else float("nan")
+    if stats.confusion is not None:
+        results.update(miou_from_confusion(stats.confusion, class_names, free_index))
+    return results
+
+
+def miou_from_confusion(confusion: np.ndarray, class_names: Sequence[str], free_index: int) -> Dict[str, float]:
+    """Occ3D ``mIoU`` and ``IoU/<class>`` (percent) from a [gt, pred] confusion matrix."""
+    diagonal = np.diag(confusion).astype(np.float64)
+    union = confusion.sum(0) + confusion.sum(1) - diagonal
+    with np.errstate(divide="ignore", invalid="ignore"):
+        iou = np.where(union > 0, diagonal / np.maximum(union, 1), np.nan)
+    keep = [c for c in range(len(class_names)) if c != free_index]
+    results = {"mIoU": 100 * _nanmean(iou[keep])}
+    for c in keep:
+        results[f"IoU/{class_names[c]}"] = 100 * float(iou[c])
+    return results
+
+
+def compute_ray_metrics(
+    pred_semantics: Sequence[ArrayLike],
+    gt_semantics: Sequence[ArrayLike],
+    lidar_origins: Sequence[ArrayLike],
+    pred_flows: Optional[Sequence[ArrayLike]] = None,
+    gt_flows: Optional[Sequence[ArrayLike]] = None,
+    *,
+    class_names: Sequence[str] = OPENOCC_V2_CLASSES,
+    free_index: int = 16,
+    flow_classes: Optional[Sequence[int]] = tuple(range(len(FLOW_CLASS_NAMES))),
+    grid: OccupancyGrid = DEFAULT_GRID,
+    ray_directions: Optional[torch.Tensor] = None,
+) -> Dict[str, float]:
+    """RayIoU (and, with flows, mAVE and OccScore) of a list of samples.
+
+    Args:
+        pred_semantics, gt_semantics: per sample an (X, Y, Z) integer class array.
+        lidar_origins: per sample a (K, 3) array of ray origins (metres, ego frame).
+        pred_flows, gt_flows: per sample an (X, Y, Z, 2) flow array (m/s), or None for
+            RayIoU only.
+        class_names, free_index, flow_classes: the label set (default OpenOcc v2).
+        grid: the voxel grid the arrays live on.
+        ray_directions: (R, 3) override of the LiDAR pattern (tests, ablations).
+    Returns:
+        See :func:`summarize`.
+    """
+    if not (len(pred_semantics) == len(gt_semantics) == len(lidar_origins)):
+        raise ValueError(f"compute_ray_metrics: {len(pred_semantics)} predictions, {len(gt_semantics)} ground "
+                         f"truths and {len(lidar_origins)} origin sets; expected one of each per sample")
+    with_flow = pred_flows is not None and gt_flows is not None
+    if with_flow and not (len(pred_flows) == len(gt_flows) == len(pred_semantics)):
+        raise ValueError("compute_ray_metrics: expected one predicted and one ground-truth flow per sample")
+    if not len(pred_semantics):
+        raise ValueError("compute_ray_metrics: no samples")
+    per_sample: List[SampleStats] = []
+    for i in range(len(pred_semantics)):
+        rays = cast_sample_rays(
+            pred_semantics[i], lidar_origins[i], gt_semantics[i],
+            pred_flows[i] if with_flow else None, gt_flows[i] if with_flow else None,
+            num_classes=len(class_names), free_index=free_index, grid=grid, ray_directions=ray_directions,
+            token=f"#{i}")
+        per_sample.append(sample_stats(rays, num_classes=len(class_names), voxel_size=grid.voxel_size))
+    return summarize(SampleStats.total(per_sample), class_names, free_index, flow_classes if with_flow else None)
+
+
+def compute_occ3d_miou(
+    pred_semantics: Sequence[ArrayLike],
+    gt_semantics: Sequence[ArrayLike],
+    masks_camera: Sequence[Optional[ArrayLike]],
+    *,
+    class_names: Sequence[str] = OPENOCC_V2_CLASSES,
+    free_index: int = 16,
+) -> Dict[str, float]:
+    """Occ3D mIoU of a list of samples (confusion over camera-visible voxels; None = all voxels)."""
+    if not (len(pred_semantics) == len(gt_semantics) == len(masks_camera)):
+        raise ValueError("compute_occ3d_miou: expected one prediction, ground truth and mask per sample")
+    confusion = np.zeros((len(class_names), len(class_names)), np.int64)
+    for i, (pred, gt, mask) in enumerate(zip(pred_semantics, gt_semantics, masks_camera)):
+        confusion += occ3d_confusion(pred, gt, mask, num_classes=len(class_names), token=f"#{i}")
+    return miou_from_confusion(confusion, class_names, free_index)
