@@ -23,7 +23,10 @@ steps. Long stretches of empty space are crossed in one jump: a per-level 2D
 chessboard clearance says how many columns around a voxel are free at that level,
 and the walk skips to the last boundary crossing inside that free square without
 crossing a z boundary. Skipped voxels are all free, so the hits are those of the
-step-by-step walk (see ``tests/test_eval_ray_casting.py``).
+step-by-step walk (``tests/test_eval_ray_casting.py``), with one caveat: a jump computes
+crossing times by multiplication where the walk adds them up, so a ray passing within
+~1e-12 voxel of a voxel edge may go round it on the other side (the benchmark's float32
+ray directions already make such rays arbitrary).
 
 The LiDAR ray pattern of the benchmark (:func:`lidar_ray_directions`) has 39 pitch
 angles - 10 at ``-(pi/2 - atan(k))`` for k = 1..10 (-45 deg to -5.7 deg), then

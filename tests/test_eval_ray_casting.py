@@ -1,0 +1,242 @@
+"""Ray casting of the RayIoU benchmark against a slow, obvious per-ray walk."""
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from voxelsplat.data.occupancy_meta import DEFAULT_GRID, OccupancyGrid
+from voxelsplat.evaluation.ray_casting import cast_rays, lidar_pitch_angles, lidar_ray_directions
+
+SMALL_GRID = OccupancyGrid((-3.0, -2.0, -1.0, 4.0, 3.5, 2.0), 0.5)  # 14 x 11 x 6 voxels
+
+
+def reference_cast(occupied, origin_vox, direction, with_margin=False):
+    """One ray, pure Python, float64: the reference traversal's loop written out.
+
+    ``occupied``: (X, Y, Z) bool numpy array; ``origin_vox``: origin in voxel units.
+    Returns (flat voxel index or -1, exit distance in voxel units, hit), and with
+    ``with_margin`` also the smallest gap (voxel units) between the crossing taken and the
+    next other crossing along the walk: rays closer than ~1e-12 to a voxel edge may take
+    the other side of it under different (equally valid) rounding."""
+    shape = occupied.shape
+    o = [float(v) for v in origin_vox]
+    length = math.sqrt(sum(float(v) ** 2 for v in direction))
+    d = [float(v) / length for v in direction]
+    v = [math.floor(c) for c in o]
+    step = [1 if c >= 0 else -1 for c in d]
+    t_max = [((v[a] + (1 if step[a] > 0 else 0)) - o[a]) / d[a] if d[a] != 0 else math.inf for a in range(3)]
+    t_delta = [step[a] / d[a] if d[a] != 0 else math.inf for a in range(3)]
+    was_inside, last, margin = False, None, math.inf
+    for _ in range(4 * sum(shape) + 64):
+        inside = all(0 <= v[a] < shape[a] for a in range(3))
+        if inside:
+            was_inside = True
+        elif was_inside:
+            break
+        if t_max[0] < t_max[1]:
+            axis = 0 if t_max[0] < t_max[2] else 2
+        else:
+            axis = 1 if t_max[1] < t_max[2] else 2
+        exit_distance = t_max[axis]
+        if inside:
+            flat = (v[0] * shape[1] + v[1]) * shape[2] + v[2]
+            if occupied[v[0], v[1], v[2]]:
+                return (flat, exit_distance, True, margin) if with_margin else (flat, exit_distance, True)
+            last = (flat, exit_distance)
+        others = [t_max[a] for a in range(3) if a != axis]
+        margin = min(margin, min(others) - exit_distance)
+        v[axis] += step[axis]
+        t_max[axis] += t_delta[axis]
+    result = (-1, 0.0, False) if last is None else (last[0], last[1], False)
+    return result + (margin,) if with_margin else result
+
+
+def realistic_occupancy(rng, shape, num_boxes=12):
+    """Ground of varying height plus boxes: (X, Y, Z) bool."""
+    X, Y, Z = shape
+    occupied = np.zeros(shape, bool)
+    ground = 1 + (rng.random((X // 10 + 1, Y // 10 + 1)) < 0.4)
+    occupied[np.arange(Z)[None, None, :] < np.kron(ground, np.ones((10, 10), int))[:X, :Y, None]] = True
+    for _ in range(num_boxes):
+        x0, y0 = rng.integers(0, X - 4), rng.integers(0, Y - 4)
+        w, d, h = rng.integers(2, max(3, X // 8)), rng.integers(2, max(3, Y // 8)), rng.integers(2, Z)
+        occupied[x0:x0 + w, y0:y0 + d, 1:h] = True
+    return occupied
+
+
+def compare_with_reference(occupancy, origins, directions, grid, result, rays=None):
+    """Assert ``result`` matches :func:`reference_cast` for every volume and (selected) ray."""
+    occupancy = occupancy if occupancy.ndim == 4 else occupancy[None]
+    directions = directions if directions.ndim == 3 else np.broadcast_to(directions, (len(origins),) + directions.shape)
+    num_dirs = directions.shape[1]
+    rays = range(len(origins) * num_dirs) if rays is None else rays
+    for ray in rays:
+        k, r = divmod(int(ray), num_dirs)
+        origin_vox = (origins[k] - grid.range_min) / grid.voxel_size
+        for v in range(occupancy.shape[0]):
+            index, distance, hit = reference_cast(occupancy[v], origin_vox, directions[k, r])
+            got = (int(result.voxel_index[v, ray]), float(result.depth[v, ray]), bool(result.hit[v, ray]))
+            assert got[0] == index and got[2] == hit and got[1] == pytest.approx(distance * grid.voxel_size, abs=1e-9), \
+                (v, k, r, origins[k], directions[k, r], got, (index, distance * grid.voxel_size, hit))
+
+
+def test_lidar_ray_pattern_matches_the_benchmark():
+    pitches = lidar_pitch_angles()
+    assert len(pitches) == 39
+    # ten steep rays at -(90 deg - atan(k)), k = 1..10, then evenly spaced up past 0.21 rad
+    assert pitches[0] == pytest.approx(-math.pi / 4)
+    for k in range(10):
+        assert pitches[k] == pytest.approx(-(math.pi / 2 - math.atan(k + 1)), abs=1e-15)
+    spacing = pitches[9] - pitches[8]
+    assert np.allclose(np.diff(pitches[9:]), spacing, atol=1e-12)
+    assert pitches[-2] < 0.21 <= pitches[-1]
+    directions = lidar_ray_directions().numpy()
+    assert directions.shape == (39 * 360, 3) and directions.dtype == np.float64
+    assert np.allclose(np.linalg.norm(directions, axis=1), 1.0)
+    p, a = 20, 137  # row p * 360 + a: pitch p, azimuth a degrees
+    pitch, azimuth = pitches[p], math.radians(a)
+    expected = [math.cos(pitch) * math.cos(azimuth), math.cos(pitch) * math.sin(azimuth), math.sin(pitch)]
+    assert np.allclose(directions[p * 360 + a], expected, atol=1e-15)
+
+
+@pytest.mark.parametrize("skip_empty_space", [True, False])
+def test_cast_matches_reference_on_random_grids(skip_empty_space):
+    rng = np.random.default_rng(7)
+    axes = np.array([[1, 0, 0], [-1, 0, 0], [0, 1, 0], [0, -1, 0], [0, 0, 1], [0, 0, -1]], float)
+    for density in (0.0, 0.05, 0.2, 0.5):
+        occupancy = rng.random((2,) + SMALL_GRID.shape) < density
+        # origins inside the grid and up to a voxel outside it, in every direction
+        origins = rng.uniform(SMALL_GRID.range_min - 0.5, SMALL_GRID.range_max + 0.5, size=(6, 3))
+        directions = rng.normal(size=(6, 30, 3))
+        directions[:, :6] = axes  # rays along the axes
+        result = cast_rays(torch.from_numpy(occupancy), torch.from_numpy(origins), torch.from_numpy(directions),
+                           SMALL_GRID, skip_empty_space=skip_empty_space)
+        compare_with_reference(occupancy, origins, directions, SMALL_GRID, result)
+
+
+def test_ties_follow_the_z_then_y_then_x_rule():
+    """Rays through voxel edges and corners, and along voxel faces, from exact positions."""
+    grid = SMALL_GRID
+    corner = grid.range_min + grid.voxel_size * np.array([2.0, 2.0, 2.0])  # a voxel corner
+    directions = np.array([[1, 1, 0], [1, 0, 1], [0, 1, 1], [1, 1, 1], [-1, 1, 0], [1, -1, -1], [-1, -1, 1],
+                           [2, 2, 1], [1, 0, 0], [0, 1, 0]], float)
+    rng = np.random.default_rng(3)
+    occupancy = rng.random((3,) + grid.shape) < 0.15
+    for origin in (corner, corner + [0.2, 0.0, 0.0], corner + [0.0, 0.0, 0.2]):
+        for skip in (True, False):
+            result = cast_rays(torch.from_numpy(occupancy), torch.from_numpy(origin[None]),
+                               torch.from_numpy(directions), grid, skip_empty_space=skip)
+            compare_with_reference(occupancy, origin[None], directions, grid, result)
+
+    # known answers: through the xy edge at (3, 3) the walk visits (2, 3, .) (y first), never (3, 2, .)
+    origin = grid.range_min + grid.voxel_size * np.array([[2.0, 2.0, 0.5]])
+    for side_voxel, is_visited in (((2, 3, 0), True), ((3, 2, 0), False)):
+        occupied = np.zeros(grid.shape, bool)
+        occupied[side_voxel] = True
+        result = cast_rays(torch.from_numpy(occupied), torch.from_numpy(origin), torch.tensor([[1.0, 1.0, 0.0]]), grid)
+        assert bool(result.hit[0, 0]) is is_visited
+        if is_visited:
+            assert int(result.voxel_index[0, 0]) == np.ravel_multi_index(side_voxel, grid.shape)
+            # entered and left at the edge: depth = distance to the edge
+            assert float(result.depth[0, 0]) == pytest.approx(math.sqrt(2) * grid.voxel_size, abs=1e-12)
+    # z wins a tie with x: through the xz edge the walk visits (2, ., 3) before (3, ., 3)
+    origin = grid.range_min + grid.voxel_size * np.array([[2.0, 0.5, 2.0]])
+    occupied = np.zeros(grid.shape, bool)
+    occupied[3, 0, 2] = True  # the x-first side: skipped
+    occupied[3, 0, 4] = True  # further along the diagonal: the hit
+    result = cast_rays(torch.from_numpy(occupied), torch.from_numpy(origin), torch.tensor([[1.0, 0.0, 1.0]]), grid)
+    assert int(result.voxel_index[0, 0]) == np.ravel_multi_index((3, 0, 4), grid.shape)
+
+
+def test_occupied_origin_voxel_is_the_hit():
+    grid = SMALL_GRID
+    occupied = np.zeros(grid.shape, bool)
+    occupied[5, 5, 2] = True
+    origin = grid.range_min + grid.voxel_size * np.array([[5.25, 5.5, 2.5]])
+    result = cast_rays(torch.from_numpy(occupied), torch.from_numpy(origin), torch.tensor([[1.0, 0.0, 0.0]]), grid)
+    assert bool(result.hit[0, 0]) and int(result.voxel_index[0, 0]) == np.ravel_multi_index((5, 5, 2), grid.shape)
+    assert float(result.depth[0, 0]) == pytest.approx(0.75 * grid.voxel_size)
+
+
+def test_rays_that_hit_nothing_report_the_last_voxel_and_where_they_leave_the_grid():
+    grid = SMALL_GRID
+    rng = np.random.default_rng(11)
+    origins = rng.uniform(grid.range_min + 0.01, grid.range_max - 0.01, size=(4, 3))
+    directions = rng.normal(size=(50, 3))
+    result = cast_rays(torch.zeros(grid.shape, dtype=torch.bool), torch.from_numpy(origins),
+                       torch.from_numpy(directions), grid)
+    assert not result.hit.any()
+    unit = directions / np.linalg.norm(directions, axis=1, keepdims=True)
+    for k, origin in enumerate(origins):
+        # slab method: where the ray leaves the grid box
+        with np.errstate(divide="ignore"):
+            far = np.where(unit > 0, grid.range_max, grid.range_min)
+            exit_distance = np.min(np.where(unit != 0, (far - origin) / unit, np.inf), axis=1)
+        depth = result.depth[0, k * 50:(k + 1) * 50].numpy()
+        assert np.allclose(depth, exit_distance, atol=1e-9)
+        # the reported voxel contains the point just before the exit
+        inner = origin + unit * (exit_distance - 1e-6)[:, None]
+        expected = np.ravel_multi_index(tuple(grid.point_to_index(inner).T), grid.shape)
+        assert np.array_equal(result.voxel_index[0, k * 50:(k + 1) * 50].numpy(), expected)
+
+
+def test_rays_that_never_enter_the_grid():
+    grid = SMALL_GRID
+    occupied = torch.ones(grid.shape, dtype=torch.bool)
+    above = torch.tensor([[0.0, 0.0, grid.range_max[2] + 1.0]], dtype=torch.float64)
+    result = cast_rays(occupied, above, torch.tensor([[0.0, 0.3, 1.0], [0.0, 0.0, -1.0]]), grid)
+    assert result.voxel_index[0, 0] == -1 and result.depth[0, 0] == 0 and not result.hit[0, 0]
+    # straight down: enters through the top, the first voxel is occupied; depth 1 m + one voxel
+    top = np.ravel_multi_index(tuple(grid.point_to_index([0.0, 0.0, grid.range_max[2] - 0.01])), grid.shape)
+    assert int(result.voxel_index[0, 1]) == top and bool(result.hit[0, 1])
+    assert float(result.depth[0, 1]) == pytest.approx(1.0 + grid.voxel_size)
+
+
+def test_empty_space_jumps_match_the_plain_walk_except_on_edge_grazing_rays():
+    grid = DEFAULT_GRID
+    rng = np.random.default_rng(5)
+    occupancy = np.stack([realistic_occupancy(rng, grid.shape, 40) for _ in range(2)])
+    origins = np.array([[0.9, 0.0, 1.84], [-20.3, 6.1, 1.5]])
+    directions = lidar_ray_directions()
+    # the second origin sits at voxel coordinates (49.25, 115.25, 6.25): rays at 45 deg azimuth
+    # pass within 1e-14 voxel of voxel edges all along their way
+    fast = cast_rays(torch.from_numpy(occupancy), torch.from_numpy(origins), directions, grid)
+    plain = cast_rays(torch.from_numpy(occupancy), torch.from_numpy(origins), directions, grid, skip_empty_space=False)
+    differ = ((fast.voxel_index != plain.voxel_index) | (fast.hit != plain.hit)).any(0).nonzero().squeeze(1)
+    assert len(differ) <= 10
+    for ray in differ.tolist():  # only rays grazing an edge may differ, and the plain walk is the reference's
+        k, r = divmod(ray, directions.shape[0])
+        origin_vox = (origins[k] - grid.range_min) / grid.voxel_size
+        for v in range(2):
+            index, distance, hit, margin = reference_cast(occupancy[v], origin_vox, directions[r], with_margin=True)
+            assert (int(plain.voxel_index[v, ray]), bool(plain.hit[v, ray])) == (index, hit)
+            if (int(fast.voxel_index[v, ray]), bool(fast.hit[v, ray])) != (index, hit):
+                assert margin < 1e-12, (ray, v, margin)
+    same = torch.ones(fast.voxel_index.shape[1], dtype=torch.bool)
+    same[differ] = False
+    assert torch.equal(fast.voxel_index[:, same], plain.voxel_index[:, same])
+    assert torch.equal(fast.hit[:, same], plain.hit[:, same])
+    assert torch.allclose(fast.depth[:, same], plain.depth[:, same], rtol=0, atol=1e-9)
+    assert 0.2 < fast.hit.float().mean() < 0.95  # the scene stops some rays and not others
+    some = rng.choice(fast.voxel_index.shape[1], 150, replace=False)
+    compare_with_reference(occupancy, origins, directions.numpy(), grid, fast, rays=some)
+
+
+def test_bad_inputs_are_reported():
+    with pytest.raises(ValueError, match="occupancy has shape"):
+        cast_rays(torch.zeros(3, 4, 5, dtype=torch.bool), torch.zeros(1, 3), torch.ones(1, 3), SMALL_GRID)
+    with pytest.raises(ValueError, match="zero length"):
+        cast_rays(torch.zeros(SMALL_GRID.shape, dtype=torch.bool), torch.zeros(1, 3), torch.zeros(1, 3), SMALL_GRID)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_cast_on_cuda_matches_cpu():
+    grid = DEFAULT_GRID
+    rng = np.random.default_rng(2)
+    occupancy = torch.from_numpy(np.stack([realistic_occupancy(rng, grid.shape, 40) for _ in range(2)]))
+    origins = torch.tensor([[0.9, 0.0, 1.84], [10.0, -3.0, 1.7]], dtype=torch.float64)
+    cpu = cast_rays(occupancy, origins, lidar_ray_directions(), grid)
+    gpu = cast_rays(occupancy.cuda(), origins.cuda(), lidar_ray_directions(device="cuda"), grid)
+    assert torch.equal(cpu.voxel_index, gpu.voxel_index.cpu()) and torch.equal(cpu.hit, gpu.hit.cpu())
+    assert torch.allclose(cpu.depth, gpu.depth.cpu(), atol=1e-9)
