@@ -22,8 +22,10 @@ the ray walk):
   mean over the non-free classes (NaN-ignoring).
 
 Reported numbers: RayIoU*, mIoU and OccScore in percent (0-100, as papers print them),
-mAVE and AVE in m/s. Depth errors are compared in voxel units (``|d_pred - d_gt| <
-t / voxel_size``), so an error of exactly ``t`` is exactly not a true positive.
+mAVE and AVE in m/s. Depth errors are compared in voxel units, ``|d_pred - d_gt| <
+t / voxel_size - 1e-9``: an error of exactly ``t`` (a hit k voxels off along an axis,
+``k * voxel_size = t``) is not a true positive even when the origin's coordinates are not
+exact binary fractions and the two depths carry rounding errors of ~1e-15 voxel.
 
 Statistics are kept as small per-sample count arrays (:class:`SampleStats`) that add up
 across samples and processes; :func:`summarize` turns a sum into the numbers above.
@@ -159,7 +161,13 @@ def _check_flow(value: torch.Tensor, name: str, token: str, grid: OccupancyGrid)
     expected = tuple(grid.shape) + (2,)
     if value.numel() != math.prod(expected) or value.shape[-1] != 2:
         raise ValueError(f"sample {token}: {name} has shape {tuple(value.shape)}, expected {expected}")
-    return value.reshape(expected).to(torch.float64)
+    value = value.reshape(expected).to(torch.float64)
+    finite = torch.isfinite(value).all(-1)
+    if not bool(finite.all()):
+        bad = [int(i) for i in (~finite).nonzero()[0]]
+        raise ValueError(f"sample {token}: {name} has {int((~finite).sum())} voxels with non-finite values "
+                         f"(first at voxel {bad})")
+    return value
 
 
 def cast_sample_rays(
@@ -190,6 +198,8 @@ def cast_sample_rays(
     origins = _as_tensor(lidar_origins, "lidar_origins", token, device).to(torch.float64)
     if origins.dim() != 2 or origins.shape[1] != 3:
         raise ValueError(f"sample {token}: lidar_origins has shape {tuple(origins.shape)}, expected (K, 3)")
+    if not bool(torch.isfinite(origins).all()):
+        raise ValueError(f"sample {token}: lidar_origins holds non-finite values")
     directions = lidar_ray_directions(device=device) if ray_directions is None else \
         torch.as_tensor(ray_directions, dtype=torch.float64, device=device)
     volumes = [pred != free_index]
@@ -222,6 +232,14 @@ def cast_sample_rays(
     return result
 
 
+# Depth errors within this many voxels below a threshold count as reaching it (rounding of the depths).
+_DEPTH_TOLERANCE_VOXELS = 1e-9
+
+
+def _threshold_voxels(threshold_m: float, voxel_size: float) -> float:
+    return threshold_m / voxel_size - _DEPTH_TOLERANCE_VOXELS
+
+
 def sample_stats(
     rays: RaySampleResult,
     *,
@@ -242,11 +260,12 @@ def sample_stats(
     def per_class(classes, weights=None):
         return torch.bincount(classes, weights=weights, minlength=num_classes).cpu().numpy()
 
-    tp = np.stack([per_class(gt_class[match & (error < t / voxel_size)]) for t in thresholds]).astype(np.int64)
+    tp = np.stack([per_class(gt_class[match & (error < _threshold_voxels(t, voxel_size))])
+                   for t in thresholds]).astype(np.int64)
     stats = SampleStats(tp=tp, gt=per_class(gt_class).astype(np.int64), pred=per_class(pred_class).astype(np.int64),
                         flow_error_sum=np.zeros(num_classes, np.float64), flow_tp=np.zeros(num_classes, np.int64))
     if rays.pred_flow is not None and rays.gt_flow is not None:
-        flow_tp = match & (error < flow_threshold / voxel_size)
+        flow_tp = match & (error < _threshold_voxels(flow_threshold, voxel_size))
         flow_error = (rays.pred_flow[counted][flow_tp] - rays.gt_flow[counted][flow_tp]).norm(dim=-1)
         stats.flow_error_sum = per_class(gt_class[flow_tp], flow_error.to(torch.float64)).astype(np.float64)
         stats.flow_tp = per_class(gt_class[flow_tp]).astype(np.int64)
@@ -367,7 +386,9 @@ def compute_ray_metrics(
     if not (len(pred_semantics) == len(gt_semantics) == len(lidar_origins)):
         raise ValueError(f"compute_ray_metrics: {len(pred_semantics)} predictions, {len(gt_semantics)} ground "
                          f"truths and {len(lidar_origins)} origin sets; expected one of each per sample")
-    with_flow = pred_flows is not None and gt_flows is not None
+    if (pred_flows is None) != (gt_flows is None):
+        raise ValueError("compute_ray_metrics: pass both pred_flows and gt_flows (mAVE) or neither (RayIoU only)")
+    with_flow = pred_flows is not None
     if with_flow and not (len(pred_flows) == len(gt_flows) == len(pred_semantics)):
         raise ValueError("compute_ray_metrics: expected one predicted and one ground-truth flow per sample")
     if not len(pred_semantics):
