@@ -1,0 +1,27 @@
+"""Shared fixtures: a small synthetic nuScenes-format dataset, generated once per test process."""
+import os
+from types import SimpleNamespace
+
+import pytest
+
+# 2 scenes (one of nuScenes' mini_train, one of mini_val) x 4 keyframes, small images.
+SYNTHETIC_SCENES = 2
+SYNTHETIC_SAMPLES_PER_SCENE = 4
+SYNTHETIC_IMAGE_SIZE = (176, 64)
+SYNTHETIC_SEED = 3
+
+
+@pytest.fixture(scope="session")
+def synthetic_dataset(tmp_path_factory):
+    """The dataset: ``root``, ``version``, ``scenes`` (names), ``samples_per_scene``,
+    ``image_size``, ``seed``; the record cache goes to a private folder."""
+    from voxelsplat.data.synthetic import generate_synthetic_dataset
+
+    root = tmp_path_factory.mktemp("synthetic") / "nuscenes"
+    info = generate_synthetic_dataset(str(root), version="v1.0-mini", scenes=SYNTHETIC_SCENES,
+                                      samples_per_scene=SYNTHETIC_SAMPLES_PER_SCENE,
+                                      image_size=SYNTHETIC_IMAGE_SIZE, seed=SYNTHETIC_SEED, workers=1)
+    os.environ.setdefault("VOXELSPLAT_CACHE_DIR", str(tmp_path_factory.mktemp("record_cache")))
+    return SimpleNamespace(root=str(root), version=info["version"], scenes=info["scenes"],
+                           samples_per_scene=SYNTHETIC_SAMPLES_PER_SCENE, image_size=SYNTHETIC_IMAGE_SIZE,
+                           seed=SYNTHETIC_SEED)
