@@ -96,8 +96,12 @@ def do_test(cfg, model):
     if cfg.dataloader.get("evaluator", None) is None:
         logger.warning("no dataloader.evaluator in the config: skipping evaluation")
         return {}
+    # the loader first: building it registers the dataset whose metadata the evaluator reads
+    test_loader = instantiate(cfg.dataloader.test)
     evaluator = instantiate(cfg.dataloader.evaluator)
-    results = inference_on_dataset(model, instantiate(cfg.dataloader.test), evaluator)
+    if getattr(evaluator, "output_dir", "") is None and cfg.get("train", None) is not None:
+        evaluator.output_dir = cfg.train.get("output_dir", None)  # results go to <train.output_dir>/inference/
+    results = inference_on_dataset(model, test_loader, evaluator)
     if comm.is_main_process() and results:
         print_csv_format(results)
     return results

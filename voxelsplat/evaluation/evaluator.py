@@ -84,11 +84,14 @@ class OccupancyEvaluator(DatasetEvaluator):
         Args:
             dataset_name: a dataset registered in ``MetadataCatalog``; its ``thing_classes``,
                 ``free_index``, ``flow_classes``, grid (``point_cloud_range``, ``voxel_size``)
-                and ``gt_format`` are the defaults of the arguments below. Without it, the
-                OpenOcc v2 label set and the default grid are the defaults.
+                and ``gt_format`` are the defaults of the arguments below (read when the
+                evaluator is first used if the dataset is not registered yet, e.g. before
+                the test loader is built). Without it, the OpenOcc v2 label set and the
+                default grid are the defaults.
             class_names, free_index, flow_classes, grid: override the label set / grid.
             output_dir: where ``inference/occupancy_results.json`` (and the submission) go;
-                None writes nothing.
+                None writes nothing (``voxelsplat.engine.do_test`` sets it to
+                ``train.output_dir`` when the config leaves it None).
             distributed: gather the statistics of every process in :meth:`evaluate`.
             compute_flow: report mAVE and OccScore (default: the ground truth has flow,
                 i.e. ``gt_format == "openocc_v2"``).
@@ -97,42 +100,18 @@ class OccupancyEvaluator(DatasetEvaluator):
             submission_info: the submission's method/team/authors/... fields.
             ray_directions: (R, 3) override of the LiDAR ray pattern (tests, ablations).
         """
-        meta = None
-        if dataset_name is not None:
-            from detectron2.data import MetadataCatalog
-
-            meta = MetadataCatalog.get(dataset_name)
-            missing = [k for k in ("free_index", "point_cloud_range", "voxel_size") if not hasattr(meta, k)]
-            if missing or not hasattr(meta, "thing_classes"):
-                raise KeyError(f"OccupancyEvaluator: MetadataCatalog entry {dataset_name!r} lacks "
-                               f"{missing or ['thing_classes']} (register the dataset with "
-                               "voxelsplat.data.datasets.register_nuscenes_occupancy or set occupancy_metadata())")
-            defaults = dict(class_names=list(meta.thing_classes), free_index=int(meta.free_index),
-                            flow_classes=list(getattr(meta, "flow_classes", [])), grid=grid_from_metadata(meta),
-                            gt_format=getattr(meta, "gt_format", None))
-        else:
-            base = occupancy_metadata("openocc_v2")
-            defaults = dict(class_names=base["class_names"], free_index=base["free_index"],
-                            flow_classes=base["flow_classes"], grid=grid_from_metadata(base), gt_format="openocc_v2")
         self.dataset_name = dataset_name
-        self.class_names = list(class_names if class_names is not None else defaults["class_names"])
-        self.free_index = int(free_index if free_index is not None else defaults["free_index"])
-        self.flow_classes = [int(c) for c in (flow_classes if flow_classes is not None else defaults["flow_classes"])]
-        self.grid = grid if grid is not None else defaults["grid"]
-        if not 0 <= self.free_index < len(self.class_names):
-            raise ValueError(f"OccupancyEvaluator: free_index {self.free_index} is not a class index of "
-                             f"{self.class_names}")
-        bad = [c for c in self.flow_classes if not 0 <= c < len(self.class_names) or c == self.free_index]
-        if bad:
-            raise ValueError(f"OccupancyEvaluator: flow classes {bad} are not non-free classes of {self.class_names}")
-        self.compute_flow = (defaults["gt_format"] in (None, "openocc_v2") and bool(self.flow_classes)) \
-            if compute_flow is None else bool(compute_flow)
+        self._overrides = dict(class_names=class_names, free_index=free_index, flow_classes=flow_classes, grid=grid,
+                               compute_flow=compute_flow)
+        self._resolved = False
+        if dataset_name is None or not _metadata_missing(dataset_name):
+            self._resolve_label_set()
+        # else: the dataset is registered later (e.g. when the test loader is built) and the
+        # label set is read from its metadata on first use
         self.compute_miou = bool(compute_miou)
         self.output_dir = output_dir
         self.distributed = distributed
         self.export_submission = bool(export_submission)
-        if self.export_submission and not output_dir:
-            raise ValueError("OccupancyEvaluator: export_submission=True needs an output_dir")
         unknown = sorted(set(submission_info or {}) - set(SUBMISSION_INFO_KEYS))
         if unknown:
             raise KeyError(f"OccupancyEvaluator: unknown submission_info keys {unknown}; expected "
@@ -142,6 +121,69 @@ class OccupancyEvaluator(DatasetEvaluator):
         self.ray_directions = ray_directions
         self._warned_bda = False
         self.reset()
+
+    def _resolve_label_set(self) -> None:
+        """Class names, free index, flow classes and grid: the constructor's arguments, else
+        the dataset's ``MetadataCatalog`` entry, else OpenOcc v2 on the default grid."""
+        if self._resolved:
+            return
+        if self.dataset_name is not None:
+            from detectron2.data import MetadataCatalog
+
+            missing = _metadata_missing(self.dataset_name)
+            if missing:
+                raise KeyError(f"OccupancyEvaluator: MetadataCatalog entry {self.dataset_name!r} lacks {missing} "
+                               "(register the dataset with voxelsplat.data.datasets.register_nuscenes_occupancy "
+                               "or set the entries of voxelsplat.data.occupancy_meta.occupancy_metadata())")
+            meta = MetadataCatalog.get(self.dataset_name)
+            defaults = dict(class_names=list(meta.thing_classes), free_index=int(meta.free_index),
+                            flow_classes=list(getattr(meta, "flow_classes", [])), grid=grid_from_metadata(meta),
+                            gt_format=getattr(meta, "gt_format", None))
+        else:
+            base = occupancy_metadata("openocc_v2")
+            defaults = dict(class_names=base["class_names"], free_index=base["free_index"],
+                            flow_classes=base["flow_classes"], grid=grid_from_metadata(base), gt_format="openocc_v2")
+        given = self._overrides
+        class_names = list(given["class_names"] if given["class_names"] is not None else defaults["class_names"])
+        free_index = int(given["free_index"] if given["free_index"] is not None else defaults["free_index"])
+        flow_classes = [int(c) for c in (given["flow_classes"] if given["flow_classes"] is not None
+                                         else defaults["flow_classes"])]
+        if not 0 <= free_index < len(class_names):
+            raise ValueError(f"OccupancyEvaluator: free_index {free_index} is not a class index of {class_names}")
+        bad = [c for c in flow_classes if not 0 <= c < len(class_names) or c == free_index]
+        if bad:
+            raise ValueError(f"OccupancyEvaluator: flow classes {bad} are not non-free classes of {class_names}")
+        self._class_names, self._free_index, self._flow_classes = class_names, free_index, flow_classes
+        self._grid = given["grid"] if given["grid"] is not None else defaults["grid"]
+        compute_flow = given["compute_flow"]
+        self._compute_flow = (defaults["gt_format"] in (None, "openocc_v2") and bool(flow_classes)) \
+            if compute_flow is None else bool(compute_flow)
+        self._resolved = True
+
+    @property
+    def class_names(self) -> List[str]:
+        self._resolve_label_set()
+        return self._class_names
+
+    @property
+    def free_index(self) -> int:
+        self._resolve_label_set()
+        return self._free_index
+
+    @property
+    def flow_classes(self) -> List[int]:
+        self._resolve_label_set()
+        return self._flow_classes
+
+    @property
+    def grid(self) -> OccupancyGrid:
+        self._resolve_label_set()
+        return self._grid
+
+    @property
+    def compute_flow(self) -> bool:
+        self._resolve_label_set()
+        return self._compute_flow
 
     # ------------------------------------------------------------------ detectron2 API
 
@@ -286,6 +328,8 @@ class OccupancyEvaluator(DatasetEvaluator):
     def _spool(self, token: str, rays) -> None:
         """Write one sample's submission arrays to this process's spool folder."""
         if self._spool_dir is None:
+            if not self.output_dir:
+                raise ValueError("OccupancyEvaluator: export_submission=True needs an output_dir")
             parts = os.path.join(self.output_dir, "inference", ".submission_parts")
             os.makedirs(parts, exist_ok=True)
             self._spool_dir = tempfile.mkdtemp(prefix=f"rank{comm.get_rank()}-", dir=parts)
@@ -313,6 +357,14 @@ class OccupancyEvaluator(DatasetEvaluator):
         _atomic_write(path, write)
         shutil.rmtree(os.path.join(folder, ".submission_parts"), ignore_errors=True)
         return path
+
+
+def _metadata_missing(dataset_name: str) -> List[str]:
+    """The label-set / grid entries that ``dataset_name``'s ``MetadataCatalog`` entry lacks."""
+    from detectron2.data import MetadataCatalog
+
+    meta = MetadataCatalog.get(dataset_name)
+    return [k for k in ("thing_classes", "free_index", "point_cloud_range", "voxel_size") if not hasattr(meta, k)]
 
 
 def _load_parts(parts: List[Tuple[str, str]]) -> Iterator[Tuple[str, Dict[str, np.ndarray]]]:

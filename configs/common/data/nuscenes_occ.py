@@ -12,6 +12,7 @@ from omegaconf import OmegaConf
 from voxelsplat.data.build import build_test_loader, build_train_loader
 from voxelsplat.data.datasets import register_nuscenes_occupancy
 from voxelsplat.data.mapper import TemporalDatasetMapper
+from voxelsplat.evaluation import OccupancyEvaluator
 
 dataloader = OmegaConf.create()
 
@@ -57,4 +58,5 @@ dataloader.test = L(build_test_loader)(
     batch_size=1,
 )
 
-dataloader.evaluator = None
+# output_dir=None: do_test writes to train.output_dir/inference/
+dataloader.evaluator = L(OccupancyEvaluator)(dataset_name="${..test.dataset.name}", output_dir=None)

@@ -1,0 +1,284 @@
+"""OccupancyEvaluator on mapped samples: numbers, processes, results files, submission, configs, do_test."""
+import glob
+import gzip
+import json
+import math
+import os
+import pickle
+
+import numpy as np
+import pytest
+import torch
+
+from voxelsplat.data.occupancy_meta import DEFAULT_GRID, OPENOCC_V2_CLASSES, occupancy_metadata
+from voxelsplat.evaluation import (
+    OccupancyEvaluator,
+    cast_sample_rays,
+    compute_occ3d_miou,
+    compute_ray_metrics,
+    lidar_ray_directions,
+)
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+FREE = 16
+FEW_RAYS = lidar_ray_directions(num_azimuths=24)  # 39 x 24 rays: the pattern's pitches, fewer azimuths
+
+
+def make_sample(seed, *, with_gt=True):
+    """A mapped sample (voxelsplat.data.sample_fields) on the benchmark grid and a model output
+    that gets most of it right: ground, blocks, flows, origins, camera mask."""
+    rng = np.random.default_rng(seed)
+    X, Y, Z = DEFAULT_GRID.shape
+    sem = np.full((X, Y, Z), FREE, np.int64)
+    sem[:, :, :2] = rng.choice([10, 12, 13])
+    for _ in range(30):
+        x0, y0 = rng.integers(0, X - 12, size=2)
+        sem[x0:x0 + rng.integers(2, 12), y0:y0 + rng.integers(2, 12), 2:2 + rng.integers(2, 10)] = rng.integers(0, 16)
+    flow = np.zeros((X, Y, Z, 2), np.float32)
+    flow[sem < 8] = rng.normal(0, 2, size=(int((sem < 8).sum()), 2))
+    pred = sem.copy()
+    flip = rng.random(sem.shape) < 0.05
+    pred[flip] = rng.integers(0, 17, size=int(flip.sum()))
+    pred = np.roll(pred, int(rng.integers(-3, 4)), axis=0)
+    pred_flow = flow + rng.normal(0, 0.3, size=flow.shape).astype(np.float32)
+    num_origins = int(rng.integers(1, 9))
+    origins = np.stack([rng.uniform(-30, 30, num_origins), rng.uniform(-30, 30, num_origins),
+                        np.full(num_origins, 1.84)], 1).astype(np.float32)
+    sample = {"sample_token": f"token{seed:04d}", "lidar_origins": torch.from_numpy(origins),
+              "bda": torch.eye(4), "scene_token": "scene0", "timestamp": seed}
+    if with_gt:
+        sample.update(occ_semantics=torch.from_numpy(sem), occ_flow=torch.from_numpy(flow),
+                      occ_mask_camera=torch.from_numpy(rng.random(sem.shape) < 0.7))
+    output = {"occ": torch.from_numpy(pred), "flow": torch.from_numpy(pred_flow)}
+    return sample, output
+
+
+def reference_results(samples, outputs, ray_directions=None):
+    return compute_ray_metrics([o["occ"] for o in outputs], [s["occ_semantics"] for s in samples],
+                               [s["lidar_origins"] for s in samples], [o["flow"] for o in outputs],
+                               [s["occ_flow"] for s in samples], ray_directions=ray_directions)
+
+
+def assert_same_numbers(got, expected, exact=False):
+    assert set(expected) <= set(got)
+    for key, value in expected.items():
+        if math.isnan(value):
+            assert math.isnan(got[key]), key
+        elif exact:
+            assert got[key] == value, key
+        else:
+            assert got[key] == pytest.approx(value, rel=1e-12, abs=1e-12), key
+
+
+def test_results_equal_compute_ray_metrics_and_json_is_written(tmp_path):
+    pairs = [make_sample(seed) for seed in range(3)]
+    samples, outputs = [p[0] for p in pairs], [p[1] for p in pairs]
+    evaluator = OccupancyEvaluator(output_dir=str(tmp_path), compute_miou=True, distributed=False)
+    evaluator.reset()
+    evaluator.process(samples[:2], outputs[:2])
+    evaluator.process(samples[2:], outputs[2:])
+    results = evaluator.evaluate()["occupancy"]
+    expected = reference_results(samples, outputs)  # the full 39 x 360 pattern
+    assert 0 < expected["RayIoU"] < 100 and 0 < expected["mAVE"]
+    assert_same_numbers(results, expected)
+    miou = compute_occ3d_miou([o["occ"] for o in outputs], [s["occ_semantics"] for s in samples],
+                              [s["occ_mask_camera"] for s in samples])
+    assert_same_numbers(results, miou)
+
+    with open(tmp_path / "inference" / "occupancy_results.json") as f:
+        written = json.load(f)
+    assert written["num_samples"] == 3
+    for key, value in results.items():
+        assert (written[key] is None) if math.isnan(value) else written[key] == pytest.approx(value), key
+    assert not glob.glob(str(tmp_path / "inference" / ".tmp-*"))
+
+    # reset() forgets the samples
+    evaluator.reset()
+    evaluator.process(samples[:1], outputs[:1])
+    assert_same_numbers(evaluator.evaluate()["occupancy"], reference_results(samples[:1], outputs[:1]))
+
+
+def test_bev_augmented_sample_moves_its_origins():
+    sample, output = make_sample(5)
+    flip = torch.diag(torch.tensor([-1.0, 1.0, 1.0, 1.0]))  # BEV flip of x, applied to the grids by the mapper
+    sample["bda"] = flip
+    evaluator = OccupancyEvaluator(distributed=False, ray_directions=FEW_RAYS)
+    evaluator.process([sample], [output])
+    flipped = dict(sample, lidar_origins=sample["lidar_origins"] * torch.tensor([-1.0, 1.0, 1.0]))
+    assert_same_numbers(evaluator.evaluate()["occupancy"], reference_results([flipped], [output], FEW_RAYS))
+
+
+def _evaluate_in_processes(result_file, seeds, output_dir):
+    """Worker: each process evaluates its share of the samples; the main process saves the results."""
+    from detectron2.utils import comm
+
+    rank, world = comm.get_rank(), comm.get_world_size()
+    evaluator = OccupancyEvaluator(output_dir=output_dir, ray_directions=FEW_RAYS, compute_miou=True,
+                                   export_submission=True)
+    evaluator.reset()
+    for seed in seeds[rank::world]:
+        sample, output = make_sample(seed)
+        evaluator.process([sample], [output])
+    results = evaluator.evaluate()
+    if comm.is_main_process():
+        with open(result_file, "wb") as f:
+            pickle.dump(results, f)
+    else:
+        assert results == {}
+
+
+def read_submission(path):
+    with gzip.open(path, "rb") as f:
+        return pickle.load(f)
+
+
+def test_one_process_and_two_processes_give_the_same_numbers(tmp_path):
+    from voxelsplat.engine import launch
+
+    seeds = [11, 12, 13]
+    one_dir, two_dir = str(tmp_path / "one"), str(tmp_path / "two")
+    _evaluate_in_processes(str(tmp_path / "one.pkl"), seeds, one_dir)
+    launch(_evaluate_in_processes, 2, dist_url="auto", backend="gloo",
+           args=(str(tmp_path / "two.pkl"), seeds, two_dir))
+    with open(tmp_path / "one.pkl", "rb") as f:
+        one = pickle.load(f)["occupancy"]
+    with open(tmp_path / "two.pkl", "rb") as f:
+        two = pickle.load(f)["occupancy"]
+    assert_same_numbers(two, one, exact=True)
+    assert "mIoU" in one and "OccScore" in one
+    sub_one = read_submission(os.path.join(one_dir, "inference", "submission.gz"))
+    sub_two = read_submission(os.path.join(two_dir, "inference", "submission.gz"))
+    assert sorted(sub_one["results"]) == sorted(sub_two["results"]) == [f"token{s:04d}" for s in seeds]
+    for token, arrays in sub_one["results"].items():
+        for key, value in arrays.items():
+            np.testing.assert_array_equal(sub_two["results"][token][key], value, err_msg=f"{token} {key}")
+    assert not os.path.exists(os.path.join(two_dir, "inference", ".submission_parts"))
+
+
+def test_submission_holds_every_ray_of_every_sample(tmp_path):
+    with_gt, output_a = make_sample(21)
+    without_gt, output_b = make_sample(22, with_gt=False)  # a test-split sample: exported, not scored
+    info = {"method": "VoxelSplat-R50", "team": "t"}
+    evaluator = OccupancyEvaluator(output_dir=str(tmp_path), export_submission=True, submission_info=info,
+                                   distributed=False)
+    evaluator.reset()
+    evaluator.process([with_gt, without_gt], [output_a, output_b])
+    results = evaluator.evaluate()
+    assert results["occupancy"]["RayIoU"] > 0
+    submission = read_submission(tmp_path / "inference" / "submission.gz")
+    assert submission["method"] == "VoxelSplat-R50" and submission["team"] == "t" and "authors" in submission
+    assert sorted(submission["results"]) == ["token0021", "token0022"]
+    for sample, output in ((with_gt, output_a), (without_gt, output_b)):
+        arrays = submission["results"][sample["sample_token"]]
+        num_rays = len(sample["lidar_origins"]) * 14040
+        assert arrays["pcd_cls"].dtype == np.uint8 and arrays["pcd_cls"].shape == (num_rays,)
+        assert arrays["pcd_dist"].dtype == np.float16 and arrays["pcd_dist"].shape == (num_rays,)
+        assert arrays["pcd_flow"].dtype == np.float16 and arrays["pcd_flow"].shape == (num_rays, 2)
+        rays = cast_sample_rays(output["occ"], sample["lidar_origins"], pred_flow=output["flow"], num_classes=17,
+                                free_index=FREE)
+        np.testing.assert_array_equal(arrays["pcd_cls"], rays.pred_class.numpy())
+        np.testing.assert_array_equal(arrays["pcd_dist"], rays.pred_depth.numpy().astype(np.float16))
+        np.testing.assert_array_equal(arrays["pcd_flow"], rays.pred_flow.numpy().astype(np.float16))
+        assert 0 < arrays["pcd_dist"].max() < 120 and np.isin(arrays["pcd_cls"], np.arange(17)).all()
+    leftovers = [p for p in os.listdir(tmp_path / "inference") if p not in ("submission.gz", "occupancy_results.json")]
+    assert leftovers == []
+
+
+def test_nothing_half_written_when_the_export_fails(tmp_path):
+    evaluator = OccupancyEvaluator(output_dir=str(tmp_path), export_submission=True, distributed=False,
+                                   ray_directions=FEW_RAYS)
+    evaluator.reset()
+    for seed in (31, 32):
+        evaluator.process(*map(lambda x: [x], make_sample(seed)))
+    os.unlink(evaluator._spooled[1][1])  # a spooled part disappears before the export
+    with pytest.raises(FileNotFoundError):
+        evaluator.evaluate()
+    folder = tmp_path / "inference"
+    assert not (folder / "submission.gz").exists()
+    assert not glob.glob(str(folder / ".tmp-*")) and not glob.glob(str(folder / "*.tmp"))
+
+
+def test_bad_samples_and_outputs_are_named():
+    sample, output = make_sample(41, with_gt=True)
+    evaluator = OccupancyEvaluator(distributed=False, ray_directions=FEW_RAYS)
+    with pytest.raises(KeyError, match="sample token0041 has no 'lidar_origins'"):
+        evaluator.process([{k: v for k, v in sample.items() if k != "lidar_origins"}], [output])
+    with pytest.raises(KeyError, match="model output for sample token0041 has no 'occ'"):
+        evaluator.process([sample], [{"flow": output["flow"]}])
+    with pytest.raises(KeyError, match="model output for sample token0041 has no 'flow'"):
+        evaluator.process([sample], [{"occ": output["occ"]}])
+    with pytest.raises(KeyError, match="sample token0041 has no 'occ_flow'"):
+        evaluator.process([{k: v for k, v in sample.items() if k != "occ_flow"}], [output])
+    with pytest.raises(ValueError, match=r"sample token0041: prediction has shape \(200, 200\)"):
+        evaluator.process([sample], [dict(output, occ=output["occ"][..., 0])])
+    with pytest.raises(ValueError, match="sample token0041: predicted flow has .* non-finite"):
+        evaluator.process([sample], [dict(output, flow=output["flow"] * float("nan"))])
+    with pytest.raises(KeyError, match="sample token0041 has no 'occ_semantics'"):
+        evaluator.process([make_sample(41, with_gt=False)[0]], [output])
+    with pytest.raises(ValueError, match="export_submission=True needs an output_dir"):
+        OccupancyEvaluator(export_submission=True, distributed=False).process([sample], [output])
+    # occupancy only
+    plain = OccupancyEvaluator(distributed=False, compute_flow=False, ray_directions=FEW_RAYS)
+    plain.process([sample], [{"occ": output["occ"]}])
+    assert "mAVE" not in plain.evaluate()["occupancy"]
+
+
+@pytest.mark.parametrize("config", ["synthetic_occ", "nuscenes_occ"])
+def test_evaluator_from_the_data_config_without_a_dataset_on_disk(config):
+    from detectron2.config import LazyConfig, instantiate
+    from detectron2.data import MetadataCatalog
+
+    cfg = LazyConfig.load(os.path.join(ROOT, "configs", "common", "data", f"{config}.py"))
+    name = cfg.dataloader.test.dataset.name
+    evaluator = instantiate(cfg.dataloader.evaluator)
+    assert isinstance(evaluator, OccupancyEvaluator) and evaluator.dataset_name == name
+    assert evaluator.output_dir is None  # do_test fills it with train.output_dir
+    registered = hasattr(MetadataCatalog.get(name), "free_index")
+    if not registered:  # what registering the test dataset (building the test loader) sets
+        with pytest.raises(KeyError, match=f"{name}.*lacks"):
+            _ = evaluator.class_names
+        entries = {k: v for k, v in occupancy_metadata("openocc_v2").items() if k != "class_names"}
+        MetadataCatalog.get(name).set(**entries)
+    try:
+        assert evaluator.class_names == list(OPENOCC_V2_CLASSES) and evaluator.free_index == FREE
+        assert evaluator.grid == DEFAULT_GRID and evaluator.compute_flow
+    finally:
+        if not registered:
+            MetadataCatalog.remove(name)
+
+
+class _NoisyModel(torch.nn.Module):
+    """Predicts each sample's stored output (see make_sample)."""
+
+    def __init__(self):
+        super().__init__()
+        self.weight = torch.nn.Parameter(torch.zeros(1))
+
+    def forward(self, batched_inputs):
+        return [make_sample(int(sample["timestamp"]))[1] for sample in batched_inputs]
+
+
+def _test_batches(seeds):
+    return [[make_sample(seed)[0]] for seed in seeds]
+
+
+def test_do_test_runs_the_configured_evaluator_and_reports_occupancy_metrics(tmp_path):
+    from detectron2.config import LazyCall as L
+    from detectron2.evaluation.testing import flatten_results_dict
+    from omegaconf import OmegaConf
+
+    from voxelsplat.engine.defaults import do_test
+
+    cfg = OmegaConf.create()
+    cfg.dataloader = OmegaConf.create()
+    cfg.dataloader.test = L(_test_batches)(seeds=[51, 52])
+    cfg.dataloader.evaluator = L(OccupancyEvaluator)(
+        output_dir=None, ray_directions=L(lidar_ray_directions)(num_azimuths=24))
+    cfg.train = OmegaConf.create({"output_dir": str(tmp_path)})
+    results = do_test(cfg, _NoisyModel())
+    flat = flatten_results_dict(results)
+    samples = [make_sample(s) for s in (51, 52)]
+    expected = reference_results([s for s, _ in samples], [o for _, o in samples], FEW_RAYS)
+    for key in ("RayIoU", "RayIoU@1", "RayIoU@2", "RayIoU@4", "mAVE", "OccScore", "RayIoU/car"):
+        assert flat[f"occupancy/{key}"] == pytest.approx(expected[key], rel=1e-12), key
+    assert os.path.isfile(tmp_path / "inference" / "occupancy_results.json")
