@@ -316,9 +316,6 @@ def points_in_boxes(points_global: np.ndarray, boxes: BoxSet) -> np.ndarray:
     return counts
 
 
-# Boxes thinner than this (m) are voxelised with 8 sub-samples per voxel, so they never
-# fall between voxel centres.
-_THIN = 1.2
 # Static classes first, agents last: later boxes win where boxes overlap.
 _PRIORITY = {CLASS["vegetation"]: 0, CLASS["manmade"]: 1, CLASS["barrier"]: 2, CLASS["traffic_cone"]: 3}
 
@@ -349,27 +346,25 @@ def occupancy_labels(world: World, boxes: BoxSet, ego2global: np.ndarray,
     half_range = np.maximum(np.abs(lo[:2]), np.abs(grid.range_max[:2]))
     reach = np.all(np.abs(centers[:, :2]) - 0.5 * np.linalg.norm(boxes.sizes[:, :2], axis=1)[:, None] < half_range, axis=1)
     order = sorted(np.flatnonzero(reach), key=lambda b: (_PRIORITY.get(int(boxes.labels[b]), 10), b))
-    sub = np.array([[sx, sy, sz] for sx in (-0.25, 0.25) for sy in (-0.25, 0.25) for sz in (-0.25, 0.25)]) * vs
     for b in order:
-        half = 0.5 * boxes.sizes[b]
-        extent = np.abs(np.cos(yaw[b])) * half[0] + np.abs(np.sin(yaw[b])) * half[1], \
-            np.abs(np.sin(yaw[b])) * half[0] + np.abs(np.cos(yaw[b])) * half[1], half[2]
-        low = np.floor((centers[b] - np.array(extent) - lo) / vs).astype(int)
-        high = np.floor((centers[b] + np.array(extent) - lo) / vs).astype(int) + 1
-        low = np.clip(low, 0, shape)
-        high = np.clip(high, 0, shape)
+        # a voxel is occupied by every box it touches: the box grown by the voxel's half
+        # extent along the box axes (exact for the box's own axes, as real labels built from
+        # surface points occupy every voxel a surface passes through)
+        relative = yaw[b]
+        grow = 0.5 * vs * (abs(np.cos(relative)) + abs(np.sin(relative)))
+        half = 0.5 * boxes.sizes[b] + np.array([grow, grow, 0.5 * vs])
+        extent = np.array([abs(np.cos(relative)) * half[0] + abs(np.sin(relative)) * half[1],
+                           abs(np.sin(relative)) * half[0] + abs(np.cos(relative)) * half[1], half[2]])
+        low = np.clip(np.floor((centers[b] - extent - lo) / vs).astype(int), 0, shape)
+        high = np.clip(np.floor((centers[b] + extent - lo) / vs).astype(int) + 1, 0, shape)
         if np.any(high <= low):
             continue
-        axes = [lo[a] + vs * (np.arange(low[a], high[a]) + 0.5) for a in range(3)]
-        pts = np.stack(np.meshgrid(*axes, indexing="ij"), axis=-1)  # (a, b, c, 3)
-        thin = min(boxes.sizes[b]) < _THIN
-        offsets = sub if thin else np.zeros((1, 3))
-        rel = pts[..., None, :] + offsets - centers[b]
-        c, s = np.cos(-yaw[b]), np.sin(-yaw[b])
+        axes = [lo[a] + vs * (np.arange(low[a], high[a]) + 0.5) - centers[b][a] for a in range(3)]
+        rel = np.stack(np.meshgrid(*axes, indexing="ij"), axis=-1)
+        c, s = np.cos(-relative), np.sin(-relative)
         lx = c * rel[..., 0] - s * rel[..., 1]
         ly = s * rel[..., 0] + c * rel[..., 1]
-        inside = (np.abs(lx) <= half[0]) & (np.abs(ly) <= half[1]) & (np.abs(rel[..., 2]) <= half[2])
-        inside = inside.any(axis=-1)
+        inside = (np.abs(lx) < half[0]) & (np.abs(ly) < half[1]) & (np.abs(rel[..., 2]) < half[2])
         if not inside.any():
             continue
         window = (slice(low[0], high[0]), slice(low[1], high[1]), slice(low[2], high[2]))

@@ -310,8 +310,31 @@ def build_world(seed: int, scene_index: int, duration: float) -> World:
     ego_lane_offset = -(0.5 + (main.lanes - 1)) * LANE_WIDTH if rng.random() < 0.5 else -0.5 * LANE_WIDTH
     _place_traffic(rng, agents, static, ground, roads, ego_s0, ego_speed, ego_lane_offset, duration)
     ego = Agent("car", AGENT_TYPES["car"][1], main.path.offset(ego_lane_offset), ego_s0, ego_speed, (0, 0, 0), 0)
+    agents = _clear_of_ego(agents, ego, duration)
     world = World(seed=seed, ground=ground, static=static.build(), agents=agents, ego=ego, roads=[r.path for r in roads])
     return world
+
+
+# The ego's body in its own frame (origin on the rear axle): centre and half extents, with a margin.
+_EGO_CENTRE_X = 1.3
+_EGO_HALF = (2.3 + 0.8, 1.0 + 0.5)
+
+
+def _clear_of_ego(agents: List[Agent], ego: Agent, duration: float) -> List[Agent]:
+    """Agents that never come near the ego's body during the scene (checked every 0.1 s)."""
+    times = np.arange(-0.5, duration + 0.5, 0.1)
+    ego_states = np.array([ego.state(t) for t in times])
+    keep = []
+    for agent in agents:
+        radius = 0.5 * np.hypot(agent.size[0], agent.size[1])
+        states = np.array([agent.state(t) for t in times])
+        dx, dy = states[:, 0] - ego_states[:, 0], states[:, 1] - ego_states[:, 1]
+        c, s = np.cos(ego_states[:, 2]), np.sin(ego_states[:, 2])
+        forward = c * dx + s * dy - _EGO_CENTRE_X
+        left = -s * dx + c * dy
+        if not np.any((np.abs(forward) < _EGO_HALF[0] + radius) & (np.abs(left) < _EGO_HALF[1] + radius)):
+            keep.append(agent)
+    return keep
 
 
 def _draw_ground(rng: np.random.Generator, roads: List[_Road]) -> Ground:

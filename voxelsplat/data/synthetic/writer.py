@@ -39,7 +39,7 @@ from .world import AGENT_TYPES, CLASS, STATIC_CATEGORIES, World, build_world
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["generate_synthetic_dataset", "synthetic_scene_names", "scene_world", "keyframe_time"]
+__all__ = ["generate_synthetic_dataset", "synthetic_scene_names", "scene_world", "scene_world_for", "keyframe_time"]
 
 KEYFRAME_INTERVAL_US = 500_000  # 2 Hz keyframes
 SWEEP_INTERVAL_US = 50_000  # 20 Hz LiDAR
@@ -121,6 +121,12 @@ def keyframe_time(frame_index: int) -> float:
 def scene_world(seed: int, scene_index: int, duration: float) -> World:
     """The world of one scene (cached per process)."""
     return build_world(seed, scene_index, duration)
+
+
+def scene_world_for(seed: int, scene_index: int, samples_per_scene: int) -> World:
+    """The world of scene ``scene_index`` (position in the sorted scene names) of a dataset
+    generated with ``seed`` and ``samples_per_scene``; world time 0 is the first keyframe."""
+    return scene_world(seed, scene_index, _SceneSpec(seed, scene_index, "", samples_per_scene, 0).duration)
 
 
 def _write_npz(path: str, arrays: Dict[str, np.ndarray]) -> None:
