@@ -161,9 +161,11 @@ def _check_flow(value: torch.Tensor, name: str, token: str, grid: OccupancyGrid)
     expected = tuple(grid.shape) + (2,)
     if value.numel() != math.prod(expected) or value.shape[-1] != 2:
         raise ValueError(f"sample {token}: {name} has shape {tuple(value.shape)}, expected {expected}")
-    value = value.reshape(expected).to(torch.float64)
-    finite = torch.isfinite(value).all(-1)
-    if not bool(finite.all()):
+    value = value.reshape(expected)
+    if not value.is_floating_point():
+        value = value.to(torch.float64)
+    if not bool(torch.isfinite(value).all()):
+        finite = torch.isfinite(value).all(-1)
         bad = [int(i) for i in (~finite).nonzero()[0]]
         raise ValueError(f"sample {token}: {name} has {int((~finite).sum())} voxels with non-finite values "
                          f"(first at voxel {bad})")
@@ -217,7 +219,7 @@ def cast_sample_rays(
     flow_p = None
     if pred_flow is not None:
         flow_p = _check_flow(_as_tensor(pred_flow, "predicted flow", token, device), "predicted flow", token, grid)
-        flow_p = flow_p.reshape(-1, 2)[safe_index] * entered[:, None]
+        flow_p = flow_p.reshape(-1, 2)[safe_index].to(torch.float64) * entered[:, None]
     result = RaySampleResult(pred_class=pred_class, pred_depth=cast.depth[p], pred_depth_voxels=cast.depth_voxels[p],
                              pred_flow=flow_p)
     if gt is not None:
@@ -228,7 +230,7 @@ def cast_sample_rays(
         result.counted = cast.hit[0]
         if gt_flow is not None:
             result.gt_flow = _check_flow(_as_tensor(gt_flow, "ground-truth flow", token, device), "ground-truth flow",
-                                         token, grid).reshape(-1, 2)[gt_index]
+                                         token, grid).reshape(-1, 2)[gt_index].to(torch.float64)
     return result
 
 
