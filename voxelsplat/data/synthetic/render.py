@@ -377,32 +377,39 @@ def occupancy_labels(world: World, boxes: BoxSet, ego2global: np.ndarray,
 
 
 def ray_visibility(origin: np.ndarray, directions: np.ndarray, hit_t: np.ndarray, grid: OccupancyGrid,
-                   step: Optional[float] = None, chunk: int = 4096) -> np.ndarray:
-    """Voxels crossed by rays (ego frame of the grid) up to their hit, and the voxel just
-    behind each hit point: bool (X, Y, Z). Rays with an infinite ``hit_t`` run to the grid's
-    boundary."""
+                   step: Optional[float] = None, chunk: int = 8192) -> np.ndarray:
+    """Voxels crossed by rays (ego frame of the grid) up to their hit, and the voxel holding
+    each ray's end (just behind the hit): bool (X, Y, Z). Rays are sampled every ``step``
+    metres (default: half a voxel); rays with an infinite ``hit_t`` run to the grid's boundary."""
     shape = np.array(grid.shape)
     lo, hi = grid.range_min, grid.range_max
     step = step or 0.5 * grid.voxel_size
     visible = np.zeros(grid.shape, dtype=bool)
     flat = visible.reshape(-1)
     origin = np.asarray(origin, dtype=np.float64)
+    directions = np.asarray(directions, dtype=np.float64)
     # distance at which each ray leaves the grid box
     safe = np.where(np.abs(directions) < 1e-12, 1e-12, directions)
     t_exit = np.maximum((lo - origin) / safe, (hi - origin) / safe).min(axis=1)
-    end = np.minimum(np.where(np.isfinite(hit_t), hit_t + 0.5 * step, np.inf), t_exit)
+    end = np.minimum(np.where(np.isfinite(hit_t), hit_t + 0.5 * step, np.inf), t_exit - 1e-6)
     end = np.maximum(end, 0.0)
-    strides = np.array([shape[1] * shape[2], shape[2], 1])
-    for start in range(0, len(directions), chunk):
-        d = directions[start:start + chunk]
-        e = end[start:start + chunk]
-        counts = np.ceil(e / step).astype(np.int64) + 1
-        ray = np.repeat(np.arange(len(d)), counts)
-        first = np.concatenate([[0], np.cumsum(counts)[:-1]])
-        k = np.arange(counts.sum()) - np.repeat(first, counts)
-        t = np.minimum(k * step, e[ray])
-        pts = origin + t[:, None] * d[ray]
-        index = np.floor((pts - lo) / grid.voxel_size).astype(np.int64)
-        inside = np.all((index >= 0) & (index < shape), axis=1)
-        flat[index[inside] @ strides] = True
+    # positions in voxel units: start + k * per_step
+    start_v = ((origin - lo) / grid.voxel_size).astype(np.float32)
+    per_step = (directions * (step / grid.voxel_size)).astype(np.float32)
+    strides = np.array([shape[1] * shape[2], shape[2], 1], dtype=np.int64)
+    limit = shape.astype(np.float32)
+
+    def mark(points_v: np.ndarray) -> None:
+        inside = np.all((points_v >= 0) & (points_v < limit), axis=1)
+        index = points_v[inside].astype(np.int64)  # non-negative: truncation is floor
+        flat[index @ strides] = True
+
+    for first_ray in range(0, len(directions), chunk):
+        e = end[first_ray:first_ray + chunk]
+        counts = np.floor(e / step).astype(np.int64) + 1
+        ray = np.repeat(np.arange(len(e)), counts)
+        offsets = np.concatenate([[0], np.cumsum(counts)[:-1]])
+        k = (np.arange(counts.sum()) - np.repeat(offsets, counts)).astype(np.float32)
+        mark(start_v + k[:, None] * per_step[first_ray:first_ray + chunk][ray])
+        mark(start_v + (e / step).astype(np.float32)[:, None] * per_step[first_ray:first_ray + chunk])
     return visible
