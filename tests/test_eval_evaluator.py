@@ -282,3 +282,27 @@ def test_do_test_runs_the_configured_evaluator_and_reports_occupancy_metrics(tmp
     for key in ("RayIoU", "RayIoU@1", "RayIoU@2", "RayIoU@4", "mAVE", "OccScore", "RayIoU/car"):
         assert flat[f"occupancy/{key}"] == pytest.approx(expected[key], rel=1e-12), key
     assert os.path.isfile(tmp_path / "inference" / "occupancy_results.json")
+
+
+def test_miou_over_another_voxel_mask():
+    pairs = [make_sample(seed, num_origins=1) for seed in (5, 6)]
+    samples, outputs = [p[0] for p in pairs], [p[1] for p in pairs]
+    rng = np.random.default_rng(7)
+    for sample in samples:
+        sample["occ_visible"] = torch.from_numpy(rng.random(DEFAULT_GRID.shape) < 0.3)
+    evaluator = OccupancyEvaluator(compute_miou=True, miou_mask="occ_visible", distributed=False,
+                                   ray_directions=FEW_RAYS)
+    evaluator.reset()
+    evaluator.process(samples, outputs)
+    results = evaluator.evaluate()["occupancy"]
+    by_visible = compute_occ3d_miou([o["occ"] for o in outputs], [s["occ_semantics"] for s in samples],
+                                    [s["occ_visible"] for s in samples])
+    by_camera = compute_occ3d_miou([o["occ"] for o in outputs], [s["occ_semantics"] for s in samples],
+                                   [s["occ_mask_camera"] for s in samples])
+    assert results["mIoU"] == pytest.approx(by_visible["mIoU"]) and by_visible["mIoU"] != by_camera["mIoU"]
+    with pytest.raises(KeyError, match="miou_mask"):
+        OccupancyEvaluator(compute_miou=True, miou_mask="mask")
+    del samples[0]["occ_visible"]
+    evaluator.reset()
+    with pytest.raises(KeyError, match="occ_visible"):
+        evaluator.process(samples[:1], outputs[:1])

@@ -76,6 +76,7 @@ class OccupancyEvaluator(DatasetEvaluator):
         distributed: bool = True,
         compute_flow: Optional[bool] = None,
         compute_miou: bool = False,
+        miou_mask: str = "occ_mask_camera",
         export_submission: bool = False,
         submission_info: Optional[Dict[str, object]] = None,
         ray_directions: Optional[torch.Tensor] = None,
@@ -95,7 +96,11 @@ class OccupancyEvaluator(DatasetEvaluator):
             distributed: gather the statistics of every process in :meth:`evaluate`.
             compute_flow: report mAVE and OccScore (default: the ground truth has flow,
                 i.e. ``gt_format == "openocc_v2"``).
-            compute_miou: also report the Occ3D voxel mIoU over ``occ_mask_camera``.
+            compute_miou: also report the voxel mIoU (Occ3D's metric: confusion over the voxels
+                of ``miou_mask``, free excluded).
+            miou_mask: the sample field that selects the voxels of the mIoU:
+                ``occ_mask_camera`` (Occ3D, the default) or ``occ_visible`` (ray-visible voxels
+                of OpenOcc v2 labels that carry a ``visible`` mask, e.g. the synthetic dataset).
             export_submission: write the challenge submission (needs ``output_dir``).
             submission_info: the submission's method/team/authors/... fields.
             ray_directions: (R, 3) override of the LiDAR ray pattern (tests, ablations).
@@ -109,6 +114,10 @@ class OccupancyEvaluator(DatasetEvaluator):
         # else: the dataset is registered later (e.g. when the test loader is built) and the
         # label set is read from its metadata on first use
         self.compute_miou = bool(compute_miou)
+        if miou_mask not in ("occ_mask_camera", "occ_mask_lidar", "occ_visible"):
+            raise KeyError(f"OccupancyEvaluator: unknown miou_mask {miou_mask!r}; expected 'occ_mask_camera', "
+                           "'occ_mask_lidar' or 'occ_visible'")
+        self.miou_mask = miou_mask
         self.output_dir = output_dir
         self.distributed = distributed
         self.export_submission = bool(export_submission)
@@ -223,11 +232,11 @@ class OccupancyEvaluator(DatasetEvaluator):
                 if has_gt:
                     stats = sample_stats(rays, num_classes=len(self.class_names), voxel_size=self.grid.voxel_size)
                     if self.compute_miou:
-                        if "occ_mask_camera" not in sample:
-                            raise KeyError(f"OccupancyEvaluator: sample {token} has no 'occ_mask_camera' (needed "
-                                           "for the Occ3D mIoU; set compute_miou=False)")
+                        if self.miou_mask not in sample:
+                            raise KeyError(f"OccupancyEvaluator: sample {token} has no {self.miou_mask!r} (needed "
+                                           "for the voxel mIoU; set compute_miou=False or another miou_mask)")
                         stats.confusion = occ3d_confusion(output["occ"], sample["occ_semantics"],
-                                                          sample["occ_mask_camera"],
+                                                          sample[self.miou_mask],
                                                           num_classes=len(self.class_names), token=token)
                     if token in self._stats:
                         logger.warning("OccupancyEvaluator: sample %s seen twice; counting it once", token)

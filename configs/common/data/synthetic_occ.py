@@ -57,4 +57,6 @@ dataloader.test = L(build_test_loader)(
 )
 
 # output_dir=None: do_test writes to train.output_dir/inference/
-dataloader.evaluator = L(OccupancyEvaluator)(dataset_name="${..test.dataset.name}", output_dir=None)
+# RayIoU / mAVE / OccScore, and the voxel mIoU over the ray-visible voxels of the labels
+dataloader.evaluator = L(OccupancyEvaluator)(dataset_name="${..test.dataset.name}", output_dir=None,
+                                             compute_miou=True, miou_mask="occ_visible")
