@@ -72,3 +72,24 @@ def test_save_png_round_trips_and_rejects_bad_arrays(tmp_path):
         vis.save_png(str(tmp_path / "b.png"), image.astype(np.float32))
     tiled = vis.tile_images([image, image, image], columns=2, pad=1)
     assert tiled.shape == (2 * 13 + 1, 2 * 8 + 1, 3)
+
+
+def test_flow_arrows_point_where_the_voxels_move_on_the_map():
+    from voxelsplat.utils.visualization import bev_flow, bev_flow_columns, draw_flow_arrows, upscale
+
+    X, Y, Z, free = 24, 24, 4, 16
+    semantics = np.full((X, Y, Z), free)
+    flow = np.zeros((X, Y, Z, 2), np.float32)
+    semantics[9:12, 15:18, 1] = 0
+    flow[9:12, 15:18, 1] = (4.0, 0.0)  # forward: up on the map
+    semantics[3, 3, 0] = 14  # a still manmade voxel
+    base = upscale(bev_flow(semantics, flow, free), 4)
+    assert base.shape == (4 * X, 4 * Y, 3)
+    assert tuple(base[4 * (X - 1 - 3) + 1, 4 * (Y - 1 - 3) + 1]) == (170, 170, 170)  # still: grey
+    arrows = draw_flow_arrows(base, bev_flow_columns(semantics, flow, free), voxel_size=0.4, scale=4, step=3)
+    changed = np.argwhere(np.any(arrows != base, axis=-1))
+    assert len(changed) > 0
+    # the arrow starts in the moving block's columns and extends upwards (to smaller rows)
+    block_rows = (4 * (X - 12), 4 * (X - 9))
+    assert changed[:, 0].min() < block_rows[0] - 10
+    assert np.all((changed[:, 1] >= 4 * (Y - 18) - 4) & (changed[:, 1] <= 4 * (Y - 15) + 4))

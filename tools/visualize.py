@@ -41,6 +41,10 @@ def parse_args(argv=None):
     return parser.parse_args(argv)
 
 
+BEV_SCALE = 3  # pixels per voxel in the BEV pictures
+RENDER_MIN_WIDTH = 320  # regularizer renders are enlarged to at least this width
+
+
 def dataset_metadata(dataset_name):
     meta = MetadataCatalog.get(dataset_name)
     return meta.class_names, meta.free_index, grid_from_metadata(meta)
@@ -52,18 +56,22 @@ def sample_pictures(sample, output, class_names, free_index, grid):
     gt = sample["occ_semantics"].cpu().numpy()
     pred = output["occ"].cpu().numpy()
     pictures = {}
-    bev_gt = vis.label_image(vis.bev_semantics(gt, class_names, free_index), "GT")
-    bev_pred = vis.label_image(vis.bev_semantics(pred, class_names, free_index), "prediction")
+    scale = BEV_SCALE
+    bev_gt = vis.caption(vis.upscale(vis.bev_semantics(gt, class_names, free_index), scale), "GT occupancy")
+    bev_pred = vis.caption(vis.upscale(vis.bev_semantics(pred, class_names, free_index), scale),
+                           "predicted occupancy")
     legend = vis.legend(class_names)
     legend_canvas = np.full((bev_gt.shape[0], legend.shape[1], 3), 255, np.uint8)
     legend_canvas[: min(legend.shape[0], bev_gt.shape[0])] = legend[: bev_gt.shape[0]]
-    pictures[f"{token}_bev_occupancy"] = np.concatenate(
-        [bev_pred, np.full((bev_gt.shape[0], 6, 3), 255, np.uint8), bev_gt, legend_canvas], axis=1)
-    flow_gt = vis.bev_flow(gt, sample["occ_flow"].cpu().numpy(), free_index)
-    flow_pred = vis.bev_flow(pred, output["flow"].cpu().numpy(), free_index)
-    pictures[f"{token}_bev_flow"] = np.concatenate(
-        [vis.label_image(flow_pred, "predicted flow"), np.full((flow_gt.shape[0], 6, 3), 255, np.uint8),
-         vis.label_image(flow_gt, "GT flow")], axis=1)
+    gap = np.full((bev_gt.shape[0], 6, 3), 255, np.uint8)
+    pictures[f"{token}_bev_occupancy"] = np.concatenate([bev_pred, gap, bev_gt, legend_canvas], axis=1)
+    flows = []
+    for title, semantics, flow in (("predicted flow", pred, output["flow"].cpu().numpy()),
+                                   ("GT flow", gt, sample["occ_flow"].cpu().numpy())):
+        image = vis.upscale(vis.bev_flow(semantics, flow, free_index, class_names=class_names), scale)
+        image = vis.draw_flow_arrows(image, vis.bev_flow_columns(semantics, flow, free_index), grid.voxel_size, scale)
+        flows.append(vis.caption(image, f"{title} (arrows: 1 s of motion; colour: direction)"))
+    pictures[f"{token}_bev_flow"] = np.concatenate([flows[0], gap, flows[1]], axis=1)
     centers = grid.voxel_centers()
     images = sample["img"].cpu().numpy().transpose(0, 2, 3, 1)
     cams = []
@@ -99,7 +107,9 @@ def regularizer_pictures(model, cfg, class_names, num_views=3):
                                    class_names)
         gt = vis.render_to_color(renders["gt_features"][view].numpy(), renders["gt_alphas"][view].numpy(),
                                  class_names)
-        rows += [vis.label_image(pred, f"view {view}: prediction"), vis.label_image(gt, f"view {view}: GT")]
+        factor = max(1, -(-RENDER_MIN_WIDTH // pred.shape[1]))
+        rows += [vis.caption(vis.upscale(pred, factor), f"view {view}: rendered prediction"),
+                 vis.caption(vis.upscale(gt, factor), f"view {view}: rendered GT")]
     return {"regularizer_renders": vis.tile_images(rows, columns=2)}
 
 

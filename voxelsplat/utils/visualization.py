@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import os
 import tempfile
-from typing import Dict, Sequence
+from typing import Dict, Optional, Sequence
 
 import numpy as np
 
@@ -68,18 +68,75 @@ def flow_to_color(flow_xy: np.ndarray, max_speed: float = 10.0) -> np.ndarray:
     return (rgb * 255).round().astype(np.uint8)
 
 
-def bev_flow(semantics: np.ndarray, flow: np.ndarray, free_index: int, max_speed: float = 10.0) -> np.ndarray:
-    """Top-down flow of a [X, Y, Z] grid with [X, Y, Z, 2] velocities: the colour of the
-    fastest voxel in each column (white where still, light grey where empty), oriented
-    like ``bev_semantics``."""
+def bev_flow_columns(semantics: np.ndarray, flow: np.ndarray, free_index: int) -> np.ndarray:
+    """(X, Y, 2) velocity of the fastest occupied voxel of each column (0 where empty)."""
     speed = np.linalg.norm(flow, axis=-1)
     speed = np.where(semantics != free_index, speed, -1.0)
     k = np.argmax(speed, axis=2)
-    column_flow = np.take_along_axis(flow, k[..., None, None], axis=2)[:, :, 0]
+    return np.take_along_axis(flow, k[..., None, None], axis=2)[:, :, 0]
+
+
+GROUND_CLASSES = ("driveable_surface", "other_flat", "sidewalk", "terrain")
+
+
+def bev_flow(semantics: np.ndarray, flow: np.ndarray, free_index: int, max_speed: float = 10.0,
+             class_names: Optional[Sequence[str]] = None) -> np.ndarray:
+    """Top-down flow of a [X, Y, Z] grid with [X, Y, Z, 2] velocities: the colour of the
+    fastest voxel in each column (hue = direction, saturation = speed); still columns grey
+    (light grey where only ground classes are occupied, when ``class_names`` is given),
+    empty columns white; oriented like ``bev_semantics``."""
+    column_flow = bev_flow_columns(semantics, flow, free_index)
     image = flow_to_color(column_flow, max_speed)
-    empty = ~(semantics != free_index).any(axis=2)
-    image[empty] = (235, 235, 235)
+    occupied = semantics != free_index
+    if class_names is not None:
+        ground = np.isin(semantics, [i for i, n in enumerate(class_names) if n in GROUND_CLASSES])
+        standing = (occupied & ~ground).any(axis=2)
+    else:
+        standing = occupied.any(axis=2)
+    still = np.linalg.norm(column_flow, axis=-1) < 0.05 * max_speed
+    image[still] = (238, 238, 238)
+    image[still & standing] = (170, 170, 170)
+    image[~occupied.any(axis=2)] = (255, 255, 255)
     return np.ascontiguousarray(image[::-1, ::-1])
+
+
+def upscale(image: np.ndarray, factor: int) -> np.ndarray:
+    """Nearest-neighbour enlargement of an (H, W, 3) image by an integer factor."""
+    factor = int(factor)
+    if factor <= 1:
+        return image
+    return np.ascontiguousarray(np.repeat(np.repeat(image, factor, axis=0), factor, axis=1))
+
+
+def draw_flow_arrows(image: np.ndarray, column_flow: np.ndarray, voxel_size: float, scale: int, step: int = 6,
+                     min_speed: float = 0.5, seconds: float = 1.0) -> np.ndarray:
+    """Arrows on an upscaled BEV image (made by ``bev_*`` then ``upscale(., scale)``) every
+    ``step`` columns where the speed exceeds ``min_speed``: each arrow shows where the voxel
+    goes in ``seconds`` (ego x up, ego y left)."""
+    import cv2
+
+    out = np.ascontiguousarray(image.copy())
+    size_x, size_y = column_flow.shape[:2]
+    for i in range(step // 2, size_x, step):
+        for j in range(step // 2, size_y, step):
+            vx, vy = (float(v) for v in column_flow[i, j])
+            if np.hypot(vx, vy) < min_speed:
+                continue
+            # image row = X-1-i (x up), column = Y-1-j (y left)
+            row, col = (size_x - 1 - i + 0.5) * scale, (size_y - 1 - j + 0.5) * scale
+            d_row, d_col = -vx * seconds / voxel_size * scale, -vy * seconds / voxel_size * scale
+            cv2.arrowedLine(out, (int(col), int(row)), (int(col + d_col), int(row + d_row)), (0, 0, 0), 1,
+                            cv2.LINE_AA, tipLength=0.3)
+    return out
+
+
+def caption(image: np.ndarray, text: str, height: int = 18) -> np.ndarray:
+    """``image`` with a white band on top holding ``text`` (the image itself stays visible)."""
+    import cv2
+
+    band = np.full((height, image.shape[1], 3), 255, np.uint8)
+    cv2.putText(band, text, (3, height - 5), cv2.FONT_HERSHEY_SIMPLEX, 0.4, (0, 0, 0), 1, cv2.LINE_AA)
+    return np.concatenate([band, image], axis=0)
 
 
 def overlay_occupancy_on_image(
