@@ -36,6 +36,10 @@ def test_warmup_step_schedule_values():
     assert sched(0.9) == pytest.approx(0.01)
     cos = warmup_cosine_schedule(max_iter=100, warmup_iters=0, end_value=0.0)
     assert cos(0.5) == pytest.approx(0.5, abs=1e-6)
+    # very short runs: a step that rounds to the end never applies and is dropped
+    short = warmup_step_schedule(max_iter=3, steps=(0.85,), warmup_iters=0)
+    assert [short(i / 3) for i in range(3)] == [1.0, 1.0, 1.0]
+    assert warmup_step_schedule(max_iter=1, steps=(0.5,), warmup_iters=0)(0.0) == 1.0
 
 
 def test_registries_build_by_name_and_from_modules():

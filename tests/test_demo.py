@@ -1,0 +1,55 @@
+"""The demo pipeline end to end at a tiny size, through the same code path as `make demo`:
+dataset generation, training and evaluation of both models, the table, TensorBoard logs and
+pictures."""
+import json
+import math
+import os
+import subprocess
+import sys
+
+import numpy as np
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def test_quick_demo_writes_metrics_table_tensorboard_and_pictures(tmp_path):
+    import cv2
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    out, data = tmp_path / "demo", tmp_path / "data"
+    proc = subprocess.run([sys.executable, os.path.join(ROOT, "tools", "run_demo.py"), "--quick", "--iters", "3",
+                           "--output-dir", str(out), "--data-dir", str(data)],
+                          cwd=ROOT, capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    with open(out / "results.json") as f:
+        results = json.load(f)
+    assert list(results) == ["FB-Occ (baseline)", "VoxelSplat"]
+    for name, metrics in results.items():
+        for key in ("RayIoU", "RayIoU@1", "RayIoU@2", "RayIoU@4", "mIoU"):
+            assert 0.0 <= metrics[key] <= 100.0, (name, key, metrics[key])
+        assert "mAVE" in metrics and "OccScore" in metrics
+        assert metrics["train_time_s"] > 0 and metrics["step_time_s"] > 0 and metrics["peak_memory_mb"] > 0
+    table = (out / "results.md").read_text()
+    assert "| VoxelSplat |" in table and "RayIoU@4" in table and "mIoU" in table
+    for run in ("fbocc_tiny", "voxelsplat_tiny"):
+        run_dir = out / run
+        assert (run_dir / "model_final.pth").is_file()
+        assert (run_dir / "inference" / "occupancy_results.json").is_file()
+        pictures = sorted(p for p in os.listdir(run_dir / "pictures") if p.endswith(".png"))
+        kinds = {p.split("_", 1)[1] for p in pictures}
+        assert {"bev_occupancy.png", "bev_flow.png", "cameras.png"} <= kinds
+        if run == "voxelsplat_tiny":
+            assert "regularizer_renders.png" in pictures
+        for picture in pictures:
+            image = cv2.imread(str(run_dir / "pictures" / picture))
+            assert image is not None and image.shape[0] >= 100 and image.shape[1] >= 200, picture
+            assert image.std() > 5, f"{picture} is blank"
+        events = EventAccumulator(str(run_dir), size_guidance={"images": 0, "scalars": 0})
+        events.Reload()
+        tags = events.Tags()
+        assert any(t.startswith("occupancy/") for t in tags["scalars"]), tags["scalars"]
+        assert any("bev_occupancy" in t for t in tags["images"]), tags["images"]
+    # the dataset is reused by a second run with the same settings
+    marker = json.loads((data / "demo_dataset.json").read_text())
+    assert marker["scenes"] == 2 and not math.isnan(float(marker["seed"]))
+    assert np.isfinite(results["VoxelSplat"]["step_time_s"])
