@@ -111,6 +111,8 @@ def test_eval_only_loads_checkpoint_and_evaluates(tmp_path):
     proc = run_train_net("--config-file", TOY_CONFIG, "--eval-only",
                          f"train.init_checkpoint={out}/model_final.pth", f"train.output_dir={tmp_path / 'eval'}")
     assert "copypaste: mse,count" in proc.stdout + proc.stderr
+    with open(tmp_path / "eval" / "log.txt") as f:  # the library's loggers reach log.txt
+        assert "Evaluation results" in f.read()
     missing = run_train_net("--config-file", TOY_CONFIG, "--eval-only",
                             f"train.init_checkpoint={tmp_path}/nope.pth", f"train.output_dir={tmp_path / 'e2'}",
                             expect_ok=False)

@@ -186,6 +186,11 @@ def test_occupancy_flow_loss_module_masks_and_weights():
     empty = loss(logits, flow, torch.full_like(target, 255), flow_target)
     assert all(v.item() == 0.0 for v in empty.values())
     assert torch.isfinite(sum(out.values()))
+    # A class id the head cannot predict (e.g. Occ3D's 18 classes into a 17-class model) is an error.
+    wrong = target.clone()
+    wrong[1, 2, 3, 1] = num_classes
+    with pytest.raises(ValueError, match=f"class id {num_classes} .*predicts {num_classes} classes.*gt_format"):
+        loss(logits, flow, wrong, flow_target)
 
 
 def test_class_weights_reject_fractions():

@@ -16,6 +16,8 @@ import sys
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from detectron2.engine import default_argument_parser, default_setup  # noqa: E402
+from detectron2.utils import comm  # noqa: E402
+from detectron2.utils.logger import setup_logger  # noqa: E402
 
 from voxelsplat.engine import do_eval_only, do_train, launch, load_config  # noqa: E402
 
@@ -25,6 +27,8 @@ logger = logging.getLogger("voxelsplat")
 def main(args):
     cfg = load_config(args.config_file, args.opts)
     default_setup(cfg, args)
+    # the library's own loggers (evaluation tables, data, hooks) go to the console and log.txt too
+    setup_logger(cfg.train.output_dir, distributed_rank=comm.get_rank(), name="voxelsplat", abbrev_name="vs")
     if args.eval_only:
         results = do_eval_only(cfg)
         logger.info("Evaluation results: %s", results)

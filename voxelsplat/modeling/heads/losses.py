@@ -350,7 +350,13 @@ class OccupancyFlowLoss(nn.Module):
         dtype = torch.promote_types(occ_logits.dtype, torch.float32)  # float32 under mixed precision
         logits = occ_logits.to(dtype).flatten(2).transpose(0, 1).reshape(k, -1).t()
         target = occ_target.reshape(-1).long()
-        valid = (target != self.ignore_index) & (target >= 0) & (target < k)
+        labelled = target != self.ignore_index
+        out_of_range = labelled & ((target < 0) | (target >= k))
+        if bool(out_of_range.any()):
+            bad = int(target[out_of_range][0])
+            raise ValueError(f"occ_semantics holds class id {bad} but the head predicts {k} classes (0..{k - 1}): the "
+                             "label set of the data (gt_format) and the model's num_classes disagree")
+        valid = labelled
         if valid_mask is not None:
             valid = valid & valid_mask.reshape(-1).bool()
         all_valid = bool(valid.all())
