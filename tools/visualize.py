@@ -47,7 +47,7 @@ RENDER_MIN_WIDTH = 320  # regularizer renders are enlarged to at least this widt
 
 def dataset_metadata(dataset_name):
     meta = MetadataCatalog.get(dataset_name)
-    return meta.class_names, meta.free_index, grid_from_metadata(meta)
+    return meta.thing_classes, meta.free_index, grid_from_metadata(meta)
 
 
 def sample_pictures(sample, output, class_names, free_index, grid):
