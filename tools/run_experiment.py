@@ -4,7 +4,8 @@ seeds; reports mean and spread of every metric and the time/memory ratios.
 
     python tools/run_experiment.py --seeds 0 1 2 --iters 300
 
-Writes ``<output-dir>/experiment.json`` and ``<output-dir>/experiment.md`` (the table that
+A seed whose ``<output-dir>/seed<N>/results.json`` exists is read instead of re-run (an
+interrupted experiment resumes). Writes ``<output-dir>/experiment.json`` and ``<output-dir>/experiment.md`` (the table that
 docs/RESULTS.md quotes).
 """
 import argparse
@@ -52,7 +53,13 @@ def main(argv=None):
                      "--seed", "0"]
         if args.iters:
             demo_args += ["--iters", str(args.iters)]
-        results = run_demo.main(demo_args + [f"train.seed={seed}"] + [o for o in args.opts if o != "--"])
+        finished = os.path.join(args.output_dir, f"seed{seed}", "results.json")
+        if os.path.isfile(finished):  # an interrupted experiment resumes where it stopped
+            with open(finished) as f:
+                results = json.load(f)
+            print(f"[experiment] seed {seed}: reusing {finished}", flush=True)
+        else:
+            results = run_demo.main(demo_args + [f"train.seed={seed}"] + [o for o in args.opts if o != "--"])
         for model, metrics in results.items():
             per_model.setdefault(model, []).append(metrics)
 
