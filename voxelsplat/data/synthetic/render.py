@@ -377,10 +377,12 @@ def occupancy_labels(world: World, boxes: BoxSet, ego2global: np.ndarray,
 
 
 def ray_visibility(origin: np.ndarray, directions: np.ndarray, hit_t: np.ndarray, grid: OccupancyGrid,
-                   step: Optional[float] = None, chunk: int = 8192) -> np.ndarray:
+                   step: Optional[float] = None, chunk: int = 8192, traverse_every: int = 1) -> np.ndarray:
     """Voxels crossed by rays (ego frame of the grid) up to their hit, and the voxel holding
     each ray's end (just behind the hit): bool (X, Y, Z). Rays are sampled every ``step``
-    metres (default: half a voxel); rays with an infinite ``hit_t`` run to the grid's boundary."""
+    metres (default: half a voxel); rays with an infinite ``hit_t`` run to the grid's boundary.
+    With ``traverse_every`` = k only every k-th ray marks the free space it crosses (dense ray
+    patterns cross the same voxels many times); every ray marks its end voxel."""
     shape = np.array(grid.shape)
     lo, hi = grid.range_min, grid.range_max
     step = step or 0.5 * grid.voxel_size
@@ -407,6 +409,8 @@ def ray_visibility(origin: np.ndarray, directions: np.ndarray, hit_t: np.ndarray
     for first_ray in range(0, len(directions), chunk):
         e = end[first_ray:first_ray + chunk]
         counts = np.floor(e / step).astype(np.int64) + 1
+        if traverse_every > 1:
+            counts[(np.arange(first_ray, first_ray + len(e)) % traverse_every) != 0] = 1
         ray = np.repeat(np.arange(len(e)), counts)
         offsets = np.concatenate([[0], np.cumsum(counts)[:-1]])
         k = (np.arange(counts.sum()) - np.repeat(offsets, counts)).astype(np.float32)
