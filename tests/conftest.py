@@ -4,6 +4,15 @@ from types import SimpleNamespace
 
 import pytest
 
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    # one intra-op thread per test process (and the processes they start): N workers on N cores
+    # without oversubscription, which slows CPU training steps several times over
+    for _name in ("OMP_NUM_THREADS", "MKL_NUM_THREADS"):
+        os.environ.setdefault(_name, "1")
+    import torch
+
+    torch.set_num_threads(1)
+
 # 2 scenes (one of nuScenes' mini_train, one of mini_val) x 4 keyframes, small images.
 SYNTHETIC_SCENES = 2
 SYNTHETIC_SAMPLES_PER_SCENE = 4
