@@ -18,12 +18,11 @@ def warmup_step_schedule(max_iter: int, steps: Sequence[float] = (0.85,), gamma:
     """Linear warm-up over ``warmup_iters``, then multiply by ``gamma`` at each fraction of
     training in ``steps`` (a step that rounds to the last iteration or beyond never applies
     and is dropped, so very short runs work)."""
-    if max_iter <= 0:
-        raise ValueError(f"max_iter must be positive, got {max_iter}")
+    warmup = _warmup_fraction(warmup_iters, max_iter)  # also rejects max_iter <= 0
     milestones = sorted(m for m in {max(1, int(round(s * max_iter))) for s in steps if 0 < s < 1} if m < max_iter)
     values = [gamma**i for i in range(len(milestones) + 1)]
     scheduler = MultiStepParamScheduler(values=values, milestones=milestones, num_updates=max_iter)
-    return WarmupParamScheduler(scheduler, warmup_factor, _warmup_fraction(warmup_iters, max_iter))
+    return WarmupParamScheduler(scheduler, warmup_factor, warmup)
 
 
 def warmup_cosine_schedule(max_iter: int, warmup_iters: int = 500, warmup_factor: float = 0.001,

@@ -39,6 +39,12 @@ class RayHits:
     axis: np.ndarray
     sign: np.ndarray
 
+    def box_normals(self, boxes: BoxSet, rows: np.ndarray) -> np.ndarray:
+        """(len(rows), 3) global unit normals of the box faces hit by rays ``rows`` (box hits)."""
+        normal_local = np.zeros((len(rows), 3))
+        normal_local[np.arange(len(rows)), self.axis[rows]] = self.sign[rows]
+        return _yaw_rotate(normal_local, boxes.yaw[self.box[rows]])
+
 
 def _yaw_rotate(vectors: np.ndarray, yaw) -> np.ndarray:
     c, s = np.cos(yaw), np.sin(yaw)
@@ -248,10 +254,7 @@ def shade(world: World, boxes: BoxSet, hits: RayHits, origin: np.ndarray, direct
         barrier = labels == CLASS["barrier"]
         base[barrier & (_frac((along + height) / 0.7) < 0.5)] = (0.8, 0.12, 0.1)
 
-        normal_local = np.zeros((len(b), 3))
-        normal_local[np.arange(len(b)), hits.axis[b]] = hits.sign[b]
-        normal = _yaw_rotate(normal_local, boxes.yaw[index])
-        light = 0.4 + 0.6 * np.clip(normal @ _SUN, 0, 1)
+        light = 0.4 + 0.6 * np.clip(hits.box_normals(boxes, b) @ _SUN, 0, 1)
         colour[b] = base * light[:, None]
 
     haze = 1 - np.exp(-np.where(finite, hits.t, 0.0) / 220.0)
@@ -291,11 +294,8 @@ def lidar_scan(world: World, boxes: BoxSet, lidar2global: np.ndarray, directions
     cos_incidence = np.ones(int(keep.sum()))
     on_box = hits.box[keep] >= 0
     if on_box.any():
-        idx = hits.box[keep][on_box]
-        normal_local = np.zeros((len(idx), 3))
-        normal_local[np.arange(len(idx)), hits.axis[keep][on_box]] = hits.sign[keep][on_box]
-        normal = _yaw_rotate(normal_local, boxes.yaw[idx])
-        cos_incidence[on_box] = np.abs(np.einsum("ij,ij->i", normal, directions[keep][on_box]))
+        rows = np.flatnonzero(keep)[on_box]
+        cos_incidence[on_box] = np.abs(np.einsum("ij,ij->i", hits.box_normals(boxes, rows), directions[rows]))
     on_ground = hits.box[keep] == GROUND
     cos_incidence[on_ground] = np.abs(directions[keep][on_ground, 2])
     intensity = _REFLECTIVITY[hits.label[keep]] * (0.3 + 0.7 * cos_incidence)

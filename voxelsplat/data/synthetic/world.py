@@ -218,14 +218,12 @@ class _Road:
     lanes: int  # per direction
     parking: Tuple[bool, bool]  # parking lane on the right / left side
     sidewalk: float  # width (m)
+    junction_s: float = 0.0  # side streets: arclength of the main road where they cross it
 
     @property
-    def half_width(self) -> float:
+    def curb(self) -> float:
+        """Distance from the centreline to the curb (both sides): the lanes and a parking lane."""
         return self.lanes * LANE_WIDTH + 2.5 * max(self.parking)
-
-    @property
-    def curb(self) -> float:  # distance from the centreline to the curb, both sides
-        return self.half_width
 
 
 class _StaticBuilder:
@@ -291,17 +289,15 @@ def build_world(seed: int, scene_index: int, duration: float) -> World:
     num_cross = int(rng.integers(1, 3))
     cross_s = np.sort(rng.uniform(ego_s0 - 25.0, ego_s0 + travel + 45.0, num_cross))
     for s in cross_s:
-        if len(roads) > 1 and s - roads[-1].meta_s < 40.0:  # type: ignore[attr-defined]
+        if len(roads) > 1 and s - roads[-1].junction_s < 40.0:
             continue
         x, y, h = main.path.pose(s)
         angle = float(h) + np.pi / 2 + rng.uniform(-0.25, 0.25)
         direction = np.array([np.cos(angle), np.sin(angle)])
         centre = np.array([float(x), float(y)])
         points = centre + np.outer(np.arange(-90.0, 91.0, 2.0), direction)
-        road = _Road(Path(points), lanes=1, parking=(False, False), sidewalk=float(rng.uniform(2.0, 3.5)))
-        road.meta_s = float(s)  # type: ignore[attr-defined]
-        roads.append(road)
-    main.meta_s = 0.0  # type: ignore[attr-defined]
+        roads.append(_Road(Path(points), lanes=1, parking=(False, False), sidewalk=float(rng.uniform(2.0, 3.5)),
+                           junction_s=float(s)))
 
     ground = _draw_ground(rng, roads)
     static = _StaticBuilder(rng)
@@ -374,7 +370,7 @@ def _draw_ground(rng: np.random.Generator, roads: List[_Road]) -> Ground:
         offsets = [0.0] + [sign * k * LANE_WIDTH for k in range(1, road.lanes) for sign in (-1, 1)]
         for offset in offsets:
             line = road.path.offset(offset).points
-            for start in range(0, len(line) - 1, 6 if road.lanes > 0 else 1):
+            for start in range(0, len(line) - 1, 6):  # 3 m dashes every 6 m
                 segment = line[start:start + 3]
                 cv2.polylines(markings, [pix(segment)], False, 1, thickness=1, lineType=cv2.LINE_8, shift=shift)
         for sign in (-1, 1):
@@ -636,7 +632,7 @@ def _turn_path(main: _Road, road: _Road, rng) -> Optional[Tuple[Path, float]]:
     """Main road's right lane -> a right turn -> the side street's outbound lane; returns the
     path and the arclength where the turn begins."""
     lane = main.path.offset(-0.5 * LANE_WIDTH)
-    junction_s = road.meta_s  # type: ignore[attr-defined]
+    junction_s = road.junction_s
     # the side street's outbound lane on the right of the main road's direction of travel
     x, y, h = (float(v) for v in main.path.pose(junction_s))
     right = np.array([np.sin(h), -np.cos(h)])

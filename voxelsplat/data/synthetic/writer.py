@@ -31,7 +31,7 @@ from typing import Dict, List, Optional, Sequence, Tuple
 import numpy as np
 
 from voxelsplat.data.occupancy_meta import DEFAULT_GRID, OPENOCC_V2_CLASSES, openocc_to_occ3d_lut
-from voxelsplat.utils.geometry import yaw_to_quaternion
+from voxelsplat.utils.geometry import matrix_to_quaternion, yaw_to_quaternion
 
 from .render import lidar_scan, occupancy_labels, points_in_boxes, ray_visibility, render_camera, camera_rays
 from .sensors import CAMERA_TIME_OFFSETS_US, LIDAR2EGO, LIDAR_MAX_RANGE, camera_rig, lidar_beam_directions
@@ -206,9 +206,8 @@ def _render_frame(task: _FrameTask) -> dict:
 
     semantics, flow = occupancy_labels(world, boxes, ego2global, grid)
     lidar_t = np.where(hits.t < LIDAR_MAX_RANGE, hits.t, np.inf)
-    lidar2ego = LIDAR2EGO
     # the free space of every other azimuth (neighbouring rays cross the same voxels), every hit
-    visible = ray_visibility(lidar2ego[:3, 3], directions @ lidar2ego[:3, :3].T, lidar_t, grid,
+    visible = ray_visibility(LIDAR2EGO[:3, 3], directions @ LIDAR2EGO[:3, :3].T, lidar_t, grid,
                              traverse_every=LIDAR_TRAVERSE_EVERY)
     scene_dir = spec.name
     openocc = os.path.join(task.root, "openocc_v2", scene_dir, task.sample_token, "labels.npz")
@@ -263,8 +262,6 @@ def _pose_record(token: str, timestamp: int, pose: np.ndarray) -> dict:
 
 
 def _calibration(token: str, sensor_token: str, sensor2ego: np.ndarray, intrinsics: Optional[np.ndarray]) -> dict:
-    from voxelsplat.utils.geometry import matrix_to_quaternion
-
     return dict(token=token, sensor_token=sensor_token, translation=[float(v) for v in sensor2ego[:3, 3]],
                 rotation=[float(v) for v in matrix_to_quaternion(sensor2ego[:3, :3])],
                 camera_intrinsic=[] if intrinsics is None else [[float(v) for v in row] for row in intrinsics])
