@@ -1,11 +1,14 @@
 """Ray casting of the RayIoU benchmark against a slow, obvious per-ray walk."""
 import math
+import os
 
 import numpy as np
 import pytest
 import torch
 
 from voxelsplat.data.occupancy_meta import DEFAULT_GRID, OccupancyGrid
+from voxelsplat.evaluation import native, ray_casting
+from voxelsplat.evaluation.native import native_ray_walk
 from voxelsplat.evaluation.ray_casting import cast_rays, lidar_pitch_angles, lidar_ray_directions
 
 SMALL_GRID = OccupancyGrid((-3.0, -2.0, -1.0, 4.0, 3.5, 2.0), 0.5)  # 14 x 11 x 6 voxels
@@ -100,8 +103,13 @@ def test_lidar_ray_pattern_matches_the_benchmark():
     assert np.allclose(directions[p * 360 + a], expected, atol=1e-15)
 
 
-@pytest.mark.parametrize("skip_empty_space", [True, False])
-def test_cast_matches_reference_on_random_grids(skip_empty_space):
+# the compiled walk, the vectorised walk with empty-space jumps, and without them
+WALKS = [dict(backend="native"), dict(backend="torch"), dict(backend="torch", skip_empty_space=False)]
+WALK_IDS = ["native", "torch", "torch-plain"]
+
+
+@pytest.mark.parametrize("walk", WALKS, ids=WALK_IDS)
+def test_cast_matches_reference_on_random_grids(walk):
     rng = np.random.default_rng(7)
     axes = np.array([[1, 0, 0], [-1, 0, 0], [0, 1, 0], [0, -1, 0], [0, 0, 1], [0, 0, -1]], float)
     for density in (0.0, 0.05, 0.2, 0.5):
@@ -111,11 +119,12 @@ def test_cast_matches_reference_on_random_grids(skip_empty_space):
         directions = rng.normal(size=(6, 30, 3))
         directions[:, :6] = axes  # rays along the axes
         result = cast_rays(torch.from_numpy(occupancy), torch.from_numpy(origins), torch.from_numpy(directions),
-                           SMALL_GRID, skip_empty_space=skip_empty_space)
+                           SMALL_GRID, **walk)
         compare_with_reference(occupancy, origins, directions, SMALL_GRID, result)
 
 
-def test_ties_follow_the_z_then_y_then_x_rule():
+@pytest.mark.parametrize("walk", WALKS, ids=WALK_IDS)
+def test_ties_follow_the_z_then_y_then_x_rule(walk):
     """Rays through voxel edges and corners, and along voxel faces, from exact positions."""
     grid = SMALL_GRID
     corner = grid.range_min + grid.voxel_size * np.array([2.0, 2.0, 2.0])  # a voxel corner
@@ -124,17 +133,17 @@ def test_ties_follow_the_z_then_y_then_x_rule():
     rng = np.random.default_rng(3)
     occupancy = rng.random((3,) + grid.shape) < 0.15
     for origin in (corner, corner + [0.2, 0.0, 0.0], corner + [0.0, 0.0, 0.2]):
-        for skip in (True, False):
-            result = cast_rays(torch.from_numpy(occupancy), torch.from_numpy(origin[None]),
-                               torch.from_numpy(directions), grid, skip_empty_space=skip)
-            compare_with_reference(occupancy, origin[None], directions, grid, result)
+        result = cast_rays(torch.from_numpy(occupancy), torch.from_numpy(origin[None]),
+                           torch.from_numpy(directions), grid, **walk)
+        compare_with_reference(occupancy, origin[None], directions, grid, result)
 
     # known answers: through the xy edge at (3, 3) the walk visits (2, 3, .) (y first), never (3, 2, .)
     origin = grid.range_min + grid.voxel_size * np.array([[2.0, 2.0, 0.5]])
     for side_voxel, is_visited in (((2, 3, 0), True), ((3, 2, 0), False)):
         occupied = np.zeros(grid.shape, bool)
         occupied[side_voxel] = True
-        result = cast_rays(torch.from_numpy(occupied), torch.from_numpy(origin), torch.tensor([[1.0, 1.0, 0.0]]), grid)
+        result = cast_rays(torch.from_numpy(occupied), torch.from_numpy(origin), torch.tensor([[1.0, 1.0, 0.0]]), grid,
+                           **walk)
         assert bool(result.hit[0, 0]) is is_visited
         if is_visited:
             assert int(result.voxel_index[0, 0]) == np.ravel_multi_index(side_voxel, grid.shape)
@@ -145,27 +154,30 @@ def test_ties_follow_the_z_then_y_then_x_rule():
     occupied = np.zeros(grid.shape, bool)
     occupied[3, 0, 2] = True  # the x-first side: skipped
     occupied[3, 0, 4] = True  # further along the diagonal: the hit
-    result = cast_rays(torch.from_numpy(occupied), torch.from_numpy(origin), torch.tensor([[1.0, 0.0, 1.0]]), grid)
+    result = cast_rays(torch.from_numpy(occupied), torch.from_numpy(origin), torch.tensor([[1.0, 0.0, 1.0]]), grid,
+                       **walk)
     assert int(result.voxel_index[0, 0]) == np.ravel_multi_index((3, 0, 4), grid.shape)
 
 
-def test_occupied_origin_voxel_is_the_hit():
+@pytest.mark.parametrize("walk", WALKS, ids=WALK_IDS)
+def test_occupied_origin_voxel_is_the_hit(walk):
     grid = SMALL_GRID
     occupied = np.zeros(grid.shape, bool)
     occupied[5, 5, 2] = True
     origin = grid.range_min + grid.voxel_size * np.array([[5.25, 5.5, 2.5]])
-    result = cast_rays(torch.from_numpy(occupied), torch.from_numpy(origin), torch.tensor([[1.0, 0.0, 0.0]]), grid)
+    result = cast_rays(torch.from_numpy(occupied), torch.from_numpy(origin), torch.tensor([[1.0, 0.0, 0.0]]), grid, **walk)
     assert bool(result.hit[0, 0]) and int(result.voxel_index[0, 0]) == np.ravel_multi_index((5, 5, 2), grid.shape)
     assert float(result.depth[0, 0]) == pytest.approx(0.75 * grid.voxel_size)
 
 
-def test_rays_that_hit_nothing_report_the_last_voxel_and_where_they_leave_the_grid():
+@pytest.mark.parametrize("walk", WALKS, ids=WALK_IDS)
+def test_rays_that_hit_nothing_report_the_last_voxel_and_where_they_leave_the_grid(walk):
     grid = SMALL_GRID
     rng = np.random.default_rng(11)
     origins = rng.uniform(grid.range_min + 0.01, grid.range_max - 0.01, size=(4, 3))
     directions = rng.normal(size=(50, 3))
     result = cast_rays(torch.zeros(grid.shape, dtype=torch.bool), torch.from_numpy(origins),
-                       torch.from_numpy(directions), grid)
+                       torch.from_numpy(directions), grid, **walk)
     assert not result.hit.any()
     unit = directions / np.linalg.norm(directions, axis=1, keepdims=True)
     for k, origin in enumerate(origins):
@@ -181,11 +193,12 @@ def test_rays_that_hit_nothing_report_the_last_voxel_and_where_they_leave_the_gr
         assert np.array_equal(result.voxel_index[0, k * 50:(k + 1) * 50].numpy(), expected)
 
 
-def test_rays_that_never_enter_the_grid():
+@pytest.mark.parametrize("walk", WALKS, ids=WALK_IDS)
+def test_rays_that_never_enter_the_grid(walk):
     grid = SMALL_GRID
     occupied = torch.ones(grid.shape, dtype=torch.bool)
     above = torch.tensor([[0.0, 0.0, grid.range_max[2] + 1.0]], dtype=torch.float64)
-    result = cast_rays(occupied, above, torch.tensor([[0.0, 0.3, 1.0], [0.0, 0.0, -1.0]]), grid)
+    result = cast_rays(occupied, above, torch.tensor([[0.0, 0.3, 1.0], [0.0, 0.0, -1.0]]), grid, **walk)
     assert result.voxel_index[0, 0] == -1 and result.depth[0, 0] == 0 and not result.hit[0, 0]
     # straight down: enters through the top, the first voxel is occupied; depth 1 m + one voxel
     top = np.ravel_multi_index(tuple(grid.point_to_index([0.0, 0.0, grid.range_max[2] - 0.01])), grid.shape)
@@ -201,8 +214,9 @@ def test_empty_space_jumps_match_the_plain_walk_except_on_edge_grazing_rays():
     directions = lidar_ray_directions()
     # the second origin sits at voxel coordinates (49.25, 115.25, 6.25): rays at 45 deg azimuth
     # pass within 1e-14 voxel of voxel edges all along their way
-    fast = cast_rays(torch.from_numpy(occupancy), torch.from_numpy(origins), directions, grid)
-    plain = cast_rays(torch.from_numpy(occupancy), torch.from_numpy(origins), directions, grid, skip_empty_space=False)
+    fast = cast_rays(torch.from_numpy(occupancy), torch.from_numpy(origins), directions, grid, backend="torch")
+    plain = cast_rays(torch.from_numpy(occupancy), torch.from_numpy(origins), directions, grid, backend="torch",
+                      skip_empty_space=False)
     differ = ((fast.voxel_index != plain.voxel_index) | (fast.hit != plain.hit)).any(0).nonzero().squeeze(1)
     assert len(differ) <= 10
     for ray in differ.tolist():  # only rays grazing an edge may differ, and the plain walk is the reference's
@@ -223,11 +237,94 @@ def test_empty_space_jumps_match_the_plain_walk_except_on_edge_grazing_rays():
     compare_with_reference(occupancy, origins, directions.numpy(), grid, fast, rays=some)
 
 
+def test_native_walk_equals_the_vectorised_plain_walk_on_a_street_grid():
+    """The benchmark grid and rays, origins inside, outside and far outside the grid; any
+    thread count gives the same bytes."""
+    grid = DEFAULT_GRID
+    rng = np.random.default_rng(8)
+    occupancy = torch.from_numpy(np.stack([realistic_occupancy(rng, grid.shape, 40) for _ in range(3)]))
+    origins = torch.tensor([[0.9, 0.0, 1.84], [-20.3, 6.1, 1.5], [33.7, -12.2, 2.2], [0.13, -0.07, 9.0],
+                            [-45.0, 3.03, 1.07], [300.3, 250.1, 40.7]], dtype=torch.float64)
+    directions = lidar_ray_directions()
+    native = cast_rays(occupancy, origins, directions, grid, backend="native")
+    plain = cast_rays(occupancy, origins, directions, grid, backend="torch", skip_empty_space=False)
+    # the vectorised walk takes the crossings outside the grid in one multiplication where the
+    # native walk adds them up as the reference does: only rays that graze a voxel edge
+    # on their way in may differ
+    differ = ((native.voxel_index != plain.voxel_index) | (native.hit != plain.hit)).any(0).nonzero().squeeze(1)
+    assert set((differ // directions.shape[0]).tolist()) <= {3, 4, 5} and len(differ) <= 10
+    for ray in differ.tolist():
+        k, r = divmod(ray, directions.shape[0])
+        origin_vox = (origins[k].numpy() - grid.range_min) / grid.voxel_size
+        for v in range(3):
+            index, _, hit, margin = reference_cast(occupancy[v].numpy(), origin_vox, directions[r].numpy(),
+                                                   with_margin=True)
+            assert margin < 1e-12 or (int(native.voxel_index[v, ray]), bool(native.hit[v, ray])) == (index, hit)
+    same = torch.ones(native.voxel_index.shape[1], dtype=torch.bool)
+    same[differ] = False
+    assert torch.equal(native.voxel_index[:, same], plain.voxel_index[:, same])
+    assert torch.equal(native.hit[:, same], plain.hit[:, same])
+    assert torch.allclose(native.depth[:, same], plain.depth[:, same], rtol=0, atol=1e-9)
+    some = rng.choice(native.voxel_index.shape[1], 100, replace=False)
+    compare_with_reference(occupancy.numpy(), origins.numpy(), directions.numpy(), grid, native, rays=some)
+    assert 0.2 < native.hit.float().mean() < 0.95 and (native.voxel_index == -1).any()
+    # the walk is split over threads in chunks of rays: the thread count changes nothing
+    code = ray_casting._code_volume(occupancy)
+    origins_vox = (origins - torch.tensor(grid.range_min, dtype=torch.float64)) / grid.voxel_size
+    unit = directions / directions.norm(dim=-1, keepdim=True)
+    one, two = (native_ray_walk(code, grid.shape, 3, origins_vox, unit[None], threads=t) for t in (1, 2))
+    for a, b in zip(one, two):
+        assert torch.equal(a, b)
+    assert torch.equal(one[0], native.voxel_index)
+
+
+def test_native_walk_falls_back_to_torch_without_a_compiler(monkeypatch, tmp_path, caplog):
+    monkeypatch.setenv("CC", str(tmp_path / "no-such-compiler"))
+    monkeypatch.setenv("VOXELSPLAT_NATIVE_DIR", str(tmp_path / "native"))
+    monkeypatch.setattr(native, "_LIBRARY", None)
+    monkeypatch.setattr(native, "_FAILURE", None)
+    with caplog.at_level("WARNING", logger="voxelsplat.evaluation.native"):
+        assert native.ray_walk_library() is None
+    assert "falls back to the PyTorch walk" in caplog.text and "no-such-compiler" in caplog.text
+    rng = np.random.default_rng(4)
+    occupancy = torch.from_numpy(rng.random(SMALL_GRID.shape) < 0.2)
+    origins, directions = torch.tensor([[0.1, 0.2, 0.3]], dtype=torch.float64), torch.randn(40, 3, dtype=torch.float64)
+    auto = cast_rays(occupancy, origins, directions, SMALL_GRID)  # walks with torch
+    compare_with_reference(occupancy.numpy(), origins.numpy(), directions.numpy(), SMALL_GRID, auto)
+    with pytest.raises(native.NativeBuildError, match="no C compiler"):
+        cast_rays(occupancy, origins, directions, SMALL_GRID, backend="native")
+
+
+def test_native_walk_builds_into_its_cache_and_rebuilds_a_damaged_library(monkeypatch, tmp_path):
+    cache = tmp_path / "native"
+    monkeypatch.setenv("VOXELSPLAT_NATIVE_DIR", str(cache))
+    monkeypatch.setattr(native, "_LIBRARY", None)
+    monkeypatch.setattr(native, "_FAILURE", None)
+    target = native.library_path()
+    assert os.path.dirname(target) == str(cache)
+    os.makedirs(cache)
+    with open(target, "wb") as f:  # e.g. a copy cut short
+        f.write(b"not a shared library")
+    assert native.ray_walk_library(required=True) is not None
+    assert sorted(os.listdir(cache)) == [os.path.basename(target)]  # rebuilt in place, nothing partial left
+    with open(target, "rb") as f:
+        assert f.read(4) == b"\x7fELF"
+    occupancy = torch.zeros(SMALL_GRID.shape, dtype=torch.bool)
+    occupancy[7, 5, 3] = True
+    origin = torch.tensor([[SMALL_GRID.range_min[0] + 0.25, SMALL_GRID.range_min[1] + 2.75, 0.75]], dtype=torch.float64)
+    result = cast_rays(occupancy, origin, torch.tensor([[1.0, 0.0, 0.0]]), SMALL_GRID, backend="native")
+    assert bool(result.hit[0, 0]) and int(result.voxel_index[0, 0]) == np.ravel_multi_index((7, 5, 3), SMALL_GRID.shape)
+    assert float(result.depth[0, 0]) == pytest.approx(8 * SMALL_GRID.voxel_size - 0.25)
+
+
 def test_bad_inputs_are_reported():
     with pytest.raises(ValueError, match="occupancy has shape"):
         cast_rays(torch.zeros(3, 4, 5, dtype=torch.bool), torch.zeros(1, 3), torch.ones(1, 3), SMALL_GRID)
     with pytest.raises(ValueError, match="zero length"):
         cast_rays(torch.zeros(SMALL_GRID.shape, dtype=torch.bool), torch.zeros(1, 3), torch.zeros(1, 3), SMALL_GRID)
+    with pytest.raises(ValueError, match="unknown backend 'numba'"):
+        cast_rays(torch.zeros(SMALL_GRID.shape, dtype=torch.bool), torch.zeros(1, 3), torch.ones(1, 3), SMALL_GRID,
+                  backend="numba")
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")

@@ -9,10 +9,14 @@ road / sidewalk / terrain, building and vegetation rows along both sides, cars, 
 pedestrians, free space above; 8 origins along the ego trajectory. The prediction is the
 ground truth with objects moved, voxels relabelled and a noisy flow.
 
-Baselines measured in the same run (``*_ratio`` = baseline time / shipped time):
+The shipped CPU path is the compiled per-ray walk (``cast_rays(..., backend="auto")``, see
+``voxelsplat/evaluation/native.py``). Baselines measured in the same run (``speedup_vs_*``
+= baseline time / shipped time):
 
+- ``speedup_vs_torch_walk``: the vectorised PyTorch walk with empty-space jumps
+  (``backend="torch"``: the CUDA path, and the CPU fallback without a C compiler);
 - ``speedup_vs_plain_walk``: the same vectorised walk without the empty-space jumps
-  (``cast_rays(..., skip_empty_space=False)``), on the same samples;
+  (``backend="torch", skip_empty_space=False``), on the same samples;
 - ``speedup_vs_per_ray_python``: a straightforward per-ray DDA in Python on a random
   subset of the rays, scaled to the full ray count.
 
@@ -68,17 +72,18 @@ def street_scene(seed: int):
     return sem, flow, pred, pred_flow, origins
 
 
-def _time_samples(scenes, device, skip_empty_space: bool = True) -> List[float]:
+def _time_samples(scenes, device, **walk) -> List[float]:
+    """Seconds per sample; ``walk``: keyword arguments for ``cast_rays`` (backend, skip_empty_space)."""
     from voxelsplat.evaluation import ray_casting
     from voxelsplat.evaluation.ray_metrics import cast_sample_rays, sample_stats
 
     original = ray_casting.cast_rays
     times = []
     try:
-        if not skip_empty_space:  # the same walk, one voxel per step
+        if walk:
             import voxelsplat.evaluation.ray_metrics as ray_metrics
 
-            ray_metrics.cast_rays = lambda *a, **k: original(*a, skip_empty_space=False, **k)
+            ray_metrics.cast_rays = lambda *a, **k: original(*a, **walk, **k)
         for sem, flow, pred, pred_flow, origins in scenes:
             tensors = [torch.from_numpy(a).to(device) for a in (pred, sem, pred_flow, flow)]
             if device.type == "cuda":
@@ -143,13 +148,17 @@ def run(args) -> Dict[str, object]:
     num_samples = 3 if quick else 8
     scenes = [street_scene(seed) for seed in range(num_samples)]
     cpu = torch.device("cpu")
-    _time_samples(scenes[:1], cpu)  # warm-up
+    from voxelsplat.evaluation.native import ray_walk_library
+
+    _time_samples(scenes[:1], cpu)  # warm-up (and the build of the C walk, where needed)
     shipped = _time_samples(scenes, cpu)
-    plain = _time_samples(scenes[: max(2, num_samples // 2)], cpu, skip_empty_space=False)
+    torch_walk = _time_samples(scenes, cpu, backend="torch")
+    plain = _time_samples(scenes[: max(2, num_samples // 2)], cpu, backend="torch", skip_empty_space=False)
     python = _python_seconds_per_sample(scenes[0], 300 if quick else 1500)
     seconds = float(np.median(shipped))
     results: Dict[str, object] = {
         "device": "cpu",
+        "walk": "native" if ray_walk_library() is not None else "torch (no C compiler)",
         "threads": threads,
         "samples": num_samples,
         "rays_per_sample": 8 * 14040,
@@ -158,6 +167,8 @@ def run(args) -> Dict[str, object]:
         "target_seconds_per_sample": TARGET_SECONDS_PER_SAMPLE,
         "meets_target": seconds < TARGET_SECONDS_PER_SAMPLE,
         "val_set_minutes": round(seconds * VAL_SAMPLES / 60, 1),
+        "torch_walk_seconds_per_sample": round(float(np.median(torch_walk)), 4),
+        "speedup_vs_torch_walk": round(float(np.median(torch_walk)) / seconds, 2),
         "plain_walk_seconds_per_sample": round(float(np.median(plain)), 4),
         "speedup_vs_plain_walk": round(float(np.median(plain)) / seconds, 2),
         "per_ray_python_seconds_per_sample": round(python, 2),

@@ -16,10 +16,13 @@ behind the published RayIoU numbers does:
 - A ray whose origin lies outside the grid walks in from outside; one that never
   enters reports voxel ``-1`` and depth ``0``.
 
-The implementation marches all rays in lock-step with tensor operations (CPU or
-CUDA, float64 crossing times), several occupancy volumes at once (e.g. ground truth
-and prediction along the same rays), and compacts finished rays away every few
-steps. Long stretches of empty space are crossed in one jump: a per-level 2D
+Two implementations give these results. On CPU, a small C kernel
+(``csrc/ray_walk.c``, built on first use, :mod:`voxelsplat.evaluation.native`) walks
+each ray voxel by voxel exactly as the reference loop does, rays spread over CPU threads.
+The PyTorch walk (CUDA, and CPU where no C compiler is found) marches all rays in
+lock-step with tensor operations (float64 crossing times) and compacts finished rays
+away every few steps. Both share one walk between several occupancy volumes (e.g. ground
+truth and prediction along the same rays). Long stretches of empty space are crossed in one jump: a per-level 2D
 chessboard clearance says how many columns around a voxel are free at that level,
 and the walk skips to the last boundary crossing inside that free square without
 crossing a z boundary. Skipped voxels are all free, so the hits are those of the
@@ -43,6 +46,8 @@ from typing import List, Optional, Sequence, Union
 import torch
 
 from voxelsplat.data.occupancy_meta import DEFAULT_GRID, OccupancyGrid
+
+from .native import native_ray_walk, ray_walk_library
 
 __all__ = [
     "RayCastResult",
@@ -122,6 +127,7 @@ def cast_rays(
     grid: OccupancyGrid = DEFAULT_GRID,
     *,
     skip_empty_space: bool = True,
+    backend: str = "auto",
 ) -> RayCastResult:
     """Cast rays through one or more occupancy volumes of the same grid.
 
@@ -132,8 +138,12 @@ def cast_rays(
         directions: (R, 3) directions shared by every origin, or (K, R, 3) per origin; any
             nonzero length (normalised here), metres.
         grid: the voxel grid (range and voxel size; its shape must match ``occupancy``).
-        skip_empty_space: cross empty space in jumps (same result, faster); False walks
-            one voxel per step.
+        skip_empty_space: for the PyTorch walk, cross empty space in jumps (same result,
+            faster); False walks one voxel per step.
+        backend: ``"native"``: the compiled C walk, one ray at a time on CPU threads
+            (:mod:`voxelsplat.evaluation.native`; CPU tensors only); ``"torch"``: the
+            vectorised PyTorch walk (CPU or CUDA); ``"auto"``: native for CPU tensors where
+            it builds, else torch. Both give the reference traversal's results.
 
     Returns:
         :class:`RayCastResult` with V = number of volumes (1 for an (X, Y, Z) input) and
@@ -145,6 +155,10 @@ def cast_rays(
         raise ValueError(f"cast_rays: occupancy has shape {tuple(occupancy.shape)}, expected (V, "
                          f"{', '.join(map(str, grid.shape))}) for the grid {grid}")
     num_volumes = occupancy.shape[0]
+    if backend not in ("auto", "native", "torch"):
+        raise ValueError(f"cast_rays: unknown backend {backend!r}, expected 'auto', 'native' or 'torch'")
+    if backend == "native" and occupancy.device.type != "cpu":
+        raise ValueError(f"cast_rays: the native backend walks CPU tensors, the occupancy is on {occupancy.device}")
     if not 1 <= num_volumes <= 7:
         raise ValueError(f"cast_rays: {num_volumes} volumes given, at most 7 can share a walk")
     device = occupancy.device
@@ -171,6 +185,10 @@ def cast_rays(
         unit_directions = unit_directions[:1]
 
     code = _code_volume(occupancy)
+    if device.type == "cpu" and (backend == "native" or (backend == "auto" and ray_walk_library() is not None)):
+        voxel_index, depth_vox, hit = native_ray_walk(code, grid.shape, num_volumes, origins_vox, unit_directions)
+        return RayCastResult(voxel_index=voxel_index, depth=depth_vox * grid.voxel_size, depth_voxels=depth_vox,
+                             hit=hit)
     clearance = _level_clearance(code != 0) if skip_empty_space else None
     volume_bits = (1 << num_volumes) - 1
     voxel_index, depth_vox, hit = _march(code, clearance, grid.shape, origins_vox, unit_directions, volume_bits,
