@@ -281,9 +281,9 @@ def test_native_walk_equals_the_vectorised_plain_walk_on_a_street_grid():
 def test_native_walk_falls_back_to_torch_without_a_compiler(monkeypatch, tmp_path, caplog):
     monkeypatch.setenv("CC", str(tmp_path / "no-such-compiler"))
     monkeypatch.setenv("VOXELSPLAT_NATIVE_DIR", str(tmp_path / "native"))
-    monkeypatch.setattr(native, "_LIBRARY", None)
-    monkeypatch.setattr(native, "_FAILURE", None)
-    with caplog.at_level("WARNING", logger="voxelsplat.evaluation.native"):
+    monkeypatch.setattr(native.RAY_WALK, "_library", None)
+    monkeypatch.setattr(native.RAY_WALK, "_failure", None)
+    with caplog.at_level("WARNING", logger="voxelsplat.utils.native"):
         assert native.ray_walk_library() is None
     assert "falls back to the PyTorch walk" in caplog.text and "no-such-compiler" in caplog.text
     rng = np.random.default_rng(4)
@@ -298,9 +298,9 @@ def test_native_walk_falls_back_to_torch_without_a_compiler(monkeypatch, tmp_pat
 def test_native_walk_builds_into_its_cache_and_rebuilds_a_damaged_library(monkeypatch, tmp_path):
     cache = tmp_path / "native"
     monkeypatch.setenv("VOXELSPLAT_NATIVE_DIR", str(cache))
-    monkeypatch.setattr(native, "_LIBRARY", None)
-    monkeypatch.setattr(native, "_FAILURE", None)
-    target = native.library_path()
+    monkeypatch.setattr(native.RAY_WALK, "_library", None)
+    monkeypatch.setattr(native.RAY_WALK, "_failure", None)
+    target = native.RAY_WALK.path()
     assert os.path.dirname(target) == str(cache)
     os.makedirs(cache)
     with open(target, "wb") as f:  # e.g. a copy cut short

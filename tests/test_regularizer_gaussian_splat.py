@@ -315,10 +315,18 @@ def test_decoded_mode_starts_at_voxel_centres_and_trains_its_decoder():
     regularizer = make_regularizer(mode="decoded", feature_channels=8, hidden_channels=16)
     assert regularizer.needs_voxel_features and not make_regularizer().needs_voxel_features
     idx = sample["gaussian_voxel_indices"]
-    # gather_voxels against plain indexing
+    # gather_voxels against plain indexing, values and gradients (two samples, a repeated voxel)
     voxels = {k: gather_voxels(v, torch.zeros(len(idx), dtype=torch.long), idx) for k, v in head.items()}
     for k, v in head.items():
         torch.testing.assert_close(voxels[k], v[0][:, idx[:, 0], idx[:, 1], idx[:, 2]].T)
+    volume = torch.randn(2, 3, *SMALL_GRID.shape, generator=g, requires_grad=True)
+    picks = torch.cat([idx[:20], idx[:5], idx[20:40]])
+    batch = torch.tensor([0] * 25 + [1] * 20)
+    weights = torch.randn(len(picks), 3, generator=g)
+    (grad,) = torch.autograd.grad((gather_voxels(volume, batch, picks) * weights).sum(), volume)
+    (want,) = torch.autograd.grad((volume[batch, :, picks[:, 0], picks[:, 1], picks[:, 2]] * weights).sum(), volume)
+    torch.testing.assert_close(grad, want)
+    assert float(grad.abs().sum()) > 0
     decoded = regularizer.predicted_gaussians(voxels, idx)
     release = make_regularizer().predicted_gaussians(voxels, idx)
     torch.testing.assert_close(decoded["means"], release["means"])

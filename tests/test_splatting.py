@@ -1,5 +1,6 @@
-"""The Gaussian rasterizer: the torch backend against a dense float64 reference written
-here from gsplat's classic-mode definition, gradients, CUDA backends, errors."""
+"""The Gaussian rasterizer: the CPU backends (torch, native) against a dense float64
+reference written here from gsplat's classic-mode definition, gradients, CUDA backends,
+errors."""
 import math
 
 import pytest
@@ -8,6 +9,8 @@ import torch
 from voxelsplat.splatting import BackendUnavailableError, rasterize_gaussians, resolve_backend
 
 CUDA = torch.cuda.is_available()
+# the backends that run on CPU: both are held to the dense reference
+CPU_BACKENDS = ["torch", "native"]
 
 
 @pytest.fixture(autouse=True, scope="module")
@@ -169,12 +172,13 @@ def _render(scene, fn=rasterize_gaussians, **kwargs):
 # ---------------------------------------------------------------------------------------------
 # Tests
 # ---------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
 @pytest.mark.parametrize("seed,per_camera,dense", [(0, False, False), (1, True, False), (2, False, True), (3, True, True)])
-def test_torch_backend_matches_dense_reference(seed, per_camera, dense):
+def test_backend_matches_dense_reference(seed, per_camera, dense, backend):
     scene = random_scene(seed, per_camera_features=per_camera, dense_cluster=dense)
     stats = {"stopped": 0, "skipped_low_alpha": 0, "clamped_alpha": 0}
     ref = dense_reference(**scene, far_plane=50.0, stats=stats)
-    out = _render(scene, backend="torch", far_plane=50.0)
+    out = _render(scene, backend=backend, far_plane=50.0)
     assert stats["skipped_low_alpha"] > 0
     if dense:
         assert stats["stopped"] > 0, "the scene must exercise the transmittance cut-off"
@@ -186,7 +190,8 @@ def test_torch_backend_matches_dense_reference(seed, per_camera, dense):
         torch.testing.assert_close(got, want, rtol=1e-9, atol=1e-10, msg=lambda m: f"{name}: {m}")
 
 
-def test_torch_backend_gradients_match_dense_reference():
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+def test_backend_gradients_match_dense_reference(backend):
     scene = random_scene(5, num_gaussians=40, per_camera_features=True, dense_cluster=True, width=23, height=19)
     names = ("means", "quats", "scales", "opacities", "features")
     weights = [torch.randn(s, generator=torch.Generator().manual_seed(9 + i), dtype=torch.float64)
@@ -198,7 +203,7 @@ def test_torch_backend_gradients_match_dense_reference():
         loss = sum((o * w).sum() for o, w in zip(outputs, weights))
         return [o.detach() for o in outputs], torch.autograd.grad(loss, [leaves[k] for k in names])
 
-    (our_out, ours), (ref_out, ref) = (grads(lambda s: _render(s, backend="torch", far_plane=50.0)),
+    (our_out, ours), (ref_out, ref) = (grads(lambda s: _render(s, backend=backend, far_plane=50.0)),
                                        grads(lambda s: dense_reference(**s, far_plane=50.0)))
     # the differentiable path renders the same images as the no-grad one
     for got, want in zip(our_out, ref_out):
@@ -208,7 +213,8 @@ def test_torch_backend_gradients_match_dense_reference():
         torch.testing.assert_close(got, want, rtol=1e-7, atol=1e-9, msg=lambda m: f"d/d{name}: {m}")
 
 
-def test_torch_backend_gradcheck_every_input():
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+def test_backend_gradcheck_every_input(backend):
     # Tiny, well-conditioned scene: no pair sits on a threshold, so the function is smooth there.
     scene = random_scene(11, num_gaussians=6, num_cams=1, channels=2, width=9, height=7)
     scene["means"] = scene["means"] * 0.3
@@ -219,7 +225,7 @@ def test_torch_backend_gradcheck_every_input():
     def fn(*inputs):
         args = dict(zip(names, inputs))
         f, a, d = rasterize_gaussians(args["means"], args["quats"], args["scales"], args["opacities"], args["features"],
-                                      scene["viewmats"], scene["Ks"], scene["width"], scene["height"], backend="torch")
+                                      scene["viewmats"], scene["Ks"], scene["width"], scene["height"], backend=backend)
         return f, a, d
 
     inputs = tuple(scene[k].clone().requires_grad_(True) for k in names)
@@ -227,11 +233,12 @@ def test_torch_backend_gradcheck_every_input():
     assert torch.autograd.gradcheck(fn, inputs, eps=1e-6, atol=1e-6, rtol=1e-5)
 
 
-def test_float32_render_is_close_to_float64():
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+def test_float32_render_is_close_to_float64(backend):
     scene = random_scene(4, dense_cluster=True)
     ref = _render(scene, backend="torch")
     scene32 = {k: (v.float() if torch.is_tensor(v) else v) for k, v in scene.items()}
-    out = _render(scene32, backend="torch")
+    out = _render(scene32, backend=backend)
     for got, want in zip(out, ref):
         assert got.dtype == torch.float32
         # a handful of pixels may flip at a threshold in float32; the bulk must agree
@@ -239,11 +246,12 @@ def test_float32_render_is_close_to_float64():
         assert close.float().mean() > 0.99
 
 
-def test_per_camera_means_render_each_camera_at_its_own_positions():
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+def test_per_camera_means_render_each_camera_at_its_own_positions(backend):
     scene = random_scene(10, num_cams=3, per_camera_features=True)
     g = torch.Generator().manual_seed(3)
     per_camera = scene["means"][None] + torch.randn(3, 1, 3, generator=g, dtype=torch.float64) * 0.7
-    out = _render({**scene, "means": per_camera}, backend="torch")
+    out = _render({**scene, "means": per_camera}, backend=backend)
     for c in range(3):
         single = {**scene, "means": per_camera[c], "features": scene["features"][c], "viewmats": scene["viewmats"][c:c + 1],
                   "Ks": scene["Ks"][c:c + 1]}
@@ -251,7 +259,7 @@ def test_per_camera_means_render_each_camera_at_its_own_positions():
         for got, want in zip(out, ref):
             torch.testing.assert_close(got[c:c + 1], want, rtol=1e-9, atol=1e-10)
     with pytest.raises(ValueError, match="per-camera means"):
-        _render({**scene, "means": per_camera[:2]}, backend="torch")
+        _render({**scene, "means": per_camera[:2]}, backend=backend)
 
 
 def test_small_pair_chunks_give_the_same_render():
@@ -265,17 +273,19 @@ def test_small_pair_chunks_give_the_same_render():
         torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12)
 
 
-def test_empty_and_fully_culled_scenes_render_zeros():
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+def test_empty_and_fully_culled_scenes_render_zeros(backend):
     scene = random_scene(7)
     scene["means"] = scene["means"] * 0 + torch.tensor([0.0, 0.0, -1e3], dtype=torch.float64)  # far below the cameras
-    features, alphas, depths = _render(scene, backend="torch", far_plane=20.0)
+    features, alphas, depths = _render(scene, backend=backend, far_plane=20.0)
     assert features.shape == (2, 29, 37, 4) and float(alphas.abs().max()) == 0 and float(depths.abs().max()) == 0
     none = {k: (v[:0] if k in ("means", "quats", "scales", "opacities", "features") else v) for k, v in scene.items()}
-    features, alphas, depths = _render(none, backend="torch")
+    features, alphas, depths = _render(none, backend=backend)
     assert features.shape == (2, 29, 37, 4) and float(alphas.abs().max()) == 0
 
 
-def test_gaussian_in_front_of_camera_renders_at_its_projected_pixel():
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+def test_gaussian_in_front_of_camera_renders_at_its_projected_pixel(backend):
     # An OpenCV camera 5 m from a small opaque Gaussian: the render peaks at K @ (R p + t).
     viewmat = look_at_viewmat(torch.tensor([-5.0, 0.3, 0.2], dtype=torch.float64), torch.zeros(3, dtype=torch.float64))
     K = torch.tensor([[40.0, 0, 31.0], [0, 40.0, 17.0], [0, 0, 1]], dtype=torch.float64)
@@ -285,7 +295,7 @@ def test_gaussian_in_front_of_camera_renders_at_its_projected_pixel():
     _, alphas, depths = rasterize_gaussians(point, torch.tensor([[1.0, 0, 0, 0]], dtype=torch.float64),
                                             torch.full((1, 3), 0.02, dtype=torch.float64),
                                             torch.tensor([0.9], dtype=torch.float64), torch.ones(1, 1, dtype=torch.float64),
-                                            viewmat[None], K[None], 64, 36, backend="torch")
+                                            viewmat[None], K[None], 64, 36, backend=backend)
     peak = int(alphas[0].argmax())
     assert (peak % 64, peak // 64) == (int(uv[0]), int(uv[1]))
     assert float(depths[0].flatten()[peak] / alphas[0].flatten()[peak]) == pytest.approx(float(cam[0, 2]))
@@ -300,7 +310,7 @@ def test_unknown_or_unavailable_backend_raises_clear_error():
             _render(scene, backend="gsplat")
         with pytest.raises(BackendUnavailableError, match="pip install gaussian-splatting"):
             _render(scene, backend="inria")
-        assert resolve_backend("auto", torch.device("cpu")) == "torch"
+        assert resolve_backend("auto", torch.device("cpu")) == "native"  # where a C compiler is found
 
 
 def test_bad_shapes_raise_errors_naming_the_argument():

@@ -6,7 +6,7 @@ from typing import Dict, Tuple
 
 import torch
 
-BACKENDS = ("auto", "torch", "gsplat", "inria")
+BACKENDS = ("auto", "torch", "native", "gsplat", "inria")
 
 logger = logging.getLogger(__name__)
 # device string -> whether gsplat rasterized a probe scene there (checked once per process).
@@ -70,6 +70,13 @@ def _gsplat_works(device: torch.device) -> bool:
     return _GSPLAT_WORKS[key]
 
 
+def _native_works() -> bool:
+    """Whether the native CPU compositing kernel builds here (tried once per process)."""
+    from .native_backend import RASTERIZE
+
+    return RASTERIZE.load() is not None
+
+
 def resolve_backend(backend: str, device: torch.device) -> str:
     """The backend that :func:`rasterize_gaussians` will run for ``backend`` on ``device``.
 
@@ -80,7 +87,23 @@ def resolve_backend(backend: str, device: torch.device) -> str:
         raise ValueError(f"rasterize_gaussians: unknown backend {backend!r}; expected one of {BACKENDS}")
     device = torch.device(device)
     if backend == "auto":
-        return "gsplat" if device.type == "cuda" and _gsplat_works(device) else "torch"
+        if device.type == "cuda":
+            return "gsplat" if _gsplat_works(device) else "torch"
+        return "native" if device.type == "cpu" and _native_works() else "torch"
+    if backend == "native":
+        if device.type != "cpu":
+            raise BackendUnavailableError(
+                f"backend='native' runs on CPU tensors only (got tensors on {device}); use backend='gsplat' or "
+                "'torch' on a GPU")
+        from .native_backend import RASTERIZE
+        from voxelsplat.utils.native import NativeBuildError
+
+        try:
+            RASTERIZE.load(required=True)
+        except NativeBuildError as error:
+            raise BackendUnavailableError(
+                f"backend='native' needs a C compiler to build its kernel (apt install gcc, or set $CC): {error}"
+            ) from error
     if backend == "gsplat":
         try:
             import gsplat  # noqa: F401
@@ -155,10 +178,13 @@ def rasterize_gaussians(
         width, height: image size in pixels.
         near_plane, far_plane: depth range (metres, camera z) of the Gaussians kept.
         eps2d: added to the diagonal of each projected 2D covariance (pixels^2).
-        backend: "torch" (pure PyTorch, CPU or GPU, the reference), "gsplat" (gsplat's
-            CUDA kernels), "inria" (the Inria CUDA rasterizer, 3 channels per pass;
-            hard-coded eps2d 0.3, near plane 0.2 m and alpha cap 0.99 of its own), or
-            "auto" (gsplat on CUDA when it works, else torch).
+        backend: "torch" (pure PyTorch, CPU or GPU, the reference), "native" (the torch
+            backend's projection with compositing in C on CPU threads; CPU tensors,
+            float32/float64; built on first use with the system C compiler), "gsplat"
+            (gsplat's CUDA kernels), "inria" (the Inria CUDA rasterizer, 3 channels per
+            pass; hard-coded eps2d 0.3, near plane 0.2 m and alpha cap 0.99 of its own),
+            or "auto" (gsplat on CUDA when it works, native on CPU when it builds, else
+            torch).
 
     Returns:
         A tuple:
@@ -175,14 +201,20 @@ def rasterize_gaussians(
     _check_inputs(means, quats, scales, opacities, features, viewmats, Ks, width, height)
     width, height = int(width), int(height)
     chosen = resolve_backend(backend, means.device)
+    if chosen == "native" and means.dtype not in (torch.float32, torch.float64):
+        if backend == "native":
+            raise ValueError(f"rasterize_gaussians: backend='native' takes float32 or float64 inputs, got {means.dtype}")
+        chosen = "torch"
     if chosen == "torch":
         from .torch_backend import rasterize_torch as rasterize
+    elif chosen == "native":
+        from .native_backend import rasterize_native as rasterize
     elif chosen == "gsplat":
         from .gsplat_backend import rasterize_gsplat as rasterize
     else:
         from .inria_backend import rasterize_inria as rasterize
     options = (width, height, near_plane, far_plane, eps2d)
-    if means.dim() == 3 and chosen != "torch":
+    if means.dim() == 3 and chosen not in ("torch", "native"):
         # The CUDA rasterizers take one position per Gaussian: one call per camera.
         per_camera = [rasterize(means[c], quats, scales, opacities, features[c] if features.dim() == 3 else features,
                                 viewmats[c:c + 1], Ks[c:c + 1], *options) for c in range(viewmats.shape[0])]

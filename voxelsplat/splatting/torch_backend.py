@@ -88,10 +88,10 @@ def _pair_sigma_alpha(proj: Projections, proj_index, pixel_x, pixel_y) -> Tuple[
 
 
 @torch.no_grad()
-def _candidate_pairs(proj: Projections, width: int, height: int, pair_chunk: int):
-    """(projection index, pixel x, pixel y) of every pair that composites (alpha >= 1/255,
-    sigma >= 0), in projection order; enumerated in chunks of ``pair_chunk`` candidates."""
-    device = proj.means2d.device
+def pixel_boxes(proj: Projections, width: int, height: int):
+    """Inclusive pixel ranges x0, x1, y0, y1 (int64, (K,) each, clipped to the image; empty
+    where x1 < x0 or y1 < y0) of the pixels whose centres lie within each projection's radii:
+    outside them its alpha is below 1/255."""
     u, v = proj.means2d[:, 0], proj.means2d[:, 1]
     radius_x, radius_y = proj.radii[:, 0].to(u.dtype), proj.radii[:, 1].to(u.dtype)
     # Pixel j (centre j + 0.5) lies in [u - r, u + r] for ceil(u - r - 0.5) <= j <= floor(u + r - 0.5).
@@ -99,6 +99,15 @@ def _candidate_pairs(proj: Projections, width: int, height: int, pair_chunk: int
     x1 = torch.floor(u + radius_x - 0.5).clamp(max=width - 1).long()
     y0 = torch.ceil(v - radius_y - 0.5).clamp(min=0).long()
     y1 = torch.floor(v + radius_y - 0.5).clamp(max=height - 1).long()
+    return x0, x1, y0, y1
+
+
+@torch.no_grad()
+def _candidate_pairs(proj: Projections, width: int, height: int, pair_chunk: int):
+    """(projection index, pixel x, pixel y) of every pair that composites (alpha >= 1/255,
+    sigma >= 0), in projection order; enumerated in chunks of ``pair_chunk`` candidates."""
+    device = proj.means2d.device
+    x0, x1, y0, y1 = pixel_boxes(proj, width, height)
     box_w = (x1 - x0 + 1).clamp(min=0)
     counts = box_w * (y1 - y0 + 1).clamp(min=0)
     ends = torch.cumsum(counts, 0)
@@ -138,6 +147,18 @@ def _segment_exclusive_log_transmittance(log_one_minus_alpha: torch.Tensor, is_s
     segment = torch.cumsum(is_start.long(), 0) - 1
     offset = exclusive.index_select(0, is_start.nonzero(as_tuple=True)[0]).index_select(0, segment)
     return exclusive - offset, inclusive - offset
+
+
+def projection_source(features: torch.Tensor, proj: Projections) -> torch.Tensor:
+    """What each projection composites: its Gaussian's features (``features`` (N, D) or
+    (C, N, D)), then its depth (-> sum w z) and a one (-> sum w = 1 - final transmittance):
+    (K, D + 2)."""
+    channels = features.shape[-1]
+    if features.dim() == 2:
+        per_projection = features.index_select(0, proj.gaussian_ids)
+    else:
+        per_projection = features.reshape(-1, channels).index_select(0, proj.camera_ids * features.shape[1] + proj.gaussian_ids)
+    return torch.cat([per_projection, proj.depths[:, None].to(features.dtype), torch.ones_like(per_projection[:, :1])], -1)
 
 
 def rasterize_torch(
@@ -199,12 +220,7 @@ def rasterize_torch(
         exclusive, _ = _segment_exclusive_log_transmittance(torch.log1p(-alpha), is_start)
         weights = alpha * torch.exp(exclusive).to(alpha.dtype)
 
-    if features.dim() == 2:
-        per_projection = features.index_select(0, proj.gaussian_ids)
-    else:
-        per_projection = features.reshape(-1, channels).index_select(0, proj.camera_ids * features.shape[1] + proj.gaussian_ids)
-    # Extra channels: depth (-> sum w z) and one (-> sum w = 1 - final transmittance).
-    source = torch.cat([per_projection, proj.depths[:, None].to(features.dtype), torch.ones_like(per_projection[:, :1])], -1)
+    source = projection_source(features, proj)
     image = _CompositeScatter.apply(weights.to(source.dtype), source, pixel_crow, proj_index, proj_crow, pixel_cols,
                                     to_proj_order)
     image = image.reshape(num_cameras, height, width, channels + 2)

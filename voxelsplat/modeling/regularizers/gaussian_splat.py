@@ -89,13 +89,38 @@ class _GaussianDecoder(nn.Module):
         return offset, scales, quats, torch.sigmoid(raw_opacity[:, 0])
 
 
+class _GatherVoxels(torch.autograd.Function):
+    """``volume.flatten(2)[batch_ids, :, linear]`` as (M, C), whose backward scatters the
+    (M, C) gradient straight into one zero volume (plain indexing would add a view and a
+    generic index backward on top of that: ~10 ms per step for the tiny config's 17-channel
+    200x200x16 logits on a CPU)."""
+
+    @staticmethod
+    def forward(ctx, volume, batch_ids, linear):
+        ctx.save_for_backward(batch_ids, linear)
+        ctx.volume_shape = volume.shape
+        flat = volume.reshape(volume.shape[0], volume.shape[1], -1)
+        channels = torch.arange(volume.shape[1], device=volume.device)
+        return flat[batch_ids[:, None], channels[None, :], linear[:, None]]
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad):
+        batch_ids, linear = ctx.saved_tensors
+        shape = ctx.volume_shape
+        grad_volume = grad.new_zeros(shape)
+        channels = torch.arange(shape[1], device=grad.device)
+        grad_volume.view(shape[0], shape[1], -1).index_put_((batch_ids[:, None], channels[None, :], linear[:, None]),
+                                                            grad, accumulate=True)
+        return grad_volume, None, None
+
+
 def gather_voxels(volume: torch.Tensor, batch_ids: torch.Tensor, indices: torch.Tensor) -> torch.Tensor:
     """Values of a (B, C, X, Y, Z) volume at voxels (M, 3) [x, y, z] of samples ``batch_ids``
-    (M,), as (M, C); one indexing op (differentiable)."""
+    (M,), as (M, C); differentiable (repeated voxels add up their gradients)."""
     x_size, y_size, z_size = volume.shape[2:]
     linear = (indices[:, 0] * y_size + indices[:, 1]) * z_size + indices[:, 2]
-    channels = torch.arange(volume.shape[1], device=volume.device)
-    return volume.flatten(2)[batch_ids[:, None], channels[None, :], linear[:, None]]
+    return _GatherVoxels.apply(volume, batch_ids, linear)
 
 
 @REGULARIZER_REGISTRY.register()
