@@ -30,7 +30,8 @@ setup(
     version="0.1.0",
     description="Camera-based 3D occupancy and flow with Gaussian-splatting regularization",
     packages=find_packages(include=("voxelsplat", "voxelsplat.*")),
-    package_data={"voxelsplat.model_zoo": model_zoo_configs(), "voxelsplat.evaluation": ["csrc/*.c"]},
+    package_data={"voxelsplat.model_zoo": model_zoo_configs(), "voxelsplat.evaluation": ["csrc/*.c"],
+                  "voxelsplat.splatting": ["csrc/*.c", "csrc/*.h"]},
     python_requires=">=3.10",
     install_requires=[],  # installed by scripts/setup_env.sh (see scripts/constraints.txt)
 )

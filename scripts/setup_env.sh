@@ -53,7 +53,10 @@ $PIP install -q --no-deps --no-build-isolation -e "$ROOT"
 import detectron2.config, detectron2.engine, detectron2.data, detectron2.evaluation  # noqa: F401
 import nuscenes, timm, torch, torchvision, gsplat, voxelsplat  # noqa: F401
 print(f"[setup_env] torch {torch.__version__}, detectron2 {detectron2.__version__}, voxelsplat ok")
-from voxelsplat.evaluation.native import ray_walk_library  # builds the C ray walk of the evaluation once
+# build the C kernels once (ray walk of the evaluation, CPU rasterizer of the splatting losses)
+from voxelsplat.evaluation.native import ray_walk_library
+from voxelsplat.splatting import resolve_backend
 print("[setup_env] RayIoU ray walk: " + ("compiled C" if ray_walk_library() else "PyTorch (no C compiler found)"))
+print(f"[setup_env] CPU rasterization backend: {resolve_backend('auto', torch.device('cpu'))}")
 PY
 echo "$WANT" > "$STAMP"

@@ -301,6 +301,50 @@ def test_gaussian_in_front_of_camera_renders_at_its_projected_pixel(backend):
     assert float(depths[0].flatten()[peak] / alphas[0].flatten()[peak]) == pytest.approx(float(cam[0, 2]))
 
 
+def test_native_backend_matches_torch_in_float32_with_masked_losses_and_threads(monkeypatch):
+    """The regularizer's case: float32, a loss on some pixels only (the native backward skips
+    pixels without gradient), cameras split over two threads."""
+    from voxelsplat.splatting import native_backend
+
+    scene = random_scene(13, num_gaussians=300, num_cams=4, channels=6, width=48, height=32, dense_cluster=True,
+                         dtype=torch.float32)
+    names = ("means", "quats", "scales", "opacities", "features")
+    g = torch.Generator().manual_seed(2)
+    mask = torch.rand(4, 32, 48, generator=g) < 0.4
+    weights = [torch.randn(s, generator=g) for s in [(4, 32, 48, 6), (4, 32, 48), (4, 32, 48)]]
+    results = {}
+    for backend, threads in (("torch", 1), ("native", 1), ("native", 2)):
+        monkeypatch.setattr(native_backend, "_PIXELS_PER_THREAD", 1)
+        torch.set_num_threads(threads)
+        leaves = {k: scene[k].clone().requires_grad_(True) for k in names}
+        outputs = _render({**scene, **leaves}, backend=backend)
+        loss = sum((o * w * (mask[..., None] if o.dim() == 4 else mask)).sum() for o, w in zip(outputs, weights))
+        results[backend, threads] = ([o.detach() for o in outputs], torch.autograd.grad(loss, [leaves[k] for k in names]))
+    torch.set_num_threads(1)
+    (ref_out, ref_grad), (out, grad), (out2, grad2) = results["torch", 1], results["native", 1], results["native", 2]
+    for a, b in zip(out + list(grad), out2 + list(grad2)):  # the thread split changes nothing
+        assert torch.equal(a, b)
+    for got, want in zip(out, ref_out):
+        torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
+    for name, got, want in zip(names, grad, ref_grad):
+        assert float(want.abs().max()) > 0, name
+        torch.testing.assert_close(got, want, rtol=1e-3, atol=1e-3 * float(want.abs().max()), msg=lambda m: f"d/d{name}: {m}")
+
+
+def test_native_backend_without_a_compiler_falls_back_or_explains(monkeypatch, tmp_path):
+    from voxelsplat.splatting import native_backend
+
+    monkeypatch.setenv("CC", str(tmp_path / "no-such-compiler"))
+    monkeypatch.setenv("VOXELSPLAT_NATIVE_DIR", str(tmp_path / "native"))
+    monkeypatch.setattr(native_backend.RASTERIZE, "_library", None)
+    monkeypatch.setattr(native_backend.RASTERIZE, "_failure", None)
+    assert resolve_backend("auto", torch.device("cpu")) == "torch"
+    with pytest.raises(BackendUnavailableError, match="needs a C compiler"):
+        resolve_backend("native", torch.device("cpu"))
+    scene = random_scene(8, num_gaussians=20, num_cams=1)
+    torch.testing.assert_close(_render(scene)[1], _render(scene, backend="torch")[1], rtol=0, atol=0)
+
+
 def test_unknown_or_unavailable_backend_raises_clear_error():
     scene = random_scene(8, num_gaussians=4, num_cams=1)
     with pytest.raises(ValueError, match="unknown backend"):
@@ -311,6 +355,8 @@ def test_unknown_or_unavailable_backend_raises_clear_error():
         with pytest.raises(BackendUnavailableError, match="pip install gaussian-splatting"):
             _render(scene, backend="inria")
         assert resolve_backend("auto", torch.device("cpu")) == "native"  # where a C compiler is found
+        with pytest.raises(BackendUnavailableError, match="CPU tensors only"):
+            resolve_backend("native", torch.device("cuda"))
 
 
 def test_bad_shapes_raise_errors_naming_the_argument():

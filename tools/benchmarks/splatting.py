@@ -1,10 +1,12 @@
-"""Gaussian rasterization: forward + backward time and peak memory of the "torch" backend
-on CPU against the number of Gaussians and of views, on a street-like scene seen by a ring
+"""Gaussian rasterization: forward + backward time and peak memory of the CPU backends
+("native": C kernels, what "auto" runs on CPU; "torch": pure PyTorch) against the number of
+Gaussians and of views, on a street-like scene seen by a ring
 of 6 outward-looking cameras per frame (the regularizer's workload: Gaussians at voxel
 centres, isotropic scale 0.12 m, 16 class + 2 flow channels, accumulated depth).
 
 Figures are ratios against the smallest workload measured in the same run
-(``time_ratio``, ``memory_ratio``), plus absolute seconds/MiB for reference. Time: median of
+(``time_ratio``, ``memory_ratio``, per backend) and between the backends
+(``native_speedup`` = torch seconds / native seconds), plus absolute seconds/MiB. Time: median of
 repeated calls in this process. Peak memory: growth of the resident set during one call in
 a fresh process (sampled by a thread every millisecond); on CUDA,
 ``torch.cuda.max_memory_allocated`` above the level before the call.
@@ -12,7 +14,9 @@ a fresh process (sampled by a thread every millisecond); on CUDA,
 Regularizer overhead (``regularizer_overhead``): one training step (forward, backward,
 AdamW) of ``configs/synthetic/voxelsplat_tiny.py`` against the same model and weights without
 the regularizer (the tiny FB-Occ baseline), as ``step_time_ratio`` and ``peak_memory_ratio``
-(peak RSS of a fresh process per variant; step times interleaved in one process). Samples are built to the mapper contract
+(peak RSS of a fresh process per variant; step times interleaved in one process), with the
+config's backend ("auto": native on CPU) and, as a baseline, the torch backend
+(``step_time_ratio_torch_backend``). Samples are built to the mapper contract
 (``voxelsplat/data/sample_fields.py``) at the tiny config's sizes: a street scene on the GT
 grid, 6 cameras, 3 keyframes of render views, the config's Gaussian count.
 
@@ -143,21 +147,21 @@ def time_forward_backward(scene: dict, backend: str, repeats: int) -> Dict[str, 
     return result
 
 
-def _cpu_peak_worker(num_gaussians: int, num_views: int, width: int, height: int) -> float:
+def _cpu_peak_worker(num_gaussians: int, num_views: int, width: int, height: int, backend: str) -> float:
     """Peak RSS growth (MiB) of one forward + backward in a fresh process (after a small
     warm-up), so that memory the allocator kept from earlier work does not hide it."""
     small = street_scene(200, 1, width, height)
-    _forward_backward(small, "torch")
+    _forward_backward(small, backend)
     scene = street_scene(num_gaussians, num_views, width, height)
     with _PeakRSS() as rss:
-        _forward_backward(scene, "torch")
+        _forward_backward(scene, backend)
     return rss.delta_mib
 
 
-def cpu_peak_memory_mib(num_gaussians: int, num_views: int, width: int, height: int) -> float:
+def cpu_peak_memory_mib(num_gaussians: int, num_views: int, width: int, height: int, backend: str = "torch") -> float:
     context = multiprocessing.get_context("spawn")
     with context.Pool(1) as pool:
-        return round(pool.apply(_cpu_peak_worker, (num_gaussians, num_views, width, height)), 1)
+        return round(pool.apply(_cpu_peak_worker, (num_gaussians, num_views, width, height, backend)), 1)
 
 
 def run(args) -> dict:
@@ -168,18 +172,27 @@ def run(args) -> dict:
     view_counts: List[int] = [6, 12] if quick else [6, 12, 24, 36]
     results = {"device": "cpu", "image_size": [width, height], "channels": CHANNELS, "threads": torch.get_num_threads(),
                "by_gaussians": [], "by_views": []}
+    from voxelsplat.splatting import resolve_backend
+
+    backends = ["native", "torch"] if resolve_backend("auto", torch.device("cpu")) == "native" else ["torch"]
+    results["backends"] = backends
     for key, workloads in (("by_gaussians", [(n, 12) for n in gaussian_counts]),
                            ("by_views", [(5000, v) for v in view_counts])):
-        baseline = None
+        baselines = {}
         for n, v in workloads:
-            stats = time_forward_backward(street_scene(n, v, width, height), "torch", repeats)
-            stats["peak_mib"] = cpu_peak_memory_mib(n, v, width, height)
-            baseline = baseline or stats
-            results[key].append({"gaussians": n, "views": v, **stats,
-                                 "seconds_per_view": round(stats["seconds"] / v, 4),
-                                 "time_ratio": round(stats["seconds"] / baseline["seconds"], 2),
-                                 "memory_ratio": round(stats["peak_mib"] / max(baseline["peak_mib"], 1e-3), 2)})
-    results["regularizer_overhead"] = regularizer_overhead(steps=2 if quick else 4)
+            scene = street_scene(n, v, width, height)
+            row = {"gaussians": n, "views": v}
+            for backend in backends:
+                stats = time_forward_backward(scene, backend, repeats)
+                stats["peak_mib"] = cpu_peak_memory_mib(n, v, width, height, backend)
+                base = baselines.setdefault(backend, stats)
+                row[backend] = {**stats, "seconds_per_view": round(stats["seconds"] / v, 4),
+                                "time_ratio": round(stats["seconds"] / base["seconds"], 2),
+                                "memory_ratio": round(stats["peak_mib"] / max(base["peak_mib"], 1e-3), 2)}
+            if "native" in row:
+                row["native_speedup"] = round(row["torch"]["seconds"] / row["native"]["seconds"], 2)
+            results[key].append(row)
+    results["regularizer_overhead"] = regularizer_overhead(steps=2 if quick else 6)
     if torch.cuda.is_available():
         results["gpu"] = _gpu_comparison(quick)
     else:
@@ -312,12 +325,16 @@ def _step_time_worker(steps: int) -> dict:
     cfg, model, batches = _tiny_model_and_batches(steps)
     regularizer = model.regularizer
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=0.0)  # weights stay put
-    times = {"baseline": [], "voxelsplat": [], "regularizer": []}
+    times = {"baseline": [], "voxelsplat": [], "voxelsplat_torch_backend": [], "regularizer": []}
+    configured = regularizer.backend
     for i, batch in enumerate(batches):
         model.regularizer = None
         baseline = _training_step(model, optimizer, batch)
         model.regularizer = regularizer
         voxelsplat = _training_step(model, optimizer, batch)
+        regularizer.backend = "torch"
+        voxelsplat_torch = _training_step(model, optimizer, batch)
+        regularizer.backend = configured
         with torch.no_grad():
             volume, _ = model.extract_volume(batch)
             head = model.head(volume, return_features=regularizer.needs_voxel_features)
@@ -327,6 +344,7 @@ def _step_time_worker(steps: int) -> dict:
         if i:  # the first step warms up
             times["baseline"].append(baseline)
             times["voxelsplat"].append(voxelsplat)
+            times["voxelsplat_torch_backend"].append(voxelsplat_torch)
             times["regularizer"].append(time.perf_counter() - start)
     result = {}
     for k, values in times.items():
@@ -337,6 +355,9 @@ def _step_time_worker(steps: int) -> dict:
         "views": min(regularizer.max_views or 10**9, len(batches[0][0]["render_viewmats"])), "states": 2,
         "gaussians": int(cfg.dataloader.train.mapper.regularizer.num_gaussians),
         "image_size": list(batches[0][0]["render_image_size"])}
+    from voxelsplat.splatting import resolve_backend
+
+    result["backend"] = f"{configured} -> {resolve_backend(configured, torch.device('cpu'))}"
     result["torch_threads"] = torch.get_num_threads()
     return result
 
@@ -353,6 +374,8 @@ def regularizer_overhead(steps: int) -> dict:
         with context.Pool(1) as pool:
             results[f"{name}_peak_rss_mib"] = round(pool.apply(_peak_memory_worker, (flag, 1)), 1)
     results["step_time_ratio"] = round(results["voxelsplat_step_seconds"] / results["baseline_step_seconds"], 3)
+    results["step_time_ratio_torch_backend"] = round(results["voxelsplat_torch_backend_step_seconds"]
+                                                     / results["baseline_step_seconds"], 3)
     results["step_time_ratio_of_minima"] = round(results["voxelsplat_step_seconds_min"]
                                                  / results["baseline_step_seconds_min"], 3)
     results["peak_memory_ratio"] = round(results["voxelsplat_peak_rss_mib"] / results["baseline_peak_rss_mib"], 3)

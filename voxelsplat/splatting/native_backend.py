@@ -15,7 +15,7 @@ torch backend, each with a hand-written backward pass:
   each pixel's transmittance by division, as gsplat's does.
 
 Memory: the renders plus, for the backward pass, per-pixel float64 transmittance, last
-contributing projection and a (C, H, W, D + 2) float64 running sum; nothing grows with
+contributing projection and a (C, H, W, D + 2) running sum; nothing grows with
 the number of Gaussian-pixel pairs.
 """
 from __future__ import annotations
@@ -34,14 +34,12 @@ from .torch_backend import pixel_boxes, projection_source
 __all__ = ["RASTERIZE", "rasterize_native"]
 
 _i64, _i32, _f64, _ptr = ctypes.c_int64, ctypes.c_int32, ctypes.c_double, ctypes.c_void_p
+# argument lists of the kernels in csrc/ (see their comments): sizes, pointers, bounds, ...
 _SIGNATURES = {
-    "project_forward": [_i64, _i64, _i32, _ptr, _ptr, _ptr, _ptr, _ptr, _ptr, _i64, _i64, _f64, _f64, _f64, _ptr, _ptr,
-                        _ptr, _ptr, _ptr],
-    "project_backward": [_i64, _i64, _i32, _ptr, _ptr, _ptr, _ptr, _ptr, _i64, _i64, _f64, _ptr, _ptr, _ptr, _ptr,
-                         _ptr, _ptr, _ptr],
-    "composite_forward": [_i64, _i64, _i64, _ptr, _ptr, _ptr, _ptr, _ptr, _ptr, _i64, _i64, _ptr, _ptr, _ptr],
-    "composite_backward": [_i64, _i64, _i64, _ptr, _ptr, _ptr, _ptr, _ptr, _ptr, _i64, _i64, _ptr, _ptr, _ptr, _ptr,
-                           _ptr, _ptr, _ptr, _ptr, _ptr],
+    "project_forward": [_i64, _i64, _i32] + [_ptr] * 6 + [_i64, _i64, _f64, _f64, _f64] + [_ptr] * 5,
+    "project_backward": [_i64, _i64, _i32] + [_ptr] * 5 + [_i64, _i64, _f64] + [_ptr] * 7,
+    "composite_forward": [_i64] * 3 + [_ptr] * 6 + [_i64] * 2 + [_ptr] * 3,
+    "composite_backward": [_i64] * 3 + [_ptr] * 6 + [_i64] * 2 + [_ptr] * 10,
 }
 RASTERIZE = NativeLibrary(
     "rasterize",
@@ -167,14 +165,16 @@ class _Composite(torch.autograd.Function):
         grad_means2d, grad_conics = torch.empty_like(means2d), torch.empty_like(conics)
         grad_opacities, grad_source = torch.empty_like(opacities), torch.zeros_like(source)
         scratch_T = torch.empty((num_cameras, height, width), dtype=torch.float64)
-        scratch_sum = torch.empty((num_cameras, height, width, channels), dtype=torch.float64)
+        scratch_sum = torch.empty((num_cameras, height, width, channels), dtype=dtype)
+        scratch_stop = torch.empty((num_cameras, height, width), dtype=torch.int64)
         function = _kernel("composite_backward", dtype)
         common = [height, width, channels, cam_start.data_ptr(), means2d.data_ptr(), conics.data_ptr(),
                   opacities.data_ptr(), source.data_ptr(), boxes.data_ptr()]
 
         def run(cameras):
             function(*common, cameras[0], cameras[1], transmittance.data_ptr(), last.data_ptr(),
-                     grad_image.data_ptr(), scratch_T.data_ptr(), scratch_sum.data_ptr(), grad_means2d.data_ptr(),
+                     grad_image.data_ptr(), scratch_T.data_ptr(), scratch_sum.data_ptr(), scratch_stop.data_ptr(),
+                     grad_means2d.data_ptr(),
                      grad_conics.data_ptr(), grad_opacities.data_ptr(), grad_source.data_ptr())
 
         run_in_threads(run, ctx.cameras, len(ctx.cameras))

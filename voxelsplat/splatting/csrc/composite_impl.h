@@ -64,9 +64,9 @@ int CAT(voxelsplat_composite_forward, SUFFIX)(
                         T[p] = -T[p];  /* done: keep |T| (the final transmittance) */
                         continue;
                     }
-                    const double w = alpha * T[p];
+                    const SCALAR w = (SCALAR)(alpha * T[p]);
                     SCALAR *o = out + p * D;
-                    for (int64_t d = 0; d < D; ++d) o[d] += (SCALAR)(w * (double)src[d]);
+                    for (int64_t d = 0; d < D; ++d) o[d] += w * src[d];
                     T[p] = next;
                     stop[p] = i;
                 }
@@ -81,15 +81,23 @@ int CAT(voxelsplat_composite_backward, SUFFIX)(
     int64_t H, int64_t W, int64_t D, const int64_t *cam_start, const SCALAR *means2d, const SCALAR *conics,
     const SCALAR *opacities, const SCALAR *source, const int32_t *boxes, int64_t cam_first, int64_t cam_last,
     const double *transmittance, const int64_t *last, const SCALAR *grad_image, double *T_scratch,
-    double *acc_scratch, SCALAR *grad_means2d, SCALAR *grad_conics, SCALAR *grad_opacities, SCALAR *grad_source) {
+    SCALAR *acc_scratch, int64_t *stop_scratch, SCALAR *grad_means2d, SCALAR *grad_conics, SCALAR *grad_opacities,
+    SCALAR *grad_source) {
     const int64_t plane = H * W;
     for (int64_t cam = cam_first; cam < cam_last; ++cam) {
         double *T = T_scratch + cam * plane;
-        double *acc = acc_scratch + cam * plane * D;  /* sum of source * weight of the later Gaussians */
-        const int64_t *stop = last + cam * plane;
+        SCALAR *acc = acc_scratch + cam * plane * D;  /* sum of source * weight of the later Gaussians */
+        int64_t *stop = stop_scratch + cam * plane;
         const SCALAR *grad_out = grad_image + cam * plane * D;
-        for (int64_t p = 0; p < plane; ++p) T[p] = transmittance[cam * plane + p];
-        for (int64_t p = 0; p < plane * D; ++p) acc[p] = 0.0;
+        for (int64_t p = 0; p < plane; ++p) {
+            T[p] = transmittance[cam * plane + p];
+            /* a pixel without gradient (e.g. outside the loss mask) adds nothing to any
+             * gradient: skip it as if no Gaussian had reached it */
+            int any = 0;
+            for (int64_t d = 0; d < D; ++d) any |= grad_out[p * D + d] != 0;
+            stop[p] = any ? last[cam * plane + p] : -1;
+        }
+        for (int64_t p = 0; p < plane * D; ++p) acc[p] = 0;
         for (int64_t i = cam_start[cam + 1] - 1; i >= cam_start[cam]; --i) {
             const int32_t *box = boxes + 4 * i;
             const SCALAR *src = source + i * D;
@@ -106,15 +114,16 @@ int CAT(voxelsplat_composite_backward, SUFFIX)(
                         continue;
                     const double keep = 1.0 / (1.0 - alpha);
                     T[p] *= keep;  /* the transmittance in front of this Gaussian */
-                    const double w = alpha * T[p];
+                    const SCALAR w = (SCALAR)(alpha * T[p]), Tp = (SCALAR)T[p], keep_s = (SCALAR)keep;
                     const SCALAR *g = grad_out + p * D;
-                    double *a = acc + p * D;
-                    double g_alpha = 0;
+                    SCALAR *a = acc + p * D;
+                    SCALAR g_alpha_s = 0;
                     for (int64_t d = 0; d < D; ++d) {
-                        g_alpha += (double)g[d] * ((double)src[d] * T[p] - a[d] * keep);
-                        g_src[d] += (SCALAR)(w * (double)g[d]);
-                        a[d] += (double)src[d] * w;
+                        g_alpha_s += g[d] * (src[d] * Tp - a[d] * keep_s);
+                        g_src[d] += w * g[d];
+                        a[d] += src[d] * w;
                     }
+                    const double g_alpha = (double)g_alpha_s;
                     if ((double)opacities[i] * vis <= MAX_ALPHA) {  /* alpha not clamped */
                         const double g_sigma = -alpha * g_alpha;
                         g_opacity += vis * g_alpha;
