@@ -36,7 +36,7 @@ def test_tiny_voxelsplat_config_trains_on_synthetic_data_and_splat_losses_fall(s
         optimizer.step()
         for key in ("loss_splat_semantic", "loss_splat_depth"):
             history[key].append(float(losses[key].detach()))
-        history["total"].append(float(total))
+        history["total"].append(float(total.detach()))
     # the soft-target cross-entropy of the renders falls more slowly than depth and the total
     for key, factor in (("loss_splat_semantic", 0.96), ("loss_splat_depth", 0.9), ("total", 0.9)):
         values = history[key]
