@@ -28,7 +28,7 @@ regularizer = L(GaussianSplatRegularizer)(
     mode="release",
     scale=0.12,
     loss_weights=dict(semantic=0.5, depth=1.0, flow=0.5),
-    backend="auto",            # gsplat on CUDA, the pure-PyTorch rasterizer on CPU
+    backend="auto",            # gsplat on CUDA, the C rasterizer on CPU (PyTorch without a C compiler)
     propagate_by_flow=True,    # the flow-propagated state, once the flow loss is on
     max_views=None,            # all 36 views
     render_chunk=None,
