@@ -278,20 +278,23 @@ def test_native_walk_equals_the_vectorised_plain_walk_on_a_street_grid():
     assert torch.equal(one[0], native.voxel_index)
 
 
-def test_native_walk_falls_back_to_torch_without_a_compiler(monkeypatch, tmp_path, caplog):
-    monkeypatch.setenv("CC", str(tmp_path / "no-such-compiler"))
+@pytest.mark.parametrize("compiler,reason", [("no-such-compiler", "no C compiler"), ("false", "failed")],
+                         ids=["missing", "failing"])
+def test_native_walk_falls_back_to_torch_without_a_compiler(monkeypatch, tmp_path, caplog, compiler, reason):
+    monkeypatch.setenv("CC", compiler if compiler == "false" else str(tmp_path / compiler))
     monkeypatch.setenv("VOXELSPLAT_NATIVE_DIR", str(tmp_path / "native"))
     monkeypatch.setattr(native.RAY_WALK, "_library", None)
     monkeypatch.setattr(native.RAY_WALK, "_failure", None)
     with caplog.at_level("WARNING", logger="voxelsplat.utils.native"):
         assert native.ray_walk_library() is None
-    assert "falls back to the PyTorch walk" in caplog.text and "no-such-compiler" in caplog.text
+    assert "falls back to the PyTorch walk" in caplog.text and reason in caplog.text
+    assert list(tmp_path.rglob("*.partial")) == []  # a failed build leaves nothing behind
     rng = np.random.default_rng(4)
     occupancy = torch.from_numpy(rng.random(SMALL_GRID.shape) < 0.2)
     origins, directions = torch.tensor([[0.1, 0.2, 0.3]], dtype=torch.float64), torch.randn(40, 3, dtype=torch.float64)
     auto = cast_rays(occupancy, origins, directions, SMALL_GRID)  # walks with torch
     compare_with_reference(occupancy.numpy(), origins.numpy(), directions.numpy(), SMALL_GRID, auto)
-    with pytest.raises(native.NativeBuildError, match="no C compiler"):
+    with pytest.raises(native.NativeBuildError, match=reason):
         cast_rays(occupancy, origins, directions, SMALL_GRID, backend="native")
 
 
