@@ -71,7 +71,7 @@ def _gsplat_works(device: torch.device) -> bool:
 
 
 def _native_works() -> bool:
-    """Whether the native CPU compositing kernel builds here (tried once per process)."""
+    """Whether the native CPU rasterizer kernels build here (tried once per process)."""
     from .native_backend import RASTERIZE
 
     return RASTERIZE.load() is not None
@@ -178,9 +178,9 @@ def rasterize_gaussians(
         width, height: image size in pixels.
         near_plane, far_plane: depth range (metres, camera z) of the Gaussians kept.
         eps2d: added to the diagonal of each projected 2D covariance (pixels^2).
-        backend: "torch" (pure PyTorch, CPU or GPU, the reference), "native" (the torch
-            backend's projection with compositing in C on CPU threads; CPU tensors,
-            float32/float64; built on first use with the system C compiler), "gsplat"
+        backend: "torch" (pure PyTorch, CPU or GPU, the reference), "native" (projection
+            and compositing in C on CPU threads; CPU tensors, float32/float64; built on
+            first use with the system C compiler), "gsplat"
             (gsplat's CUDA kernels), "inria" (the Inria CUDA rasterizer, 3 channels per
             pass; hard-coded eps2d 0.3, near plane 0.2 m and alpha cap 0.99 of its own),
             or "auto" (gsplat on CUDA when it works, native on CPU when it builds, else

@@ -138,11 +138,6 @@ class NativeLibrary:
             raise NativeBuildError(self._failure)
         return self._library
 
-    def forget(self) -> None:
-        """Drop the loaded library and any remembered failure (the next load tries again)."""
-        with self._lock:
-            self._library, self._failure = None, None
-
 
 def run_in_threads(task: Callable[[int], None], items: Iterable[int], threads: int) -> None:
     """``task(item)`` for every item, on up to ``threads`` threads (ctypes calls release the GIL)."""
