@@ -139,11 +139,41 @@ def test_flow_loss_weights_by_speed_and_ignores_other_classes():
     mask = rng.random(50) < 0.4
     gt[0] = np.nan
     mask[0] = True  # a non-finite target is left out
-    value = flow_l1_loss(torch.from_numpy(pred), torch.from_numpy(gt), torch.from_numpy(mask))
     keep = mask & np.isfinite(gt).all(1)
     weights = np.linalg.norm(gt[keep], axis=1) + 0.1
-    expected = (weights * np.abs(pred[keep] - gt[keep]).sum(1)).sum() / keep.sum()
-    assert value.item() == pytest.approx(expected, rel=1e-10)
+    weighted_error = (weights * np.abs(pred[keep] - gt[keep]).sum(1)).sum()
+    per_voxel = flow_l1_loss(torch.from_numpy(pred), torch.from_numpy(gt), torch.from_numpy(mask), "voxel_count")
+    assert per_voxel.item() == pytest.approx(weighted_error / keep.sum(), rel=1e-10)
+    released = flow_l1_loss(torch.from_numpy(pred), torch.from_numpy(gt), torch.from_numpy(mask))
+    assert released.item() == pytest.approx(weighted_error / weights.sum(), rel=1e-10)
+
+
+def test_flow_loss_released_normalisation_by_hand():
+    """Three voxels: a moving car (gt (3, 4), |gt| = 5), a static voxel (gt 0) and a free
+    voxel (gt 0). Released: 0.5 x sum_v (|g|+0.1)|d|_1 / sum_v (|g|+0.1) over ALL voxels."""
+    pred = torch.tensor([[2.0, 4.5], [0.3, -0.2], [0.0, 1.0]])
+    gt = torch.tensor([[3.0, 4.0], [0.0, 0.0], [0.0, 0.0]])
+    # errors |d|_1: 1.5, 0.5, 1.0; weights 5.1, 0.1, 0.1
+    expected_all = (5.1 * 1.5 + 0.1 * 0.5 + 0.1 * 1.0) / (5.1 + 0.1 + 0.1)
+    assert flow_l1_loss(pred, gt).item() == pytest.approx(expected_all, rel=1e-6)
+    # only the car voxel, per voxel: 5.1 * 1.5 / 1
+    car = torch.tensor([True, False, False])
+    assert flow_l1_loss(pred, gt, car, "voxel_count").item() == pytest.approx(7.65, rel=1e-6)
+    # the module, released settings: 0.5 x the all-voxel value; 2 flow classes of 3 + free
+    grid = OccupancyGrid((0.0, 0.0, 0.0, 1.5, 0.5, 0.5), 0.5)  # 3 x 1 x 1
+    module = OccupancyFlowLoss(4, 3, [0, 1], grid.point_cloud_range, grid.voxel_size, focal_weight=0.0,
+                               lovasz_weight=0.0, sem_scal_weight=0.0, geo_scal_weight=0.0)
+    flow = pred.t().reshape(1, 2, 3, 1, 1)
+    classes = torch.tensor([0, 2, 3]).reshape(1, 3, 1, 1)  # car, a static class, free
+    out = module(torch.zeros(1, 4, 3, 1, 1), flow, classes, gt.reshape(1, 3, 1, 1, 2))
+    assert out["loss_flow"].item() == pytest.approx(0.5 * expected_all, rel=1e-6)
+    old = OccupancyFlowLoss(4, 3, [0, 1], grid.point_cloud_range, grid.voxel_size, focal_weight=0.0,
+                            lovasz_weight=0.0, sem_scal_weight=0.0, geo_scal_weight=0.0, flow_weight=1.0,
+                            flow_voxels="flow_classes", flow_normalization="voxel_count")
+    out = old(torch.zeros(1, 4, 3, 1, 1), flow, classes, gt.reshape(1, 3, 1, 1, 2))
+    assert out["loss_flow"].item() == pytest.approx(7.65, rel=1e-6)
+    with pytest.raises(ValueError, match="flow_voxels"):
+        OccupancyFlowLoss(4, 3, [0, 1], grid.point_cloud_range, grid.voxel_size, flow_voxels="moving")
 
 
 def test_occupancy_flow_loss_module_masks_and_weights():
@@ -170,9 +200,8 @@ def test_occupancy_flow_loss_module_masks_and_weights():
     weights = class_weights_from_frequencies(frequencies)
     torch.testing.assert_close(out["loss_occ_focal"], sigmoid_focal_loss(flat_logits, flat_target, weights, distance))
     torch.testing.assert_close(out["loss_occ_lovasz"], 2.0 * lovasz_softmax(flat_logits.softmax(-1), flat_target))
-    flow_mask = (target.reshape(-1) <= 1) & valid
     torch.testing.assert_close(out["loss_flow"], 0.5 * flow_l1_loss(flow.permute(0, 2, 3, 4, 1).reshape(-1, 2),
-                                                                     flow_target.reshape(-1, 2), flow_mask))
+                                                                     flow_target.reshape(-1, 2), valid))
     # Changing predictions on ignored voxels changes nothing.
     with torch.no_grad():
         edited = logits.clone()

@@ -13,25 +13,38 @@ render views (cameras of keyframes t-2..t+3 in the current augmented ego frame):
 - **GT Gaussians** at the sampled voxels whose GT class is not free: one-hot class
   (non-free classes) + GT flow, opacity 1, isotropic ``scale``, identity rotation.
 - **states**: "current" (positions as they are) and, once the flow loss is on,
-  "propagated": every Gaussian moved by ``flow * dt`` in x, y for a view taken ``dt``
-  seconds from the current keyframe — predictions by the predicted flow, the GT by the
-  GT flow (the gradient reaches the predicted flow through the positions too).
-- **losses** on the pixels the GT render covers (GT alpha > ``coverage_threshold``),
-  averaged over views, states and samples:
+  "propagated": every Gaussian moved in x, y by its flow times a time -- predictions by
+  the predicted flow, the GT by the GT flow (the gradient reaches the predicted flow
+  through the positions too). The released code moves every view's Gaussians by
+  ``flow x 1 s`` whatever the view's time (``propagation_seconds=1.0``, a quirk the release
+  configs keep); ``propagation_seconds=None`` uses each view's own time offset from the
+  current keyframe (the corrected behaviour).
+- **losses**, as the released code computes them; each pools the pixels of every view,
+  state and sample of the batch before dividing (one mean per batch, not a mean of means):
 
-  * ``loss_splat_semantic``: soft-target cross-entropy, targets the GT rendered class
-    features normalised to sum to 1, predictions the softmax of the rendered logits;
-  * ``loss_splat_depth``: L1 between the accumulated depths ``sum_i w_i z_i`` of the
-    two renders (gsplat's "D", in units of ``depth_scale`` metres). Accumulated rather
-    than normalised (``D / alpha``) depth: it stays smooth where the prediction's alpha
-    is small, and also penalises missing coverage (too little opacity along the ray);
-  * ``loss_splat_flow``: ``(|gt| + 0.1)``-weighted L1 between the rendered flows (the
-    model's voxel flow loss, :func:`~voxelsplat.modeling.heads.losses.flow_l1_loss`);
-    0 (but present) while the flow loss is off.
+  * ``loss_splat_semantic``: soft-target cross-entropy ``-sum_c t_c log softmax(x)_c``
+    between the rendered logits ``x`` and the GT render's alpha-accumulated one-hot ``t``
+    (not renormalised), on the pixels whose GT accumulated depth exceeds
+    ``semantic_min_gt_depth`` (0.1 m);
+  * ``loss_splat_depth``: L1 between the accumulated depths ``sum_i w_i z_i`` of the two
+    renders over **all** pixels: opacity the prediction puts where the GT renders nothing
+    adds depth there and is penalised, missing opacity is penalised where the GT has some;
+  * ``loss_splat_flow``: ``sum_p w_p |f_p - g_p|_1 / sum_p w_p`` over all pixels, with
+    ``w_p = |g_p| + 0.1`` of the GT render's accumulated flow ``g``; 0 (but present) while
+    the flow loss is off.
 
-Cameras are OpenCV (x right, y down, z forward) world-to-camera matrices used as they
-come: the released code flipped frames that are already OpenCV (its virtual cameras
-looked backwards), which this module must not do.
+  Options that are not in the release (off in the release configs):
+  ``normalize_by_alpha`` compares depth and flow as alpha-normalised values
+  (``D / alpha``, ``F / alpha``) on the pixels both renders cover (alpha >
+  ``coverage_threshold``), so a faint splat is not read as a near surface or a slow
+  object; ``detach_flow_weights`` renders the predicted flow a second time with the
+  Gaussians' opacities (and, decoded mode, their shapes) detached, so the flow term trains
+  the flow and not the occupancy.
+
+Cameras are OpenCV (x right, y down, z forward) world-to-camera matrices. The released
+code flipped y and z of frames that are already OpenCV, so its virtual cameras looked
+backwards (the published numbers came from that): ``flip_render_cameras=True`` reproduces
+it, ``False`` renders the views the cameras actually saw.
 
 The latest renders of a few views (detached, on CPU) stay in :attr:`last_renders` for
 :class:`voxelsplat.engine.render_image_hook.RenderImageHook` and ``tools/visualize.py``.
@@ -46,10 +59,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from ...splatting import rasterize_gaussians
-from ..heads.losses import flow_l1_loss
 from ..registry import REGULARIZER_REGISTRY
 
-__all__ = ["GaussianSplatRegularizer", "gather_voxels"]
+__all__ = ["GaussianSplatRegularizer", "gather_voxels", "release_camera_flip"]
 
 DEFAULT_LOSS_WEIGHTS = {"semantic": 0.5, "depth": 1.0, "flow": 0.5}
 MODES = ("release", "decoded")
@@ -115,6 +127,15 @@ class _GatherVoxels(torch.autograd.Function):
         return grad_volume, None, None
 
 
+def release_camera_flip(viewmats: torch.Tensor) -> torch.Tensor:
+    """(V, 4, 4) world-to-camera matrices as the released code used them: it flipped the y
+    and z axes of the camera-to-world matrix (meant for an OpenGL-style input) of cameras
+    that were already OpenCV, ``w2c' = inv(c2w @ diag(1, -1, -1, 1)) = diag(1, -1, -1, 1) @ w2c``:
+    the virtual camera sits at the same place and looks the opposite way, upside down."""
+    flip = viewmats.new_tensor([1.0, -1.0, -1.0, 1.0])
+    return viewmats * flip[:, None]
+
+
 def gather_voxels(volume: torch.Tensor, batch_ids: torch.Tensor, indices: torch.Tensor) -> torch.Tensor:
     """Values of a (B, C, X, Y, Z) volume at voxels (M, 3) [x, y, z] of samples ``batch_ids``
     (M,), as (M, C); differentiable (repeated voxels add up their gradients)."""
@@ -139,12 +160,22 @@ class GaussianSplatRegularizer(nn.Module):
         loss_weights: {"semantic", "depth", "flow"} weights (published 0.5, 1.0, 0.5).
         backend: rasterization backend (see :func:`voxelsplat.splatting.rasterize_gaussians`).
         propagate_by_flow: add the flow-propagated state once the flow loss is on.
+        propagation_seconds: time (s) by which every view's propagated Gaussians move
+            (released: 1.0 for every view); None: each view's own time offset.
+        flip_render_cameras: flip the y and z axes of the render cameras as the released
+            code does (the renders then look backwards); False: the cameras as they are.
         max_views: render at most this many of a sample's views, drawn at random each call
             (None: all), to bound CPU cost.
         render_chunk: views per rasterization call (None: all views of a state in one call).
-        coverage_threshold: GT alpha above which a pixel is supervised.
+        semantic_min_gt_depth: pixels whose GT accumulated depth exceeds this (metres) get
+            the semantic loss (released: 0.1).
+        normalize_by_alpha: depth and flow losses on alpha-normalised renders over the pixels
+            both renders cover (not released).
+        coverage_threshold: alpha above which ``normalize_by_alpha`` counts a pixel as covered.
+        detach_flow_weights: the flow loss does not reach the opacities (not released).
         depth_scale: metres per unit of the depth loss.
-        near_plane: Gaussians nearer to a camera than this (metres) are not rendered.
+        near_plane, far_plane: Gaussians nearer / farther than this (metres, camera z) are
+            not rendered (released: 0.1, 100).
         feature_channels, hidden_channels, max_offset, scale_range: the decoder of
             ``mode="decoded"`` (channels of ``voxel_features``; hidden width; largest
             offset in voxels; scale bounds in metres).
@@ -173,11 +204,17 @@ class GaussianSplatRegularizer(nn.Module):
         loss_weights: Optional[Dict[str, float]] = None,
         backend: str = "auto",
         propagate_by_flow: bool = True,
+        propagation_seconds: Optional[float] = None,
+        flip_render_cameras: bool = False,
         max_views: Optional[int] = None,
         render_chunk: Optional[int] = None,
+        semantic_min_gt_depth: float = 0.1,
+        normalize_by_alpha: bool = False,
         coverage_threshold: float = 0.5,
+        detach_flow_weights: bool = False,
         depth_scale: float = 1.0,
         near_plane: float = 0.1,
+        far_plane: float = 100.0,
         feature_channels: Optional[int] = None,
         hidden_channels: int = 32,
         max_offset: float = 1.0,
@@ -213,11 +250,19 @@ class GaussianSplatRegularizer(nn.Module):
         self.loss_weights = weights
         self.backend = backend
         self.propagate_by_flow = bool(propagate_by_flow)
+        self.propagation_seconds = None if propagation_seconds is None else float(propagation_seconds)
+        self.flip_render_cameras = bool(flip_render_cameras)
+        self.semantic_min_gt_depth = float(semantic_min_gt_depth)
+        self.normalize_by_alpha = bool(normalize_by_alpha)
+        self.detach_flow_weights = bool(detach_flow_weights)
+        self.far_plane = float(far_plane)
         self.max_views = None if max_views is None else int(max_views)
         self.render_chunk = None if render_chunk is None else int(render_chunk)
         self.coverage_threshold = float(coverage_threshold)
         self.depth_scale = float(depth_scale)
         self.near_plane = float(near_plane)
+        if not 0 < self.near_plane < self.far_plane:
+            raise ValueError(f"GaussianSplatRegularizer: need 0 < near_plane < far_plane, got {near_plane}, {far_plane}")
         self.keep_views = int(keep_views)
         self.decoder = None
         if mode == "decoded":
@@ -258,6 +303,8 @@ class GaussianSplatRegularizer(nn.Module):
             raise ValueError(f"GaussianSplatRegularizer: sample {token} render views disagree: render_viewmats "
                              f"{tuple(viewmats.shape)}, render_intrinsics {tuple(intrinsics.shape)}, "
                              f"render_time_offsets {tuple(time_offsets.shape)}; expected (V, 4, 4), (V, 3, 3), (V,)")
+        if self.flip_render_cameras:
+            viewmats = release_camera_flip(viewmats)
         if self.max_views is not None and num_views > self.max_views:
             keep = torch.randperm(num_views)[: self.max_views].sort().values.to(device)
             viewmats, intrinsics, time_offsets = viewmats[keep], intrinsics[keep], time_offsets[keep]
@@ -311,13 +358,22 @@ class GaussianSplatRegularizer(nn.Module):
                     features=torch.cat([one_hot, flow], dim=1), flow=flow)
 
     # ------------------------------------------------------------------ rendering
-    def render(self, gaussians: Dict[str, torch.Tensor], views: dict, displacement: Optional[torch.Tensor] = None):
+    def render(self, gaussians: Dict[str, torch.Tensor], views: dict, displacement: Optional[torch.Tensor] = None,
+               features: Optional[torch.Tensor] = None, detach_geometry: bool = False):
         """Render ``gaussians`` into the views; ``displacement`` (V, N, 3) moves them per view.
 
+        ``features`` (N, D) replaces the Gaussians' features; ``detach_geometry`` cuts the
+        gradient to everything but the features and the displacement (positions, when not
+        displaced, shapes and opacities).
         Returns features (V, H, W, D), alphas (V, H, W), accumulated depths (V, H, W).
         """
         num_views = views["viewmats"].shape[0]
-        means = gaussians["means"] if displacement is None else gaussians["means"][None] + displacement
+        means, quats, scales, opacities = (gaussians[k] for k in ("means", "quats", "scales", "opacities"))
+        if detach_geometry:
+            means, quats, scales, opacities = means.detach(), quats.detach(), scales.detach(), opacities.detach()
+        if displacement is not None:
+            means = means[None] + displacement
+        features = gaussians["features"] if features is None else features
         chunk = self.render_chunk or num_views
         rendered = []
         # Rasterize in float32 even inside a mixed-precision training step.
@@ -325,41 +381,60 @@ class GaussianSplatRegularizer(nn.Module):
             for start in range(0, num_views, chunk):
                 group = slice(start, start + chunk)
                 rendered.append(rasterize_gaussians(
-                    means if displacement is None else means[group], gaussians["quats"], gaussians["scales"],
-                    gaussians["opacities"], gaussians["features"], views["viewmats"][group],
-                    views["intrinsics"][group], views["width"], views["height"], near_plane=self.near_plane,
-                    backend=self.backend))
+                    means if displacement is None else means[group], quats, scales, opacities, features,
+                    views["viewmats"][group], views["intrinsics"][group], views["width"], views["height"],
+                    near_plane=self.near_plane, far_plane=self.far_plane, backend=self.backend))
         return tuple(torch.cat(parts) for parts in zip(*rendered))
 
-    def flow_displacement(self, flow: torch.Tensor, time_offsets: torch.Tensor) -> torch.Tensor:
-        """(V, N, 3) per-view displacement ``(vx dt, vy dt, 0)`` of Gaussians with (N, 2) flow."""
-        xy = time_offsets[:, None, None] * flow[None]
+    def propagation_times(self, time_offsets: torch.Tensor) -> torch.Tensor:
+        """(V,) seconds by which each view's Gaussians move in the propagated state:
+        ``propagation_seconds`` for every view (released: 1 s), else the view's own offset."""
+        if self.propagation_seconds is None:
+            return time_offsets
+        return torch.full_like(time_offsets, self.propagation_seconds)
+
+    def flow_displacement(self, flow: torch.Tensor, times: torch.Tensor) -> torch.Tensor:
+        """(V, N, 3) per-view displacement ``(vx t, vy t, 0)`` of Gaussians with (N, 2) flow,
+        ``times`` (V,) seconds (see :meth:`propagation_times`)."""
+        xy = times[:, None, None] * flow[None]
         return F.pad(xy, (0, 1))
 
     # ------------------------------------------------------------------ losses
-    def _losses(self, pred, gt, flow_loss_enabled: bool) -> Dict[str, torch.Tensor]:
-        pred_features, _, pred_depths = pred
+    def _loss_terms(self, pred, gt, pred_flow_render: Optional[torch.Tensor],
+                    flow_loss_enabled: bool) -> Dict[str, Tuple[torch.Tensor, torch.Tensor]]:
+        """(numerator, denominator) of each loss over the pixels of one set of renders; the
+        batch's losses divide the summed numerators by the summed denominators."""
+        pred_features, pred_alphas, pred_depths = pred
         gt_features, gt_alphas, gt_depths = gt
         k = self.num_classes - 1
-        covered = gt_alphas > self.coverage_threshold
-        logits, pred_flow = pred_features[covered].split([k, 2], dim=-1)
-        gt_classes, gt_flow = gt_features[covered].split([k, 2], dim=-1)
-        if logits.shape[0] == 0:
-            zero = pred_features.sum() * 0.0
-            return {"semantic": zero, "depth": zero, "flow": zero}
-        target = gt_classes / gt_classes.sum(-1, keepdim=True).clamp(min=1e-6)
-        semantic = -(target * F.log_softmax(logits, dim=-1)).sum(-1).mean()
-        depth = (pred_depths[covered] - gt_depths[covered]).abs().mean() / self.depth_scale
-        if flow_loss_enabled:
-            flow = flow_l1_loss(pred_flow, gt_flow, torch.ones_like(gt_flow[:, 0], dtype=torch.bool))
+        logits, pred_flow = pred_features.split([k, 2], dim=-1)
+        if pred_flow_render is not None:
+            pred_flow = pred_flow_render
+        gt_classes, gt_flow = gt_features.split([k, 2], dim=-1)
+        terms = {}
+        foreground = gt_depths > self.semantic_min_gt_depth
+        cross_entropy = -(gt_classes[foreground] * F.log_softmax(logits[foreground], dim=-1)).sum()
+        terms["semantic"] = (cross_entropy, foreground.sum().to(cross_entropy.dtype))
+        if self.normalize_by_alpha:
+            both = (gt_alphas > self.coverage_threshold) & (pred_alphas > self.coverage_threshold)
+            pred_alpha, gt_alpha = pred_alphas[both][:, None], gt_alphas[both][:, None]
+            depth_error = (pred_depths[both] / pred_alpha[:, 0] - gt_depths[both] / gt_alpha[:, 0]).abs()
+            pred_flow, gt_flow = pred_flow[both] / pred_alpha, gt_flow[both] / gt_alpha
         else:
-            flow = pred_flow.sum() * 0.0
-        return {"semantic": semantic, "depth": depth, "flow": flow}
+            depth_error = (pred_depths - gt_depths).abs().flatten()
+            pred_flow, gt_flow = pred_flow.reshape(-1, 2), gt_flow.reshape(-1, 2)
+        terms["depth"] = (depth_error.sum() / self.depth_scale, depth_error.new_tensor(float(depth_error.numel())))
+        if flow_loss_enabled:
+            weight = gt_flow.norm(dim=-1) + 0.1
+            terms["flow"] = ((weight * (pred_flow - gt_flow).abs().sum(-1)).sum(), weight.sum())
+        else:
+            terms["flow"] = (pred_flow.sum() * 0.0, pred_flow.new_zeros(()))
+        return terms
 
     def forward(self, batched_inputs: List[dict], head_outputs: Dict[str, torch.Tensor],
                 flow_loss_enabled: bool) -> Dict[str, torch.Tensor]:
         device = head_outputs["occ_logits"].device
-        totals = {name: [] for name in self.loss_weights}
+        sums = {name: [] for name in self.loss_weights}
         self.last_renders = {}
         inputs = [self.sample_inputs(sample, device) for sample in batched_inputs]
         keys = ["occ_logits", "flow"] + (["voxel_features"] if self.needs_voxel_features else [])
@@ -378,18 +453,29 @@ class GaussianSplatRegularizer(nn.Module):
                 gt = self.gt_gaussians(sample, views["indices"])
             states = [(None, None)]
             if flow_loss_enabled and self.propagate_by_flow:
-                states.append((self.flow_displacement(pred["flow"], views["time_offsets"]),
-                               self.flow_displacement(gt["flow"], views["time_offsets"])))
+                times = self.propagation_times(views["time_offsets"])
+                states.append((self.flow_displacement(pred["flow"], times), self.flow_displacement(gt["flow"], times)))
             for state, (pred_move, gt_move) in enumerate(states):
                 with torch.no_grad():
                     gt_render = self.render(gt, views, gt_move)
                 pred_render = self.render(pred, views, pred_move)
-                for name, value in self._losses(pred_render, gt_render, flow_loss_enabled).items():
-                    totals[name].append(value)
+                pred_flow_render = None
+                if self.detach_flow_weights and flow_loss_enabled:
+                    pred_flow_render = self.render(pred, views, pred_move, features=pred["flow"],
+                                                   detach_geometry=True)[0]
+                for name, term in self._loss_terms(pred_render, gt_render, pred_flow_render,
+                                                   flow_loss_enabled).items():
+                    sums[name].append(term)
                 if batch_index == 0 and state == 0:
                     self._keep_renders(pred_render, gt_render)
-        return {f"loss_splat_{name}": self.loss_weights[name] * torch.stack(values).mean()
-                for name, values in totals.items()}
+        losses = {}
+        for name, terms in sums.items():
+            numerator = torch.stack([t[0] for t in terms]).sum()
+            denominator = torch.stack([t[1] for t in terms]).sum()
+            # No pixel to supervise (e.g. nothing in view): a zero that keeps the graph.
+            value = numerator / denominator if bool(denominator > 0) else numerator * 0.0
+            losses[f"loss_splat_{name}"] = self.loss_weights[name] * value
+        return losses
 
     @torch.no_grad()
     def _keep_renders(self, pred_render, gt_render) -> None:
