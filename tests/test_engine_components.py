@@ -13,7 +13,7 @@ def test_lr_multipliers_use_longest_prefix_and_norm_weight_decay():
     model.add_module("backbone", nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4)))
     model.add_module("head", nn.Linear(4, 2))
     groups = get_optimizer_param_groups(model, base_lr=1.0, weight_decay=0.1, weight_decay_norm=0.0,
-                                        lr_multipliers={"backbone": 0.1, "backbone.1": 0.5})
+                                        weight_decay_bias=0.0, lr_multipliers={"backbone": 0.1, "backbone.1": 0.5})
     by_param = {id(p): (g["lr"], g["weight_decay"]) for g in groups for p in g["params"]}
     conv, bn, head = model.backbone[0], model.backbone[1], model.head
     assert by_param[id(conv.weight)] == (pytest.approx(0.1), 0.1)
@@ -23,6 +23,35 @@ def test_lr_multipliers_use_longest_prefix_and_norm_weight_decay():
     assert sum(len(g["params"]) for g in groups) == len(list(model.parameters()))
     with pytest.raises(KeyError, match="backbonee"):
         get_optimizer_param_groups(model, 1.0, 0.1, lr_multipliers={"backbonee": 0.1})
+
+
+def test_weight_decay_groups_of_the_released_recipe_decay_every_parameter():
+    """Released: AdamW wd 1e-2 on weights, biases and norm parameters alike; the backbone's
+    lr x0.1 for VoxelSplat-R50 and x1 for the FB-Occ baseline."""
+    from detectron2.config import LazyConfig, instantiate
+
+    from voxelsplat.engine.optim import get_optimizer_param_groups
+
+    model = nn.Sequential()
+    model.add_module("backbone", nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4)))
+    model.add_module("head", nn.Sequential(nn.Linear(4, 2), nn.LayerNorm(2)))
+    for config, backbone_lr in (("configs/r50.py", 2e-5), ("configs/fbocc_r50.py", 2e-4)):
+        cfg = LazyConfig.load(os.path.join(os.path.dirname(__file__), "..", config))
+        cfg.optimizer.params.model = model
+        optimizer = instantiate(cfg.optimizer)
+        assert isinstance(optimizer, torch.optim.AdamW)
+        by_param = {id(p): (g["lr"], g["weight_decay"]) for g in optimizer.param_groups for p in g["params"]}
+        for name, param in model.named_parameters():
+            lr, decay = by_param[id(param)]
+            assert decay == pytest.approx(1e-2), (config, name)
+            assert lr == pytest.approx(backbone_lr if name.startswith("backbone") else 2e-4), (config, name)
+    # the deviation: no decay on norms and biases
+    groups = get_optimizer_param_groups(model, 1.0, 0.1, weight_decay_norm=0.0, weight_decay_bias=0.0)
+    by_param = {name: g["weight_decay"] for g in groups for p in g["params"] for name, q in model.named_parameters()
+                if q is p}
+    assert by_param == {"backbone.0.weight": 0.1, "backbone.0.bias": 0.0, "backbone.1.weight": 0.0,
+                        "backbone.1.bias": 0.0, "head.0.weight": 0.1, "head.0.bias": 0.0, "head.1.weight": 0.0,
+                        "head.1.bias": 0.0}
 
 
 def test_warmup_step_schedule_values():
@@ -107,3 +136,47 @@ def test_override_of_lazy_call_default_argument_is_accepted(tmp_path):
     assert cfg.dataloader.test.seed == 3
     with pytest.raises(KeyError, match="dataloader.train.sed"):
         load_config(os.path.join(os.path.dirname(__file__), "toy", "toy_config.py"), ["dataloader.train.sed=3"])
+
+
+def test_model_ema_follows_the_released_ramped_decay_and_resumes(tmp_path):
+    """EMA_n = d_n EMA_{n-1} + (1 - d_n) theta_n with d_n = 0.999 (1 - exp(-n / 2000)),
+    n counted from init_updates; float buffers averaged, integer buffers copied."""
+    import math
+    from types import SimpleNamespace
+
+    from voxelsplat.engine.ema_hook import ModelEMAHook, ema_decay
+
+    assert ema_decay(10561, 0.999, 2000) == pytest.approx(0.999 * (1 - math.exp(-10561 / 2000)))
+    assert ema_decay(0, 0.999, 2000) == 0.0 and ema_decay(5, 0.9, 0) == 0.9
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(3, 2), nn.BatchNorm1d(2))
+    trainer = SimpleNamespace(model=model, iter=0, max_iter=4, output_dir=str(tmp_path))
+    hook = ModelEMAHook(decay=0.9, init_updates=3, ramp_iters=2.0, period=2)
+    hook.trainer = trainer
+    hook.before_train()
+    expected = {k: v.detach().clone() for k, v in model.state_dict().items() if v.is_floating_point()}
+    for step in range(4):
+        with torch.no_grad():
+            for p in model.parameters():
+                p.add_(torch.randn_like(p))
+            model[1].running_mean.add_(1.0)
+        trainer.iter = step
+        hook.after_step()
+        d = 0.9 * (1 - math.exp(-(3 + step + 1) / 2.0))
+        for k, v in model.state_dict().items():
+            if v.is_floating_point():
+                expected[k] = d * expected[k] + (1 - d) * v
+        for k in expected:
+            torch.testing.assert_close(hook.ema_state[k], expected[k])
+    hook.after_train()
+    assert sorted(os.listdir(tmp_path)) == ["model_ema_0000001.pth", "model_ema_final.pth"]
+    saved = torch.load(tmp_path / "model_ema_final.pth", weights_only=True)
+    assert saved["ema_updates"] == 7 and "1.num_batches_tracked" in saved["model"]
+    torch.testing.assert_close(saved["model"]["0.weight"], expected["0.weight"])
+    # resume: the trainer checkpoint's hook state restores the average and the counter
+    resumed = ModelEMAHook(decay=0.9, init_updates=3, ramp_iters=2.0)
+    resumed.trainer = trainer
+    resumed.load_state_dict(hook.state_dict())
+    resumed.before_train()
+    assert resumed.updates == 7
+    torch.testing.assert_close(resumed.ema_state["1.running_mean"], expected["1.running_mean"])

@@ -1,4 +1,6 @@
-"""AdamW with per-module learning-rate multipliers."""
+"""AdamW with per-module learning-rate multipliers, weight decay on every parameter (the
+released recipe; set ``weight_decay_norm`` / ``weight_decay_bias`` to 0.0 to exempt
+normalization parameters and biases)."""
 from detectron2.config import LazyCall as L
 
 from voxelsplat.engine.optim import build_adamw, get_optimizer_param_groups
@@ -8,7 +10,8 @@ AdamW = L(build_adamw)(
         # model is filled in by the trainer
         base_lr="${..lr}",
         weight_decay="${..weight_decay}",
-        weight_decay_norm=0.0,
+        weight_decay_norm=None,  # None: the same decay as the weights (released)
+        weight_decay_bias=None,
         lr_multipliers={},  # e.g. {"backbone": 0.1}
     ),
     lr=2e-4,

@@ -3,7 +3,8 @@ train = dict(
     output_dir="./output",
     init_checkpoint="",       # weights to start from (or to evaluate with --eval-only)
     max_iter=90000,
-    amp=dict(enabled=False),  # mixed precision; CUDA only
+    amp=dict(enabled=False),  # mixed precision (fp16 autocast, dynamic loss scale); CUDA only
+    sync_bn=False,            # BatchNorm -> SyncBatchNorm across CUDA processes
     ddp=dict(broadcast_buffers=False, find_unused_parameters=False, fp16_compression=False),
     checkpointer=dict(period=5000, max_to_keep=3),
     eval_period=5000,

@@ -28,6 +28,34 @@ FLOW_CLASS_NAMES: Tuple[str, ...] = OPENOCC_V2_CLASSES[:8]
 
 LABEL_SETS: Dict[str, Tuple[str, ...]] = {"openocc_v2": OPENOCC_V2_CLASSES, "occ3d": OCC3D_CLASSES}
 
+# Voxels per class in the nuScenes ground truth, keyed by label set and class name: the
+# statistics the released recipe weights its focal loss with (``1 / log(count)``).
+# OpenOcc v2: the counts of the VoxelSplat release (every voxel of the trainval keyframes);
+# Occ3D: the Occ3D-nuScenes training-set counts FB-Occ ships.
+NUSCENES_VOXEL_COUNTS: Dict[str, Dict[str, int]] = {
+    "openocc_v2": {
+        "car": 89275612, "truck": 30702871, "trailer": 14707768, "bus": 13641797, "construction_vehicle": 5860037,
+        "bicycle": 388063, "motorcycle": 543072, "pedestrian": 5070078, "traffic_cone": 846475, "barrier": 4671687,
+        "driveable_surface": 468293495, "other_flat": 13572616, "sidewalk": 151618193, "terrain": 211187466,
+        "manmade": 382769006, "vegetation": 454647803, "free": 20007563961,
+    },
+    "occ3d": {
+        "others": 944004, "barrier": 1897170, "bicycle": 152386, "bus": 2391677, "car": 16957802,
+        "construction_vehicle": 724139, "motorcycle": 189027, "pedestrian": 2074468, "traffic_cone": 413451,
+        "trailer": 2384460, "truck": 5916653, "driveable_surface": 175883646, "other_flat": 4275424,
+        "sidewalk": 51393615, "terrain": 61411620, "manmade": 105975596, "vegetation": 116424404,
+        "free": 1892500630,
+    },
+}
+
+
+def nuscenes_voxel_counts(gt_format: str) -> List[int]:
+    """Per-class nuScenes voxel counts of a label set, in its class order."""
+    if gt_format not in NUSCENES_VOXEL_COUNTS:
+        raise KeyError(f"no nuScenes voxel counts for gt_format {gt_format!r}; known: {sorted(NUSCENES_VOXEL_COUNTS)}")
+    counts = NUSCENES_VOXEL_COUNTS[gt_format]
+    return [counts[name] for name in LABEL_SETS[gt_format]]
+
 # nuScenes detection category -> occupancy class name (shared by every label set).
 NUSCENES_CATEGORY_TO_CLASS: Dict[str, str] = {
     "vehicle.car": "car",

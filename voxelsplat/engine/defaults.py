@@ -113,6 +113,18 @@ def build_model(cfg) -> torch.nn.Module:
     return model
 
 
+def convert_sync_batchnorm(model: torch.nn.Module, enabled: bool) -> torch.nn.Module:
+    """BatchNorm -> SyncBatchNorm over the whole model (the released recipe trains with
+    SyncBN on 8 GPUs) when ``enabled`` and several CUDA processes train together; a no-op
+    otherwise (one process, or CPU where SyncBatchNorm does not run)."""
+    if not enabled or comm.get_world_size() == 1:
+        return model
+    if not next(model.parameters()).is_cuda:
+        logger.warning("train.sync_bn=True ignored: SyncBatchNorm needs CUDA; BatchNorm statistics stay per process")
+        return model
+    return torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
+
+
 def build_hooks(cfg, model, trainer, checkpointer) -> list:
     train = cfg.train
     extra = [instantiate(h) for h in train.get("extra_hooks", None) or []]
@@ -132,7 +144,7 @@ def do_train(cfg, resume: bool = False, extra_hooks: list = ()):
     """Train the configured model. ``extra_hooks`` are appended after the configured ones.
 
     Returns the trainer (its ``model`` holds the final weights)."""
-    model = build_model(cfg)
+    model = convert_sync_batchnorm(build_model(cfg), bool(cfg.train.get("sync_bn", False)))
     logger.info("Model:\n%s", model)
     cfg.optimizer.params.model = model
     optimizer = instantiate(cfg.optimizer)
@@ -145,6 +157,7 @@ def do_train(cfg, resume: bool = False, extra_hooks: list = ()):
         clip_grad_norm_type=cfg.train.clip_grad.norm_type,
         amp=cfg.train.amp.enabled,
     )
+    trainer.output_dir = cfg.train.output_dir  # for hooks that write files of their own (EMA weights)
     checkpointer = OccupancyCheckpointer(model, cfg.train.output_dir, optimizer=optimizer, trainer=trainer)
     trainer.register_hooks(build_hooks(cfg, model, trainer, checkpointer) + list(extra_hooks))
 

@@ -16,15 +16,23 @@ def get_optimizer_param_groups(
     model: nn.Module,
     base_lr: float,
     weight_decay: float,
-    weight_decay_norm: float = 0.0,
+    weight_decay_norm: Optional[float] = None,
     lr_multipliers: Optional[Dict[str, float]] = None,
+    weight_decay_bias: Optional[float] = None,
 ) -> List[dict]:
     """Parameter groups for a torch optimizer.
+
+    The released recipe decays every parameter alike (AdamW, weight decay 1e-2 on weights,
+    biases and normalization parameters: ``weight_decay_norm = weight_decay_bias = None``).
+    Exempting normalization parameters and biases (``0.0``) is the common detectron2
+    practice, available as a deviation.
 
     Args:
         base_lr: learning rate before multipliers.
         weight_decay: weight decay of ordinary parameters.
-        weight_decay_norm: weight decay of normalization-layer parameters (and biases).
+        weight_decay_norm: weight decay of normalization-layer parameters; None: ``weight_decay``.
+        weight_decay_bias: weight decay of biases outside normalization layers; None:
+            ``weight_decay``.
         lr_multipliers: ``{module-name prefix: factor}``, e.g. ``{"backbone": 0.1}``; the
             longest matching prefix wins. A prefix that matches no parameter is an error
             (it is almost always a typo in the config).
@@ -47,8 +55,12 @@ def get_optimizer_param_groups(
                 if (full_name == prefix or full_name.startswith(prefix + ".")) and len(prefix) > best:
                     factor, best = value, len(prefix)
                     matched[prefix] = True
-            is_norm = isinstance(module, _NORM_TYPES) or param_name == "bias"
-            decay = weight_decay_norm if is_norm else weight_decay
+            if isinstance(module, _NORM_TYPES):
+                decay = weight_decay if weight_decay_norm is None else weight_decay_norm
+            elif param_name == "bias":
+                decay = weight_decay if weight_decay_bias is None else weight_decay_bias
+            else:
+                decay = weight_decay
             key = (base_lr * factor, decay)
             groups.setdefault(key, {"params": [], "lr": key[0], "weight_decay": key[1]})["params"].append(param)
     unmatched = [prefix for prefix, hit in matched.items() if not hit]

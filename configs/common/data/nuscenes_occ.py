@@ -1,6 +1,7 @@
 """Data for nuScenes with OpenOcc v2 occupancy + flow labels (see datasets/README.md for
-the layout): 704x256 inputs, FB-Occ's augmentation, 8 GPUs x 4 samples, scenes walked
-in time order for temporal fusion.
+the layout): 704x256 inputs, the released augmentation (image: resize, crop, flip, rotation
++-5.4 deg; BEV: rotation +-22.5 deg, x/y flips), 8 GPUs x 2 samples, scenes split in half
+and walked in time order for temporal fusion.
 
 Occ3D instead: set ``dataloader.{train,test}.dataset.gt_format = "occ3d"`` (labels under
 ``datasets/nuscenes/gts``). Switch the VoxelSplat inputs on with
@@ -28,7 +29,7 @@ dataloader.train = L(build_train_loader)(
         crop_bottom_range=(0.0, 0.0),
         flip_prob=0.5,
         rotate_range=(-5.4, 5.4),
-        bda_rotation_range=(0.0, 0.0),
+        bda_rotation_range=(-22.5, 22.5),
         bda_scale_range=(1.0, 1.0),
         bda_flip_x_prob=0.5,
         bda_flip_y_prob=0.5,
@@ -36,10 +37,10 @@ dataloader.train = L(build_train_loader)(
         regularizer=None,
         dataset_name="${..dataset.name}",
     ),
-    total_batch_size=32,
+    total_batch_size=16,
     num_workers=4,
     sequential=True,
-    split_scenes_in_half=False,
+    split_scenes_in_half=True,
     seed=None,
 )
 

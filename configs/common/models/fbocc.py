@@ -7,7 +7,7 @@ temporal fusion -> 3D ResNet-18 + FPN3D -> occupancy (17 classes) + flow head at
 """
 from detectron2.config import LazyCall as L
 
-from voxelsplat.data.occupancy_meta import occupancy_metadata
+from voxelsplat.data.occupancy_meta import nuscenes_voxel_counts, occupancy_metadata
 from voxelsplat.modeling.backbone import TimmBackbone
 from voxelsplat.modeling.heads import OccFlowHead, OccupancyFlowLoss
 from voxelsplat.modeling.lifting import (
@@ -18,16 +18,6 @@ from voxelsplat.modeling.neck import FusionFPN
 from voxelsplat.modeling.voxel_encoder import ResNet3DFPN
 
 _meta = occupancy_metadata("openocc_v2")
-
-# Per-class voxel counts of the Occ3D-nuScenes training set (the class-frequency statistics
-# FB-Occ weights its focal loss with), keyed by class name so any label set can use them.
-_VOXEL_COUNTS = {
-    "others": 944004, "barrier": 1897170, "bicycle": 152386, "bus": 2391677, "car": 16957802,
-    "construction_vehicle": 724139, "motorcycle": 189027, "pedestrian": 2074468, "traffic_cone": 413451,
-    "trailer": 2384460, "truck": 5916653, "driveable_surface": 175883646, "other_flat": 4275424,
-    "sidewalk": 51393615, "terrain": 61411620, "manmade": 105975596, "vegetation": 116424404,
-    "free": 1892500630,
-}
 
 model = L(OccupancyFlowModel)(
     backbone=L(TimmBackbone)(
@@ -65,9 +55,13 @@ model = L(OccupancyFlowModel)(
     loss=L(OccupancyFlowLoss)(
         num_classes=len(_meta["class_names"]), free_index=_meta["free_index"], flow_classes=_meta["flow_classes"],
         point_cloud_range=_meta["point_cloud_range"], voxel_size=_meta["voxel_size"],
-        class_frequencies=[_VOXEL_COUNTS[name] for name in _meta["class_names"]],
+        # focal class weights 1 / log(count) from the nuScenes voxel counts of the label set
+        # (released: the OpenOcc v2 counts)
+        class_frequencies=nuscenes_voxel_counts(_meta["gt_format"]),
         focal_gamma=2.0, focal_alpha=0.25, distance_weighting=True,
-        focal_weight=100.0, lovasz_weight=1.0, sem_scal_weight=1.0, geo_scal_weight=1.0, flow_weight=1.0,
+        focal_weight=100.0, lovasz_weight=1.0, sem_scal_weight=1.0, geo_scal_weight=1.0,
+        # released: 0.5 x sum_all (|g| + 0.1)|d|_1 / sum (|g| + 0.1), off until history starts
+        flow_weight=0.5, flow_voxels="all", flow_normalization="weight_sum",
     ),
     class_names=_meta["class_names"],
     free_index=_meta["free_index"],

@@ -1,7 +1,12 @@
-"""The VoxelSplat regularizer as published (release mode): Gaussians at 100k sampled voxels,
-isotropic scale 0.12 m, rendered into the 6 cameras of keyframes t-2..t+3 at 1/4 resolution
-(400x225 on nuScenes), current and flow-propagated states, losses semantic 0.5 / depth 1.0 /
-flow 0.5. Grid and label set come from the dataset metadata (``occupancy_metadata``).
+"""The VoxelSplat regularizer as released (``GaussianHead`` of the release, mode "release"):
+Gaussians at 100k sampled voxels, isotropic scale 0.12 m, rendered into the 6 cameras of
+keyframes t-2..t+3 at 1/4 resolution (400x225 on nuScenes), current and flow-propagated
+states, the released loss formulas with weights semantic 0.5 / depth 1.0 / flow 0.5, and
+the release's two quirks: the render cameras look backwards (``flip_render_cameras``) and
+the propagated state moves every view by flow x 1 s (``propagation_seconds``). The
+published numbers came from these; ``configs/r50_corrected.py`` fixes both. Grid and label
+set come from the dataset metadata (``occupancy_metadata``). docs/reproducing.md lists
+every setting.
 
 Attach it to a model config and switch the mapper's regularizer inputs on:
 
@@ -30,10 +35,17 @@ regularizer = L(GaussianSplatRegularizer)(
     loss_weights=dict(semantic=0.5, depth=1.0, flow=0.5),
     backend="auto",            # gsplat on CUDA, the C rasterizer on CPU (PyTorch without a C compiler)
     propagate_by_flow=True,    # the flow-propagated state, once the flow loss is on
+    propagation_seconds=1.0,   # released quirk: flow x 1 s for every view (None: each view's time)
+    flip_render_cameras=True,  # released quirk: y/z-flipped, backward-looking cameras
     max_views=None,            # all 36 views
     render_chunk=None,
+    semantic_min_gt_depth=0.1,  # semantic loss on pixels with GT accumulated depth > 0.1 m
+    normalize_by_alpha=False,  # released: accumulated depth / flow over all pixels
     coverage_threshold=0.5,
+    detach_flow_weights=False,
     depth_scale=1.0,           # depth L1 in metres
+    near_plane=0.1,
+    far_plane=100.0,
 )
 
 # TemporalDatasetMapper(regularizer=...): keys of voxelsplat.data.mapper.DEFAULT_REGULARIZER_OPTIONS
