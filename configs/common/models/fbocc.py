@@ -1,8 +1,9 @@
-"""FB-Occ (the baseline VoxelSplat regularizes) at its published sizes: ResNet-50 C4+C5 ->
+"""FB-Occ (the baseline VoxelSplat regularizes), with the released losses: ResNet-50 C4+C5 ->
 FPN (256 ch, stride 16) -> camera-aware depth net (80 bins, 2-42 m) -> LSS to a
 100x100x8 volume (0.8 m) -> one depth-aware backward-projection layer -> 16-frame
 temporal fusion -> 3D ResNet-18 + FPN3D -> occupancy (17 classes) + flow head at the
-200x200x16 GT grid. Label set and grid come from the dataset metadata
+200x200x16 GT grid. Where module widths still differ from the release is listed in
+docs/reproducing.md. Label set and grid come from the dataset metadata
 (``occupancy_metadata``); switch ``_meta`` for another label set.
 """
 from detectron2.config import LazyCall as L
