@@ -1,5 +1,6 @@
 """Render views of adjacent keyframes: poses in the augmented current ego frame, cameras
-looking forward (+z), offsets clamped to the scene, times from the camera timestamps."""
+looking forward (+z), out-of-scene keyframes replaced by the current one (released) or the
+nearest, times from the camera timestamps."""
 import uuid
 
 import numpy as np
@@ -75,7 +76,9 @@ def test_views_place_each_camera_in_the_augmented_frame_and_times_follow_timesta
     for view, viewmat in enumerate(sample["render_viewmats"].double().numpy()):
         offset = int(sample["render_frame_offsets"][view])
         requested = OFFSETS[view // num_cameras]
-        target = int(np.clip(record["frame_index"] + requested, 0, record["num_frames"] - 1))
+        target = record["frame_index"] + requested
+        if not 0 <= target < record["num_frames"]:
+            target = record["frame_index"]
         assert offset == target - record["frame_index"]
         camera = record["scene_records"][target]["cameras"][view % num_cameras]
         # the view maps the camera's own centre to the origin and its optical axis to +z
@@ -100,13 +103,31 @@ def test_offsets_are_clamped_at_the_scene_ends(dataset):
     sample = dataset[(last, False)]
     num_cameras = len(record["cameras"])
     offsets = sample["render_frame_offsets"].numpy().reshape(len(OFFSETS), num_cameras)
-    expected = [max(o, -record["frame_index"]) if o < 0 else 0 for o in OFFSETS]
+    # released rule: a keyframe beyond the scene is replaced by the current one
+    expected = [o if 0 <= record["frame_index"] + o < record["num_frames"] else 0 for o in OFFSETS]
     np.testing.assert_array_equal(offsets[:, 0], expected)
     views = sample["render_viewmats"].numpy().reshape(len(OFFSETS), num_cameras, 4, 4)
     for i, o in enumerate(OFFSETS):
-        if o > 0:  # beyond the last keyframe: the last keyframe's cameras again
+        if o > 0:  # beyond the last keyframe: the current (= last) keyframe's cameras again
             np.testing.assert_array_equal(views[i], views[OFFSETS.index(0)])
     # the sampled Gaussians lie in the (augmented) visible voxels
     index = sample["gaussian_voxel_indices"]
     assert len(index) == 2000
     assert sample["occ_visible"][index[:, 0], index[:, 1], index[:, 2]].all()
+
+
+def test_out_of_scene_keyframes_are_the_current_one_as_released_or_the_nearest(dataset):
+    from voxelsplat.data.render_views import adjacent_render_views
+
+    record = dataset.record(1)
+    assert record["frame_index"] == 1 and record["num_frames"] >= 3
+    scene = record["scene_records"]
+    num_cameras = len(record["cameras"])
+    released = adjacent_render_views(record, scene, (-2, -1, 0, 1), np.eye(4), 0.25)
+    nearest = adjacent_render_views(record, scene, (-2, -1, 0, 1), np.eye(4), 0.25, out_of_scene="nearest")
+    np.testing.assert_array_equal(released["render_frame_offsets"][::num_cameras], [0, -1, 0, 1])
+    np.testing.assert_array_equal(nearest["render_frame_offsets"][::num_cameras], [-1, -1, 0, 1])
+    views = released["render_viewmats"].reshape(4, num_cameras, 4, 4)
+    np.testing.assert_array_equal(views[0], views[2])
+    with pytest.raises(ValueError, match="out_of_scene"):
+        adjacent_render_views(record, scene, (0,), np.eye(4), 0.25, out_of_scene="wrap")

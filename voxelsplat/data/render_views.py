@@ -6,7 +6,7 @@ from typing import Dict, List, Sequence
 
 import numpy as np
 
-__all__ = ["cameras_to_reference_ego", "adjacent_render_views"]
+__all__ = ["cameras_to_reference_ego", "adjacent_render_views", "OUT_OF_SCENE_RULES"]
 
 
 def cameras_to_reference_ego(cameras: Sequence[dict], reference_ego2global: np.ndarray) -> np.ndarray:
@@ -27,10 +27,13 @@ def cameras_to_reference_ego(cameras: Sequence[dict], reference_ego2global: np.n
                      @ np.asarray(c["cam2ego"], dtype=np.float64) for c in cameras])
 
 
+OUT_OF_SCENE_RULES = ("current", "nearest")
+
+
 def adjacent_render_views(record: dict, scene_records: List[dict], frame_offsets: Sequence[int], bda: np.ndarray,
-                          render_scale: float) -> Dict[str, object]:
-    """Render views of the keyframes ``frame_index + offset`` (clamped to the scene), every
-    camera of each, expressed in the current keyframe's BEV-augmented ego frame.
+                          render_scale: float, out_of_scene: str = "current") -> Dict[str, object]:
+    """Render views of the keyframes ``frame_index + offset``, every camera of each,
+    expressed in the current keyframe's BEV-augmented ego frame.
 
     Args:
         record: the current keyframe's record.
@@ -39,6 +42,9 @@ def adjacent_render_views(record: dict, scene_records: List[dict], frame_offsets
         frame_offsets: keyframe offsets, e.g. (-2, -1, 0, 1, 2, 3).
         bda: (4, 4) BEV augmentation of the current sample.
         render_scale: render resolution relative to the original images (e.g. 0.25).
+        out_of_scene: a keyframe beyond the scene's ends is replaced by the current keyframe
+            ("current", as the released code does) or by the scene's nearest keyframe
+            ("nearest").
     Returns:
         dict with (V = len(frame_offsets) * C views, offset-major, cameras in record order)
         ``render_viewmats`` (V, 4, 4) float64 world(augmented current ego) -> OpenCV camera
@@ -47,9 +53,12 @@ def adjacent_render_views(record: dict, scene_records: List[dict], frame_offsets
         depths stay metric);
         ``render_intrinsics`` (V, 3, 3) float64 original intrinsics scaled by ``render_scale``;
         ``render_image_size`` (W, H) ints; ``render_frame_offsets`` (V,) int64 effective
-        (clamped) offsets; ``render_time_offsets`` (V,) float64 seconds, view camera
+        offsets (after the out-of-scene rule); ``render_time_offsets`` (V,) float64 seconds, view camera
         timestamp minus the current keyframe timestamp.
     """
+    if out_of_scene not in OUT_OF_SCENE_RULES:
+        raise ValueError(f"adjacent_render_views: out_of_scene must be one of {OUT_OF_SCENE_RULES}, got "
+                         f"{out_of_scene!r}")
     frame_index = int(record["frame_index"])
     if not (0 <= frame_index < len(scene_records)) or scene_records[frame_index]["sample_token"] != record["sample_token"]:
         raise ValueError(f"sample {record['sample_token']}: scene_records do not hold it at frame_index {frame_index} "
@@ -65,7 +74,9 @@ def adjacent_render_views(record: dict, scene_records: List[dict], frame_offsets
     bda = np.asarray(bda, dtype=np.float64)
     viewmats, intrinsics, effective_offsets, time_offsets = [], [], [], []
     for offset in frame_offsets:
-        target = int(np.clip(frame_index + int(offset), 0, len(scene_records) - 1))
+        target = frame_index + int(offset)
+        if not 0 <= target < len(scene_records):
+            target = frame_index if out_of_scene == "current" else int(np.clip(target, 0, len(scene_records) - 1))
         view_record = scene_records[target]
         cam2ego = cameras_to_reference_ego(view_record["cameras"], record["ego2global"])
         viewmats.append(np.linalg.inv(bda @ cam2ego))
