@@ -14,6 +14,7 @@ checkpoint's model are FB-Occ's.
 """
 from detectron2.config import LazyCall as L
 
+from voxelsplat.data.gaussian_sampling import NUSCENES_OPENOCC_V2_CLASS_COUNTS, NUSCENES_OPENOCC_V2_SPEED_BIN_COUNTS
 from voxelsplat.engine.render_image_hook import RenderImageHook
 
 from .common.models.voxelsplat import mapper_options as _mapper_options
@@ -22,6 +23,10 @@ from .fbocc_r50 import dataloader, lr_multiplier, model, optimizer, train
 
 model.regularizer = _regularizer
 dataloader.train.mapper.regularizer = _mapper_options
+# released: the sampling weights use fixed nuScenes trainval counts, the candidates a ray mask
+dataloader.train.mapper.regularizer.class_frequencies = NUSCENES_OPENOCC_V2_CLASS_COUNTS
+dataloader.train.mapper.regularizer.speed_bin_frequencies = NUSCENES_OPENOCC_V2_SPEED_BIN_COUNTS
+dataloader.train.dataset.visible_mask_root = "datasets/nuscenes/openocc_v2_ray_mask"
 optimizer.params.lr_multipliers = {"backbone": 0.1}  # released: x0.1 for VoxelSplat only
 
 train.output_dir = "./output/voxelsplat_r50"

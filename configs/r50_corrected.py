@@ -19,5 +19,6 @@ from .r50 import dataloader, lr_multiplier, model, optimizer, train
 model.regularizer.flip_render_cameras = False
 model.regularizer.propagation_seconds = None
 model.regularizer.detach_flow_weights = True
+dataloader.train.mapper.regularizer.speed_bin_rule = "corrected"
 
 train.output_dir = "./output/voxelsplat_r50_corrected"

@@ -138,13 +138,16 @@ def test_bev_augmentation_moves_voxels_flow_and_cameras_together(records, rotati
             assert depth_after == pytest.approx(depth_before, rel=1e-4, abs=1e-4)
 
 
-def test_bev_resampling_with_rotation_and_scale_matches_a_per_voxel_reference(records):
+@pytest.mark.parametrize("outside_label", ["ignore", "free"])
+def test_bev_resampling_with_rotation_and_scale_matches_a_per_voxel_reference(records, outside_label):
+    """Voxels brought in from outside the grid: the ignore label 255 (released) or free."""
     record = records[0]
     size = _original_size(record)
     reference = TemporalDatasetMapper(False, size, load_lidar_depth=False)(dict(record))
     np.random.seed(11)
     augment = TemporalDatasetMapper(True, size, resize_range=(0, 0), flip_prob=0.0, rotate_range=(0, 0),
-                                    bda_rotation_range=(-40, 40), bda_scale_range=(0.85, 1.15), load_lidar_depth=False)
+                                    bda_rotation_range=(-40, 40), bda_scale_range=(0.85, 1.15), load_lidar_depth=False,
+                                    bda_outside_label=outside_label)
     sample = augment(dict(record))
     check_sample(sample)
     bda = sample["bda"].double().numpy()
@@ -158,11 +161,12 @@ def test_bev_resampling_with_rotation_and_scale_matches_a_per_voxel_reference(re
         source = np.floor(((inverse @ np.append(centre, 1.0))[:3] - DEFAULT_GRID.range_min) / DEFAULT_GRID.voxel_size)
         source = source.astype(int)
         inside = bool(np.all((source >= 0) & (source < shape)))
-        expected_label = semantics[tuple(source)] if inside else FREE
+        expected_label = semantics[tuple(source)] if inside else (255 if outside_label == "ignore" else FREE)
         expected_flow = bda[:2, :2] @ flow[tuple(source)] if inside else np.zeros(2)
         assert sample["occ_semantics"][tuple(index)] == expected_label
         np.testing.assert_allclose(sample["occ_flow"][tuple(index)].double().numpy(), expected_flow, atol=1e-5)
         assert bool(sample["occ_visible"][tuple(index)]) == (inside and bool(reference["occ_visible"][tuple(source)]))
+    assert (sample["occ_semantics"] == 255).any() == (outside_label == "ignore")
 
 
 def test_resample_voxel_grid_keeps_trailing_channels_and_fills_outside():

@@ -10,5 +10,6 @@ from .voxelsplat_tiny import dataloader, lr_multiplier, model, optimizer, train
 model.regularizer.flip_render_cameras = False
 model.regularizer.propagation_seconds = None
 model.regularizer.detach_flow_weights = True
+dataloader.train.mapper.regularizer.speed_bin_rule = "corrected"
 
 train.output_dir = "./output/synthetic/voxelsplat_tiny_corrected"

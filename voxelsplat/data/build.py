@@ -84,6 +84,38 @@ class SceneSequenceDataset(Dataset):
         return self.mapper(self.record(index, sequence_start))
 
 
+def _cache_dir_of(dataset: DatasetSpec) -> str:
+    """The record cache folder of the (first) registered dataset, else the default one."""
+    from detectron2.data import MetadataCatalog
+
+    from .datasets import default_cache_dir
+
+    names = [dataset] if isinstance(dataset, str) else [d for d in dataset if isinstance(d, str)]
+    cache_dir = MetadataCatalog.get(names[0]).get("record_cache_dir", None) if names else None
+    return cache_dir or default_cache_dir()
+
+
+def _prepare_mapper(mapper, records: Sequence[dict], dataset: DatasetSpec, num_workers: int) -> None:
+    """Let the mapper do its once-per-run work (e.g. dataset-wide voxel counts) in this
+    process, before the workers copy it. With several processes per machine, local rank 0
+    goes first and writes the cache that the others then read."""
+    prepare = getattr(mapper, "prepare", None)
+    if prepare is None:
+        return
+    from detectron2.utils import comm
+
+    cache_dir = _cache_dir_of(dataset)
+    if not getattr(mapper, "needs_dataset_voxel_counts", False) or comm.get_world_size() == 1:
+        prepare(records, cache_dir=cache_dir, num_workers=num_workers)
+        return
+    first = comm.get_local_rank() == 0
+    if first:
+        prepare(records, cache_dir=cache_dir, num_workers=num_workers)
+    comm.synchronize()
+    if not first:
+        prepare(records, cache_dir=cache_dir, num_workers=num_workers)
+
+
 def _data_loader(dataset: Dataset, batch_sampler, num_workers: int) -> DataLoader:
     from detectron2.data.build import trivial_batch_collator, worker_init_reset_seed
 
@@ -99,7 +131,9 @@ def build_train_loader(dataset: DatasetSpec, mapper: Callable[[dict], dict], tot
 
     Args:
         dataset: a registered name, a list of names, or a list of records.
-        mapper: e.g. ``TemporalDatasetMapper(is_train=True, ...)``.
+        mapper: e.g. ``TemporalDatasetMapper(is_train=True, ...)``. Its ``prepare(records,
+            cache_dir=, num_workers=)``, when it has one, runs here once before the workers
+            start (the mapper's dataset-wide voxel counts over these records).
         total_batch_size: samples per iteration over all ranks (must divide by the world size).
         num_workers: data-loader worker processes per rank.
         sequential: each batch slot walks scenes in time order (temporal training,
@@ -116,6 +150,7 @@ def build_train_loader(dataset: DatasetSpec, mapper: Callable[[dict], dict], tot
         raise ValueError(f"total_batch_size {total_batch_size} must be a positive multiple of the world size {world_size}")
     batch_size = total_batch_size // world_size
     records = get_records(dataset)
+    _prepare_mapper(mapper, records, dataset, num_workers)
     if sequential:
         sampler = SequentialSceneBatchSampler(scene_sequences(records, split_scenes_in_half), batch_size, seed=seed)
     else:

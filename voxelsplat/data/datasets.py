@@ -20,6 +20,10 @@ are reported when the mapper loads them). Keys:
 - ``lidar_origins``: (K, 3) float64 RayIoU ray origins in this keyframe's ego frame
   (:func:`voxelsplat.utils.geometry.select_lidar_origins` over the scene's keyframes).
 - ``gt_path`` (absolute path of ``labels.npz``), ``gt_format`` ("openocc_v2" | "occ3d").
+- only for a dataset registered with ``visible_mask_root``: ``visible_mask_path`` (absolute
+  path of ``<visible_mask_root>/<scene_name>/<sample_token>/labels.npz``, the ray-visibility
+  mask kept apart from the labels, as in the released code) and ``visible_mask_key`` (its key
+  in that archive). These two are added after the cache is read, so they never change it.
 
 Splits (see :func:`split_scene_names`): nuScenes' official scene lists
 (``nuscenes.utils.splits.create_splits_scenes``) when every scene of the version belongs
@@ -44,6 +48,7 @@ import numpy as np
 
 from voxelsplat.utils.geometry import pose_to_transform, select_lidar_origins
 
+from .loading import DEFAULT_VISIBLE_MASK_KEY
 from .occupancy_meta import LABEL_SETS, occupancy_metadata
 
 logger = logging.getLogger(__name__)
@@ -274,11 +279,23 @@ def _build_records(dataroot: str, version: str, split: str, gt_format: str, gt_r
     return records
 
 
+def _attach_visible_mask_paths(records: List[dict], visible_mask_root: Optional[str], visible_mask_key: str) -> None:
+    if visible_mask_root is None:
+        return
+    for record in records:
+        record["visible_mask_path"] = os.path.join(visible_mask_root, record["scene_name"], record["sample_token"],
+                                                   GT_FILE_NAME)
+        record["visible_mask_key"] = visible_mask_key
+
+
 def load_nuscenes_occupancy_records(dataroot: str, version: str, split: str, gt_format: str = "openocc_v2",
-                                    gt_root: Optional[str] = None, cache_dir: Optional[str] = None) -> List[dict]:
+                                    gt_root: Optional[str] = None, cache_dir: Optional[str] = None,
+                                    visible_mask_root: Optional[str] = None,
+                                    visible_mask_key: str = DEFAULT_VISIBLE_MASK_KEY) -> List[dict]:
     """Records of every keyframe of ``split``, ordered by scene name then time (see the module
     docstring for the record keys). Uses the on-disk cache when it matches; otherwise loads
-    the nuScenes devkit and writes the cache atomically.
+    the nuScenes devkit and writes the cache atomically. With ``visible_mask_root`` (see
+    :func:`register_nuscenes_occupancy`) records name their ray-visibility mask file.
 
     Raises:
         FileNotFoundError: ``dataroot`` has no ``version`` folder.
@@ -287,11 +304,13 @@ def load_nuscenes_occupancy_records(dataroot: str, version: str, split: str, gt_
     _version_folder(dataroot, version)
     gt_root = _resolve_gt_root(dataroot, gt_format, gt_root)
     cache_path = _cache_path(cache_dir or default_cache_dir(), dataroot, version, split, gt_format, gt_root)
+    visible_mask_root = os.path.abspath(visible_mask_root) if visible_mask_root is not None else None
     if os.path.isfile(cache_path):
         try:
             with open(cache_path, "rb") as f:
                 records = pickle.load(f)
             logger.info("loaded %d %s/%s records from cache %s", len(records), version, split, cache_path)
+            _attach_visible_mask_paths(records, visible_mask_root, visible_mask_key)
             return records
         except (OSError, EOFError, pickle.UnpicklingError) as error:
             logger.warning("ignoring unreadable record cache %s (%s); rebuilding it", cache_path, error)
@@ -299,11 +318,14 @@ def load_nuscenes_occupancy_records(dataroot: str, version: str, split: str, gt_
     _write_pickle_atomically(records, cache_path)
     logger.info("built %d %s/%s records through the nuScenes devkit; cached in %s", len(records), version, split,
                 cache_path)
+    _attach_visible_mask_paths(records, visible_mask_root, visible_mask_key)
     return records
 
 
 def register_nuscenes_occupancy(name: str, dataroot: str, version: str, split: str, gt_format: str = "openocc_v2",
-                                gt_root: Optional[str] = None, cache_dir: Optional[str] = None) -> str:
+                                gt_root: Optional[str] = None, cache_dir: Optional[str] = None,
+                                visible_mask_root: Optional[str] = None,
+                                visible_mask_key: str = DEFAULT_VISIBLE_MASK_KEY) -> str:
     """Register a nuScenes occupancy dataset in detectron2's catalogs and return ``name``.
 
     Usable from a LazyConfig (``dataset=LazyCall(register_nuscenes_occupancy)(name=..., ...)``
@@ -319,7 +341,15 @@ def register_nuscenes_occupancy(name: str, dataroot: str, version: str, split: s
         gt_format: "openocc_v2" (semantics + flow) or "occ3d" (semantics + camera/LiDAR masks).
         gt_root: folder of ``<scene_name>/<sample_token>/labels.npz``; default
             ``dataroot/openocc_v2`` or ``dataroot/gts``.
-        cache_dir: where record caches go (default :func:`default_cache_dir`).
+        cache_dir: where record caches go (default :func:`default_cache_dir`); the
+            dataset-wide voxel counts of the Gaussian sampling are cached there too.
+        visible_mask_root: folder of ``<scene_name>/<sample_token>/labels.npz`` holding each
+            keyframe's ray-visibility mask apart from the labels (the released code's
+            ``openocc_v2_ray_mask``); the mapper then reads the mask from there (and gives it
+            as ``occ_visible``, BEV-augmented like the labels) instead of the labels' own
+            ``visible`` key. None: no separate mask. Missing files are reported when a sample
+            is loaded.
+        visible_mask_key: the mask's key in those archives (the release's: ``ray_mask2``).
     Raises:
         FileNotFoundError: ``dataroot`` has no ``version`` folder.
         ValueError: ``name`` is already registered by something else.
@@ -330,7 +360,9 @@ def register_nuscenes_occupancy(name: str, dataroot: str, version: str, split: s
     _version_folder(dataroot, version)
     gt_root = _resolve_gt_root(dataroot, gt_format, gt_root)
     cache_dir = os.path.abspath(cache_dir) if cache_dir else None
-    key = (dataroot, version, split, gt_format, gt_root, cache_dir)
+    visible_mask_root = os.path.abspath(visible_mask_root) if visible_mask_root else None
+    visible_mask_key = str(visible_mask_key)
+    key = (dataroot, version, split, gt_format, gt_root, cache_dir, visible_mask_root, visible_mask_key)
     if name in DatasetCatalog.list():
         if _REGISTERED.get(name) == key:
             return name
@@ -341,10 +373,12 @@ def register_nuscenes_occupancy(name: str, dataroot: str, version: str, split: s
         DatasetCatalog.remove(name)
         MetadataCatalog.remove(name)
     DatasetCatalog.register(name, lambda: load_nuscenes_occupancy_records(dataroot, version, split, gt_format,
-                                                                          gt_root, cache_dir))
+                                                                          gt_root, cache_dir, visible_mask_root,
+                                                                          visible_mask_key))
     # "class_names" is detectron2's deprecated alias of "thing_classes" (which holds the same list)
     entries = {k: v for k, v in occupancy_metadata(gt_format).items() if k != "class_names"}
     MetadataCatalog.get(name).set(evaluator_type="occupancy", dataroot=dataroot, version=version, split=split,
-                                  gt_root=gt_root, **entries)
+                                  gt_root=gt_root, record_cache_dir=cache_dir, visible_mask_root=visible_mask_root,
+                                  visible_mask_key=visible_mask_key, **entries)
     _REGISTERED[name] = key
     return name

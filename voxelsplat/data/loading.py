@@ -11,12 +11,15 @@ from typing import Dict, Optional, Sequence
 
 import numpy as np
 
-__all__ = ["load_image", "load_lidar_points", "load_occupancy_labels", "OccupancyLabelError"]
+__all__ = ["load_image", "load_lidar_points", "load_occupancy_labels", "load_visibility_mask", "OccupancyLabelError"]
 
 # nuScenes .pcd.bin: float32 (x, y, z, intensity, ring index) per point, sensor frame.
 LIDAR_POINT_DIMS = 5
 # Optional boolean masks in a labels.npz -> name in the loaded dict.
 MASK_KEYS = {"visible": "visible", "mask_camera": "mask_camera", "mask_lidar": "mask_lidar"}
+# Key of the ray-visibility mask in the separate files of the released code
+# (``<root>/<scene_name>/<sample_token>/labels.npz``, e.g. ``openocc_v2_ray_mask``).
+DEFAULT_VISIBLE_MASK_KEY = "ray_mask2"
 
 
 class OccupancyLabelError(ValueError):
@@ -102,3 +105,42 @@ def load_occupancy_labels(path: str, sample_token: str, gt_format: str, grid_sha
             raise fail(f"have {key} of shape {list(mask.shape)}, expected {list(grid_shape)}")
         labels[name] = None if mask is None else mask.astype(bool, copy=False)
     return labels
+
+
+def load_visibility_mask(path: str, sample_token: str, key: str, grid_shape: Sequence[int]) -> np.ndarray:
+    """Read a ray-visibility mask kept apart from the labels (the released code's
+    ``<visible_mask_root>/<scene_name>/<sample_token>/labels.npz``).
+
+    Args:
+        path: the file.
+        sample_token: for error messages.
+        key: the array's key in the archive (the release's files: ``ray_mask2``).
+        grid_shape: expected (X, Y, Z).
+    Returns:
+        bool (X, Y, Z), True for voxels seen by the rays.
+    Raises:
+        FileNotFoundError: missing file. OccupancyLabelError: corrupt file, missing key, wrong
+        shape or a non-boolean, non-integer array.
+    """
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"sample {sample_token}: ray-visibility mask {path!r} does not exist (the dataset's "
+                                f"visible_mask_root holds <scene_name>/<sample_token>/labels.npz)")
+    grid_shape = tuple(int(s) for s in grid_shape)
+
+    def fail(reason: str):
+        return OccupancyLabelError(f"sample {sample_token}: ray-visibility mask {path!r} {reason}")
+
+    try:
+        with np.load(path, allow_pickle=False) as archive:
+            if key not in archive.files:
+                raise fail(f"lacks {key!r} (keys found: {archive.files})")
+            mask = archive[key]
+    except OccupancyLabelError:
+        raise
+    except (zipfile.BadZipFile, OSError, ValueError, EOFError, KeyError) as error:
+        raise fail(f"is corrupt or not an .npz archive ({type(error).__name__}: {error})") from error
+    if mask.shape != grid_shape:
+        raise fail(f"has {key} of shape {list(mask.shape)}, expected {list(grid_shape)}")
+    if mask.dtype != bool and not np.issubdtype(mask.dtype, np.integer):
+        raise fail(f"has {key} of dtype {mask.dtype}, expected bool (or integer 0/1)")
+    return mask.astype(bool, copy=False) if mask.dtype == bool else mask != 0

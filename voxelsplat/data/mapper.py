@@ -3,18 +3,37 @@
 from __future__ import annotations
 
 import copy
-from typing import Dict, Optional, Tuple
+import logging
+import os
+import zipfile
+from collections.abc import Mapping
+from typing import Dict, Optional, Sequence, Tuple
 
 import numpy as np
 import torch
 
 from voxelsplat.utils.geometry import transform_points
 
-from .gaussian_sampling import SPEED_BIN_EDGES, sample_gaussian_voxels
+from .gaussian_sampling import (
+    SPEED_BIN_EDGES,
+    SPEED_BIN_RULES,
+    VoxelCounts,
+    class_counts_in_label_order,
+    count_dataset_voxels,
+    count_voxels,
+    inverse_frequency_weights,
+    sample_gaussian_voxels,
+)
 from .lidar_depth import lidar_depth_maps
-from .loading import load_image, load_lidar_points, load_occupancy_labels
-from .occupancy_meta import OccupancyGrid, grid_from_metadata, occupancy_metadata
-from .render_views import adjacent_render_views, cameras_to_reference_ego
+from .loading import (
+    DEFAULT_VISIBLE_MASK_KEY,
+    load_image,
+    load_lidar_points,
+    load_occupancy_labels,
+    load_visibility_mask,
+)
+from .occupancy_meta import IGNORE_LABEL, OccupancyGrid, grid_from_metadata, occupancy_metadata
+from .render_views import OUT_OF_SCENE_RULES, adjacent_render_views, cameras_to_reference_ego
 from .transforms import (
     ImageAugParams,
     bev_source_indices,
@@ -27,14 +46,24 @@ from .transforms import (
     warp_image,
 )
 
+logger = logging.getLogger(__name__)
+
 __all__ = ["TemporalDatasetMapper", "DEFAULT_REGULARIZER_OPTIONS"]
 
-# Options of the VoxelSplat regularizer inputs (``regularizer=dict(...)`` overrides them).
+# Where the sampling weights' voxel counts come from (besides explicit counts).
+FREQUENCY_SOURCES = ("dataset", "sample")
+
+# Options of the VoxelSplat regularizer inputs (``regularizer=dict(...)`` overrides them);
+# the defaults are the released recipe. See voxelsplat.data.gaussian_sampling for the weights.
 DEFAULT_REGULARIZER_OPTIONS = dict(
-    num_gaussians=100000,               # voxels sampled per sample
+    num_gaussians=100000,               # voxels sampled per sample (without replacement)
     frame_offsets=(-2, -1, 0, 1, 2, 3),  # keyframes rendered, relative to the current one
     render_scale=0.25,                  # render resolution / original image resolution
-    speed_bin_edges=SPEED_BIN_EDGES,    # m/s, see gaussian_sampling
+    speed_bin_edges=SPEED_BIN_EDGES,    # m/s, upper edges of all speed bins but the last
+    speed_bin_rule="release",           # "release": speed 0 in the last bin; "corrected": in the first
+    class_frequencies="dataset",        # "dataset" | "sample" | {class name: count} | counts in label order
+    speed_bin_frequencies="dataset",    # "dataset" | "sample" | counts per speed bin
+    out_of_scene_views="current",       # a keyframe beyond the scene: the current one (released) or "nearest"
 )
 
 
@@ -65,9 +94,29 @@ class TemporalDatasetMapper:
         bda_rotation_range: BEV rotation range in degrees (training).
         bda_scale_range: BEV scale range (training).
         bda_flip_x_prob, bda_flip_y_prob: probabilities of the BEV flips x -> -x, y -> -y.
+        bda_outside_label: the label of voxels a BEV rotation brings in from outside the
+            original grid: "ignore" (``IGNORE_LABEL``, no occupancy loss and no Gaussian there,
+            as released) or "free".
         load_lidar_depth: attach ``lidar_depth``; when False it is all zeros.
         regularizer: None, or options of the VoxelSplat inputs (keys of
-            ``DEFAULT_REGULARIZER_OPTIONS``); used in training only.
+            ``DEFAULT_REGULARIZER_OPTIONS``); used in training only. The Gaussians' voxels are
+            drawn among the ray-visible ones (the dataset's separate mask, see
+            ``register_nuscenes_occupancy(visible_mask_root=...)``, else the labels' ``visible``
+            key, else Occ3D's ``mask_camera``, else -- with a warning -- every voxel inside the
+            augmented grid), weighted by inverse square-root voxel frequencies of their class
+            and speed bin (:mod:`voxelsplat.data.gaussian_sampling`):
+
+            - ``class_frequencies`` / ``speed_bin_frequencies``: ``"dataset"`` (every voxel of
+              the training split, counted once by :meth:`prepare` -- which
+              ``build_train_loader`` calls in the main process -- and cached next to the
+              record cache), ``"sample"`` (the sample's own candidates), or explicit counts:
+              per class as ``{class name: count}`` or a list in label order, per speed bin as
+              a list (e.g. the release's ``NUSCENES_OPENOCC_V2_CLASS_COUNTS`` /
+              ``NUSCENES_OPENOCC_V2_SPEED_BIN_COUNTS``, every voxel of nuScenes trainval).
+            - ``speed_bin_rule``: ``"release"`` reproduces the released code, which puts a speed
+              of exactly 0 (static voxels) in the last, fastest bin and uses left-open bins;
+              the published numbers were trained so. ``"corrected"`` puts static voxels in the
+              first bin (half-open ``[lo, hi)`` bins), which is what the weighting intends.
         dataset_name: a registered dataset, for the grid and label set (``MetadataCatalog``).
         metadata: the same entries as a dict, instead of ``dataset_name``. With neither, the
             default grid and the label set named by each record's ``gt_format``.
@@ -82,6 +131,7 @@ class TemporalDatasetMapper:
                  bda_scale_range: Tuple[float, float] = (1.0, 1.0),
                  bda_flip_x_prob: float = 0.5,
                  bda_flip_y_prob: float = 0.5,
+                 bda_outside_label: str = "ignore",
                  load_lidar_depth: bool = True,
                  regularizer: Optional[dict] = None,
                  dataset_name: Optional[str] = None,
@@ -103,10 +153,15 @@ class TemporalDatasetMapper:
                 raise ValueError(f"{name} must be a probability in [0, 1], got {prob!r}")
         self.flip_prob, self.bda_flip_x_prob, self.bda_flip_y_prob = float(flip_prob), float(bda_flip_x_prob), \
             float(bda_flip_y_prob)
+        if bda_outside_label not in ("ignore", "free"):
+            raise ValueError(f"bda_outside_label must be 'ignore' or 'free', got {bda_outside_label!r}")
+        self.bda_outside_label = bda_outside_label
         self.load_lidar_depth = bool(load_lidar_depth)
         self.regularizer = self._regularizer_options(regularizer)
         self.dataset_name = dataset_name
         self._metadata = dict(metadata) if metadata is not None else None
+        self._dataset_voxel_counts: Optional[VoxelCounts] = None
+        self._warned_no_visibility = False
 
     @staticmethod
     def _regularizer_options(regularizer: Optional[dict]) -> Optional[dict]:
@@ -119,10 +174,39 @@ class TemporalDatasetMapper:
         options = dict(DEFAULT_REGULARIZER_OPTIONS)
         options.update(regularizer)
         options["frame_offsets"] = tuple(int(o) for o in options["frame_offsets"])
-        options["speed_bin_edges"] = tuple(float(e) for e in options["speed_bin_edges"])
+        edges = options["speed_bin_edges"] = tuple(float(e) for e in options["speed_bin_edges"])
         if int(options["num_gaussians"]) <= 0 or float(options["render_scale"]) <= 0 or not options["frame_offsets"]:
             raise ValueError(f"TemporalDatasetMapper: regularizer options need num_gaussians > 0, render_scale > 0 "
                              f"and at least one frame offset, got {options}")
+        if not edges or edges[0] <= 0 or any(b <= a for a, b in zip(edges, edges[1:])):
+            raise ValueError(f"TemporalDatasetMapper: regularizer speed_bin_edges must be positive and increasing, got "
+                             f"{edges}")
+        if options["out_of_scene_views"] not in OUT_OF_SCENE_RULES:
+            raise ValueError(f"TemporalDatasetMapper: regularizer out_of_scene_views must be one of "
+                             f"{OUT_OF_SCENE_RULES}, got {options['out_of_scene_views']!r}")
+        if options["speed_bin_rule"] not in SPEED_BIN_RULES:
+            raise ValueError(f"TemporalDatasetMapper: regularizer speed_bin_rule must be one of {SPEED_BIN_RULES}, got "
+                             f"{options['speed_bin_rule']!r}")
+        for key in ("class_frequencies", "speed_bin_frequencies"):
+            value = options[key]
+            if isinstance(value, str):
+                if value not in FREQUENCY_SOURCES:
+                    raise ValueError(f"TemporalDatasetMapper: regularizer {key} must be one of {FREQUENCY_SOURCES} or "
+                                     f"explicit counts, got {value!r}")
+            elif isinstance(value, Mapping):
+                if key == "speed_bin_frequencies":
+                    raise ValueError(f"TemporalDatasetMapper: regularizer {key} takes a list of counts per speed bin, "
+                                     f"not a mapping")
+                options[key] = {str(k): float(v) for k, v in value.items()}
+            else:
+                options[key] = tuple(float(v) for v in value)
+        if not isinstance(options["speed_bin_frequencies"], str):
+            # validated now; class counts need the label set, known when the first sample comes
+            if len(options["speed_bin_frequencies"]) != len(edges) + 1:
+                raise ValueError(f"TemporalDatasetMapper: regularizer speed_bin_frequencies has "
+                                 f"{len(options['speed_bin_frequencies'])} counts for {len(edges) + 1} speed bins "
+                                 f"(edges {edges})")
+            inverse_frequency_weights(options["speed_bin_frequencies"])
         return options
 
     @property
@@ -130,8 +214,55 @@ class TemporalDatasetMapper:
         """Whether records must carry ``scene_records`` (render views of adjacent keyframes)."""
         return self.is_train and self.regularizer is not None
 
-    def _label_space(self, gt_format: str) -> Tuple[OccupancyGrid, int, int]:
-        """(grid, number of classes, free index) for records of ``gt_format``."""
+    @property
+    def needs_dataset_voxel_counts(self) -> bool:
+        """Whether the sampling weights wait for dataset-wide counts (see :meth:`prepare`)."""
+        return (self.needs_scene_records and self._dataset_voxel_counts is None
+                and "dataset" in (self.regularizer["class_frequencies"], self.regularizer["speed_bin_frequencies"]))
+
+    def prepare(self, records: Sequence[dict], *, cache_dir: Optional[str] = None, num_workers: int = 0) -> None:
+        """Work done once per training run, in the main process before data-loader workers
+        start (``build_train_loader`` calls it): count the voxels of ``records`` (the whole
+        training split) when the sampling weights use dataset-wide counts, and warn once when
+        the records offer no visibility mask to sample from. Workers inherit the result.
+
+        Args:
+            records: the training records.
+            cache_dir: where the counts are cached (see
+                :func:`~voxelsplat.data.gaussian_sampling.count_dataset_voxels`); None: no cache.
+            num_workers: processes reading label files.
+        """
+        if not self.needs_scene_records or not records:
+            return
+        if self.needs_dataset_voxel_counts:
+            formats = sorted({r["gt_format"] for r in records})
+            if len(formats) != 1:
+                raise ValueError(f"TemporalDatasetMapper: dataset-wide voxel counts need one label format, the records "
+                                 f"mix {formats}")
+            grid, class_names, _ = self._label_space(formats[0])
+            self._dataset_voxel_counts = count_dataset_voxels(records, grid.shape, len(class_names),
+                                                              self.regularizer["speed_bin_edges"], cache_dir,
+                                                              num_workers)
+        first = records[0]
+        if not first.get("visible_mask_path") and os.path.isfile(first["gt_path"]):
+            # a missing or corrupt file is reported, naming it, when its sample is loaded
+            try:
+                with np.load(first["gt_path"], allow_pickle=False) as labels:
+                    keys = set(labels.files)
+            except (OSError, ValueError, zipfile.BadZipFile):
+                keys = None
+            if keys is not None and not {"visible", "mask_camera"} & keys:
+                self._warn_no_visibility_mask()
+
+    def _warn_no_visibility_mask(self) -> None:
+        if not self._warned_no_visibility:
+            logger.warning("dataset %s has no ray-visibility mask (no visible_mask_root, and its labels.npz have no "
+                           "'visible' or 'mask_camera' key): the regularizer's Gaussians are sampled among all voxels",
+                           self.dataset_name or "(records given to the mapper directly)")
+            self._warned_no_visibility = True
+
+    def _label_space(self, gt_format: str) -> Tuple[OccupancyGrid, Tuple[str, ...], int]:
+        """(grid, class names, free index) for records of ``gt_format``."""
         metadata = self._metadata
         if metadata is None and self.dataset_name is not None:
             from detectron2.data import MetadataCatalog
@@ -145,13 +276,14 @@ class TemporalDatasetMapper:
                              f"{metadata['gt_format']!r}")
         # detectron2's Metadata stores "class_names" under its renamed key "thing_classes"
         class_names = metadata.get("thing_classes") or metadata.get("class_names")
-        return grid_from_metadata(metadata), len(class_names), int(metadata["free_index"])
+        return grid_from_metadata(metadata), tuple(class_names), int(metadata["free_index"])
 
     def __call__(self, record: dict) -> Dict[str, object]:
         record = copy.copy(record)
         token = record["sample_token"]
         rng = np.random.default_rng(np.random.randint(0, 2**31 - 1, size=4))
-        grid, num_classes, free_index = self._label_space(record["gt_format"])
+        grid, class_names, free_index = self._label_space(record["gt_format"])
+        num_classes = len(class_names)
 
         # --- cameras and images -------------------------------------------------------
         cameras = record["cameras"]
@@ -179,7 +311,12 @@ class TemporalDatasetMapper:
                              flip_y_prob=self.bda_flip_y_prob, rng=rng)
         bda = bev.matrix()
         labels = load_occupancy_labels(record["gt_path"], token, record["gt_format"], grid.shape, num_classes)
-        labels = self._augment_labels(labels, bda, grid, free_index)
+        if record.get("visible_mask_path"):
+            # the dataset's separate ray mask replaces the labels' own "visible"
+            mask_key = record.get("visible_mask_key", DEFAULT_VISIBLE_MASK_KEY)
+            labels["visible"] = load_visibility_mask(record["visible_mask_path"], token, mask_key, grid.shape)
+        labels = self._augment_labels(labels, bda, grid,
+                                      IGNORE_LABEL if self.bda_outside_label == "ignore" else free_index)
 
         sample: Dict[str, object] = dict(
             img=torch.from_numpy(np.ascontiguousarray(np.stack(images).transpose(0, 3, 1, 2))),
@@ -204,18 +341,21 @@ class TemporalDatasetMapper:
             if labels[source_key] is not None:
                 sample[field] = torch.from_numpy(labels[source_key])
         if self.needs_scene_records:
-            sample.update(self._regularizer_inputs(record, labels, bda, num_classes, rng))
+            sample.update(self._regularizer_inputs(record, labels, bda, class_names, rng))
         return sample
 
     @staticmethod
-    def _augment_labels(labels: dict, bda: np.ndarray, grid: OccupancyGrid, free_index: int) -> dict:
-        """BEV-augment semantics (outside -> free), flow (outside -> 0, vectors transformed)
-        and masks (outside -> False); Occ3D's missing flow becomes zeros."""
+    def _augment_labels(labels: dict, bda: np.ndarray, grid: OccupancyGrid, outside_label: int) -> dict:
+        """BEV-augment semantics (outside -> ``outside_label``), flow (outside -> 0, vectors transformed)
+        and masks (outside -> False); Occ3D's missing flow becomes zeros. ``in_grid``: bool
+        (X, Y, Z), the augmented voxels whose source lies inside the original grid (None
+        without augmentation)."""
         flow = labels["flow"] if labels["flow"] is not None else np.zeros(labels["semantics"].shape + (2,), np.float32)
         if np.allclose(bda, np.eye(4)):
-            return dict(labels, flow=flow)
+            return dict(labels, flow=flow, in_grid=None)
         source = bev_source_indices(bda, grid)
-        out = dict(semantics=resample_voxel_grid(labels["semantics"], bda, grid, free_index, source),
+        out = dict(in_grid=source[1],
+                   semantics=resample_voxel_grid(labels["semantics"], bda, grid, outside_label, source),
                    flow=transform_velocity(resample_voxel_grid(flow, bda, grid, 0.0, source), bda).astype(np.float32))
         for key in ("visible", "mask_camera", "mask_lidar"):
             out[key] = None if labels[key] is None else resample_voxel_grid(labels[key], bda, grid, False, source)
@@ -233,19 +373,70 @@ class TemporalDatasetMapper:
         return lidar_depth_maps(transform_points(lidar2keyego, points.astype(np.float64)), cam2ego, intrinsics,
                                 self.image_size)
 
-    def _regularizer_inputs(self, record: dict, labels: dict, bda: np.ndarray, num_classes: int,
+    def _frequency_counts(self, class_names: Sequence[str], labels: dict,
+                          candidates: Optional[np.ndarray]) -> Tuple[np.ndarray, np.ndarray]:
+        """(class counts in label order, speed-bin counts) behind the sampling weights."""
+        options = self.regularizer
+        wanted = (options["class_frequencies"], options["speed_bin_frequencies"])
+        dataset_counts = sample_counts = None
+        if "dataset" in wanted:
+            if self._dataset_voxel_counts is None:
+                self._count_dataset_voxels_here()
+            dataset_counts = self._dataset_voxel_counts
+        if "sample" in wanted:
+            sample_counts = count_voxels(labels["semantics"], labels["flow"], len(class_names),
+                                         options["speed_bin_edges"], candidates)
+        counts = []
+        for position, value in enumerate(wanted):
+            if value == "dataset":
+                counts.append(np.asarray(dataset_counts[position], np.float64))
+            elif value == "sample":
+                counts.append(np.asarray(sample_counts[position], np.float64))
+            elif position == 0:
+                counts.append(class_counts_in_label_order(value, class_names))
+            else:
+                counts.append(np.asarray(value, np.float64))
+        if len(counts[0]) != len(class_names):
+            raise ValueError(f"TemporalDatasetMapper: {len(counts[0])} class counts for the {len(class_names)} classes "
+                             f"of the label set")
+        return counts[0], counts[1]
+
+    def _count_dataset_voxels_here(self) -> None:
+        """Fallback when :meth:`prepare` was not called (a mapper used on its own): count the
+        registered dataset ``dataset_name`` in this process."""
+        if self.dataset_name is None:
+            raise ValueError("TemporalDatasetMapper: regularizer class_frequencies / speed_bin_frequencies='dataset' "
+                             "needs the dataset-wide voxel counts: build the loader with build_train_loader (it calls "
+                             "mapper.prepare(records) once), call mapper.prepare(records), or give dataset_name")
+        from detectron2.data import DatasetCatalog, MetadataCatalog
+
+        from .datasets import default_cache_dir
+
+        logger.info("counting the voxels of dataset %s in this process (build_train_loader counts them once, before "
+                    "its workers start)", self.dataset_name)
+        cache_dir = MetadataCatalog.get(self.dataset_name).get("record_cache_dir", None) or default_cache_dir()
+        self.prepare(DatasetCatalog.get(self.dataset_name), cache_dir=cache_dir)
+
+    def _regularizer_inputs(self, record: dict, labels: dict, bda: np.ndarray, class_names: Sequence[str],
                             rng: np.random.Generator) -> Dict[str, object]:
         options = self.regularizer
         scene_records = record.get("scene_records")
         if scene_records is None:
             raise KeyError(f"sample {record['sample_token']}: the regularizer needs the record's 'scene_records' (its "
                            "scene's records in time order); load through build_train_loader / SceneSequenceDataset")
-        # ray-visible voxels when the GT has them; Occ3D's camera mask otherwise; else every voxel
+        # ray-visible voxels (separate mask or the labels' own); Occ3D's camera mask otherwise; else every voxel
+        # inside the augmented grid (the release gives voxels rotated in from outside weight 0, too)
         candidates = labels["visible"] if labels["visible"] is not None else labels.get("mask_camera")
+        if candidates is None:
+            self._warn_no_visibility_mask()
+            candidates = labels.get("in_grid")
+        class_counts, speed_bin_counts = self._frequency_counts(class_names, labels, candidates)
+        # the BEV-augmented GT flow decides the speed bin, as in the release
         indices = sample_gaussian_voxels(labels["semantics"], labels["flow"], candidates, int(options["num_gaussians"]),
-                                         num_classes, rng, options["speed_bin_edges"])
+                                         rng, class_counts, speed_bin_counts, options["speed_bin_edges"],
+                                         options["speed_bin_rule"])
         views = adjacent_render_views(record, scene_records, options["frame_offsets"], bda,
-                                      float(options["render_scale"]))
+                                      float(options["render_scale"]), options["out_of_scene_views"])
         return dict(
             gaussian_voxel_indices=torch.from_numpy(indices),
             render_viewmats=torch.from_numpy(views["render_viewmats"].astype(np.float32)),

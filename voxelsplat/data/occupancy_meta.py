@@ -28,6 +28,10 @@ FLOW_CLASS_NAMES: Tuple[str, ...] = OPENOCC_V2_CLASSES[:8]
 
 LABEL_SETS: Dict[str, Tuple[str, ...]] = {"openocc_v2": OPENOCC_V2_CLASSES, "occ3d": OCC3D_CLASSES}
 
+# Label of voxels without ground truth (no loss, never a Gaussian), e.g. the corners a BEV
+# rotation brings into the grid.
+IGNORE_LABEL = 255
+
 # Voxels per class in the nuScenes ground truth, keyed by label set and class name: the
 # statistics the released recipe weights its focal loss with (``1 / log(count)``).
 # OpenOcc v2: the counts of the VoxelSplat release (every voxel of the trainval keyframes);

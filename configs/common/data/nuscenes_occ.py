@@ -21,6 +21,9 @@ dataloader.train = L(build_train_loader)(
     dataset=L(register_nuscenes_occupancy)(
         name="nuscenes_occ_train", dataroot="datasets/nuscenes", version="v1.0-trainval", split="train",
         gt_format="openocc_v2", gt_root=None, cache_dir=None,
+        # the released recipe samples Gaussians among ray-visible voxels from a separate mask
+        # (<root>/<scene>/<token>/labels.npz, key "ray_mask2"); set by configs/r50.py
+        visible_mask_root=None, visible_mask_key="ray_mask2",
     ),
     mapper=L(TemporalDatasetMapper)(
         is_train=True,
@@ -33,6 +36,7 @@ dataloader.train = L(build_train_loader)(
         bda_scale_range=(1.0, 1.0),
         bda_flip_x_prob=0.5,
         bda_flip_y_prob=0.5,
+        bda_outside_label="ignore",  # released: voxels rotated in from outside carry no label
         load_lidar_depth=True,
         regularizer=None,
         dataset_name="${..dataset.name}",

@@ -30,6 +30,7 @@ dataloader.train = L(build_train_loader)(
         bda_scale_range=(1.0, 1.0),
         bda_flip_x_prob=0.5,
         bda_flip_y_prob=0.5,
+        bda_outside_label="ignore",  # released: voxels rotated in from outside carry no label
         load_lidar_depth=True,
         regularizer=None,
         dataset_name="${..dataset.name}",

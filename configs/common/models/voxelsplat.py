@@ -50,7 +50,14 @@ regularizer = L(GaussianSplatRegularizer)(
 
 # TemporalDatasetMapper(regularizer=...): keys of voxelsplat.data.mapper.DEFAULT_REGULARIZER_OPTIONS
 mapper_options = dict(
-    num_gaussians=100000,
+    num_gaussians=100000,                 # drawn without replacement among the ray-visible voxels
     frame_offsets=(-2, -1, 0, 1, 2, 3),
+    out_of_scene_views="current",         # released: a keyframe beyond the scene -> the current one
     render_scale=0.25,
+    # weights: class frequency^-1/2 x speed-bin frequency^-1/2, frequencies counted over the whole
+    # training split ("dataset"; configs/r50.py gives the release's nuScenes constants instead)
+    class_frequencies="dataset",
+    speed_bin_frequencies="dataset",
+    speed_bin_edges=(1.0, 2.0, 5.0, 10.0),
+    speed_bin_rule="release",             # released quirk: speed 0 in the top bin ("corrected": the first)
 )
