@@ -81,6 +81,9 @@ def test_results_equal_compute_ray_metrics_and_json_is_written(tmp_path):
     expected = reference_results(samples, outputs)  # the full 39 x 360 pattern
     assert 0 < expected["RayIoU"] < 100 and 0 < expected["mAVE"]
     assert_same_numbers(results, expected)
+    # both flow errors: the challenge's mAVE (drives OccScore) and the true-positive variant
+    assert 0 < results["mAVE_TP"] and results["mAVE_TP"] != pytest.approx(results["mAVE"])
+    assert {"AVE/car", "AVE_TP/car"} <= set(results)
     miou = compute_occ3d_miou([o["occ"] for o in outputs], [s["occ_semantics"] for s in samples],
                               [s["occ_mask_camera"] for s in samples])
     assert_same_numbers(results, miou)
@@ -96,6 +99,23 @@ def test_results_equal_compute_ray_metrics_and_json_is_written(tmp_path):
     evaluator.reset()
     evaluator.process(samples[:1], outputs[:1])
     assert_same_numbers(evaluator.evaluate()["occupancy"], reference_results(samples[:1], outputs[:1]))
+
+
+def test_exact_geometry_option_and_the_table_shows_both_flow_errors(caplog):
+    pairs = [make_sample(seed, num_origins=2) for seed in (61, 62)]
+    samples, outputs = [p[0] for p in pairs], [p[1] for p in pairs]
+    evaluator = OccupancyEvaluator(distributed=False, ray_directions=FEW_RAYS, ray_precision="float64")
+    evaluator.process(samples, outputs)
+    with caplog.at_level("INFO", logger="voxelsplat.evaluation.evaluator"):
+        results = evaluator.evaluate()["occupancy"]
+    expected = compute_ray_metrics([o["occ"] for o in outputs], [s["occ_semantics"] for s in samples],
+                                   [s["lidar_origins"] for s in samples], [o["flow"] for o in outputs],
+                                   [s["occ_flow"] for s in samples], ray_directions=FEW_RAYS, ray_precision="float64")
+    assert_same_numbers(results, expected)
+    header = next(line for line in caplog.text.splitlines() if "RayIoU@1" in line)
+    assert header.split()[-2:] == ["AVE", "AVE_TP"]
+    with pytest.raises(ValueError, match="unknown ray_precision 'half'"):
+        OccupancyEvaluator(ray_precision="half")
 
 
 def test_bev_augmented_sample_moves_its_origins():

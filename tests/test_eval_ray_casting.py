@@ -1,4 +1,7 @@
-"""Ray casting of the RayIoU benchmark against a slow, obvious per-ray walk."""
+"""Ray casting of the RayIoU benchmark against a slow, obvious per-ray walk.
+
+Most tests check the walk itself on exact (``ray_precision="float64"``) geometry; the
+``official`` tests check the benchmark's float32 rounding of the rays and depths."""
 import math
 import os
 
@@ -94,17 +97,24 @@ def test_lidar_ray_pattern_matches_the_benchmark():
     spacing = pitches[9] - pitches[8]
     assert np.allclose(np.diff(pitches[9:]), spacing, atol=1e-12)
     assert pitches[-2] < 0.21 <= pitches[-1]
-    directions = lidar_ray_directions().numpy()
-    assert directions.shape == (39 * 360, 3) and directions.dtype == np.float64
-    assert np.allclose(np.linalg.norm(directions, axis=1), 1.0)
+    exact = lidar_ray_directions(dtype=torch.float64).numpy()
+    assert exact.shape == (39 * 360, 3) and exact.dtype == np.float64
+    assert np.allclose(np.linalg.norm(exact, axis=1), 1.0, rtol=0, atol=1e-15)
     p, a = 20, 137  # row p * 360 + a: pitch p, azimuth a degrees
     pitch, azimuth = pitches[p], math.radians(a)
     expected = [math.cos(pitch) * math.cos(azimuth), math.cos(pitch) * math.sin(azimuth), math.sin(pitch)]
-    assert np.allclose(directions[p * 360 + a], expected, atol=1e-15)
+    assert np.allclose(exact[p * 360 + a], expected, rtol=0, atol=1e-15)
+    # the benchmark casts them as float32: computed in float64, then rounded
+    directions = lidar_ray_directions().numpy()
+    assert directions.dtype == np.float32
+    assert np.array_equal(directions, np.array([[math.cos(p) * math.cos(math.radians(a)),
+                                                 math.cos(p) * math.sin(math.radians(a)), math.sin(p)]
+                                                for p in pitches for a in range(360)], np.float32))
 
 
 # the compiled walk, the vectorised walk with empty-space jumps, and without them
-WALKS = [dict(backend="native"), dict(backend="torch"), dict(backend="torch", skip_empty_space=False)]
+WALKS = [dict(backend="native", ray_precision="float64"), dict(backend="torch", ray_precision="float64"),
+         dict(backend="torch", skip_empty_space=False, ray_precision="float64")]
 WALK_IDS = ["native", "torch", "torch-plain"]
 
 
@@ -206,6 +216,81 @@ def test_rays_that_never_enter_the_grid(walk):
     assert float(result.depth[0, 1]) == pytest.approx(1.0 + grid.voxel_size)
 
 
+def float32_rays_in_voxels(origins, directions, grid):
+    """The benchmark's ray rounding written out in numpy: float32 origins and directions,
+    end point = origin + direction in float32, both in voxel units in float32. Returns
+    float64 (K, 3) origins and (K, R, 3) direction vectors (end - origin, not normalised)."""
+    offset = np.asarray(grid.range_min, np.float32)
+    scale = np.full(3, grid.voxel_size, np.float32)
+    o32 = np.asarray(origins, np.float64).astype(np.float32)
+    d32 = np.asarray(directions, np.float64).astype(np.float32)
+    o_vox = (o32 - offset) / scale
+    e_vox = ((d32[None] + o32[:, None]) - offset) / scale
+    assert o_vox.dtype == e_vox.dtype == np.float32
+    return o_vox.astype(np.float64), e_vox.astype(np.float64) - o_vox.astype(np.float64)[:, None]
+
+
+def official_scene(seed=12, num_origins=3):
+    rng = np.random.default_rng(seed)
+    occupancy = np.stack([realistic_occupancy(rng, DEFAULT_GRID.shape, 40) for _ in range(2)])
+    origins = np.stack([rng.uniform(-30, 30, num_origins), rng.uniform(-30, 30, num_origins),
+                        rng.uniform(1.0, 2.5, num_origins)], 1)
+    return rng, occupancy, origins
+
+
+@pytest.mark.parametrize("walk", [dict(backend="native"), dict(backend="torch"),
+                                  dict(backend="torch", skip_empty_space=False)], ids=WALK_IDS)
+def test_official_rounding_walks_the_float32_rays_and_rounds_depths_to_float32(walk):
+    grid = DEFAULT_GRID
+    rng, occupancy, origins = official_scene(num_origins=2)
+    directions = lidar_ray_directions()[::3]  # float32, the benchmark's (every third: a quick test)
+    result = cast_rays(torch.from_numpy(occupancy), torch.from_numpy(origins), directions, grid, **walk)
+    assert result.depth.dtype == torch.float32 and result.depth_voxels.dtype == torch.float64
+    o_vox, rays = float32_rays_in_voxels(origins, directions.numpy(), grid)
+    voxel_size = np.float32(grid.voxel_size)
+    for ray in rng.choice(len(origins) * len(directions), 300, replace=False):
+        k, r = divmod(int(ray), len(directions))
+        for v in range(2):
+            index, distance, hit = reference_cast(occupancy[v], o_vox[k], rays[k, r])
+            assert (int(result.voxel_index[v, ray]), bool(result.hit[v, ray])) == (index, hit), (k, r, v)
+            assert float(result.depth_voxels[v, ray]) == pytest.approx(distance, rel=0, abs=1e-12)
+            depth = np.float32(np.float32(distance) * voxel_size)  # float32 voxels times float32 voxel size
+            assert result.depth[v, ray].item() == depth, (k, r, v)
+
+
+def test_official_rounding_moves_some_hits_of_the_exact_geometry():
+    grid = DEFAULT_GRID
+    _, occupancy, origins = official_scene()
+    occupancy, origins, directions = torch.from_numpy(occupancy), torch.from_numpy(origins), lidar_ray_directions()
+    official = cast_rays(occupancy, origins, directions, grid)
+    exact = cast_rays(occupancy, origins, directions, grid, ray_precision="float64")
+    moved = (exact.voxel_index != official.voxel_index).any(0)
+    assert 0 < int(moved.sum()) < 0.01 * moved.numel()  # 32 of 42120 rays
+    same = ~moved
+    difference = (exact.depth[:, same] - official.depth[:, same].double()).abs()
+    assert 1e-4 < float(difference.max()) < 1e-2  # the end point's float32 rounding tilts the rays
+    # the official path from the float64 directions: they are rounded to float32 first
+    assert torch.equal(cast_rays(occupancy, origins, directions.double(), grid).depth, official.depth)
+
+
+def test_official_rounding_of_per_origin_directions_and_bad_precision():
+    grid = SMALL_GRID
+    rng = np.random.default_rng(2)
+    occupancy = torch.from_numpy(rng.random(grid.shape) < 0.2)
+    origins = torch.tensor([[0.1, 0.3, 0.7], [-1.3, 1.1, 0.2]], dtype=torch.float64)
+    directions = torch.randn(2, 30, 3, dtype=torch.float64)
+    directions /= directions.norm(dim=-1, keepdim=True)
+    per_origin = cast_rays(occupancy, origins, directions, grid)
+    for k in range(2):  # the same as casting each origin with its own shared directions
+        alone = cast_rays(occupancy, origins[k:k + 1], directions[k], grid)
+        assert torch.equal(alone.voxel_index[0], per_origin.voxel_index[0, k * 30:(k + 1) * 30])
+        assert torch.equal(alone.depth[0], per_origin.depth[0, k * 30:(k + 1) * 30])
+    with pytest.raises(ValueError, match="unknown ray_precision 'float32'"):
+        cast_rays(occupancy, origins, directions, grid, ray_precision="float32")
+    with pytest.raises(ValueError, match="zero length"):  # lost in the float32 end point
+        cast_rays(occupancy, origins, torch.full((1, 3), 1e-12, dtype=torch.float64), grid)
+
+
 def test_empty_space_jumps_match_the_plain_walk_except_on_edge_grazing_rays():
     grid = DEFAULT_GRID
     rng = np.random.default_rng(5)
@@ -214,9 +299,11 @@ def test_empty_space_jumps_match_the_plain_walk_except_on_edge_grazing_rays():
     directions = lidar_ray_directions()
     # the second origin sits at voxel coordinates (49.25, 115.25, 6.25): rays at 45 deg azimuth
     # pass within 1e-14 voxel of voxel edges all along their way
-    fast = cast_rays(torch.from_numpy(occupancy), torch.from_numpy(origins), directions, grid, backend="torch")
+    exact = dict(ray_precision="float64")
+    fast = cast_rays(torch.from_numpy(occupancy), torch.from_numpy(origins), directions, grid, backend="torch",
+                     **exact)
     plain = cast_rays(torch.from_numpy(occupancy), torch.from_numpy(origins), directions, grid, backend="torch",
-                      skip_empty_space=False)
+                      skip_empty_space=False, **exact)
     differ = ((fast.voxel_index != plain.voxel_index) | (fast.hit != plain.hit)).any(0).nonzero().squeeze(1)
     assert len(differ) <= 10
     for ray in differ.tolist():  # only rays grazing an edge may differ, and the plain walk is the reference's
@@ -246,8 +333,9 @@ def test_native_walk_equals_the_vectorised_plain_walk_on_a_street_grid():
     origins = torch.tensor([[0.9, 0.0, 1.84], [-20.3, 6.1, 1.5], [33.7, -12.2, 2.2], [0.13, -0.07, 9.0],
                             [-45.0, 3.03, 1.07], [300.3, 250.1, 40.7]], dtype=torch.float64)
     directions = lidar_ray_directions()
-    native = cast_rays(occupancy, origins, directions, grid, backend="native")
-    plain = cast_rays(occupancy, origins, directions, grid, backend="torch", skip_empty_space=False)
+    native = cast_rays(occupancy, origins, directions, grid, backend="native", ray_precision="float64")
+    plain = cast_rays(occupancy, origins, directions, grid, backend="torch", skip_empty_space=False,
+                      ray_precision="float64")
     # the vectorised walk takes the crossings outside the grid in one multiplication where the
     # native walk adds them up as the reference does: only rays that graze a voxel edge
     # on their way in may differ
@@ -271,7 +359,7 @@ def test_native_walk_equals_the_vectorised_plain_walk_on_a_street_grid():
     # the walk is split over threads in chunks of rays: the thread count changes nothing
     code = ray_casting._code_volume(occupancy)
     origins_vox = (origins - torch.tensor(grid.range_min, dtype=torch.float64)) / grid.voxel_size
-    unit = directions / directions.norm(dim=-1, keepdim=True)
+    unit = directions.double() / directions.double().norm(dim=-1, keepdim=True)
     one, two = (native_ray_walk(code, grid.shape, 3, origins_vox, unit[None], threads=t) for t in (1, 2))
     for a, b in zip(one, two):
         assert torch.equal(a, b)
@@ -292,7 +380,7 @@ def test_native_walk_falls_back_to_torch_without_a_compiler(monkeypatch, tmp_pat
     rng = np.random.default_rng(4)
     occupancy = torch.from_numpy(rng.random(SMALL_GRID.shape) < 0.2)
     origins, directions = torch.tensor([[0.1, 0.2, 0.3]], dtype=torch.float64), torch.randn(40, 3, dtype=torch.float64)
-    auto = cast_rays(occupancy, origins, directions, SMALL_GRID)  # walks with torch
+    auto = cast_rays(occupancy, origins, directions, SMALL_GRID, ray_precision="float64")  # walks with torch
     compare_with_reference(occupancy.numpy(), origins.numpy(), directions.numpy(), SMALL_GRID, auto)
     with pytest.raises(native.NativeBuildError, match=reason):
         cast_rays(occupancy, origins, directions, SMALL_GRID, backend="native")

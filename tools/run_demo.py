@@ -24,7 +24,7 @@ MODELS = (
     ("FB-Occ (baseline)", "fbocc_tiny", "configs/synthetic/fbocc_tiny.py"),
     ("VoxelSplat", "voxelsplat_tiny", "configs/synthetic/voxelsplat_tiny.py"),
 )
-METRICS = ("RayIoU", "RayIoU@1", "RayIoU@2", "RayIoU@4", "mAVE", "OccScore", "mIoU")
+METRICS = ("RayIoU", "RayIoU@1", "RayIoU@2", "RayIoU@4", "mAVE", "mAVE_TP", "OccScore", "mIoU")
 
 
 def parse_args(argv=None):
@@ -121,7 +121,7 @@ def format_table(rows):
     header = ["model", *METRICS, "train time (s)", "step (s)", "peak mem (MiB)"]
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for name, m in rows:
-        cells = [name] + [f"{m.get(k, float('nan')):.4f}" if k == "mAVE" else f"{m.get(k, float('nan')):.2f}"
+        cells = [name] + [f"{m.get(k, float('nan')):.4f}" if k.startswith("mAVE") else f"{m.get(k, float('nan')):.2f}"
                           for k in METRICS]
         cells += [f"{m['train_time_s']:.0f}", f"{m['step_time_s']:.3f}", f"{m['peak_memory_mb']:.0f}"]
         lines.append("| " + " | ".join(cells) + " |")

@@ -20,7 +20,8 @@ sys.path.insert(0, os.path.join(ROOT, "tools"))
 
 import run_demo  # noqa: E402
 
-KEYS = ("RayIoU@1", "RayIoU@2", "RayIoU@4", "RayIoU", "mAVE", "OccScore", "mIoU", "step_time_s", "peak_memory_mb")
+KEYS = ("RayIoU@1", "RayIoU@2", "RayIoU@4", "RayIoU", "mAVE", "mAVE_TP", "OccScore", "mIoU", "step_time_s",
+        "peak_memory_mb")
 
 
 def mean_std(values):
@@ -67,10 +68,11 @@ def main(argv=None):
     names = list(summary)
     base, ours = names[0], names[-1]
     ratios = {k: summary[ours][k][0] / summary[base][k][0] for k in ("step_time_s", "peak_memory_mb")}
-    lines = ["| model | " + " | ".join(KEYS[:7]) + " |", "|---" * 8 + "|"]
+    metric_keys = KEYS[:-2]
+    lines = ["| model | " + " | ".join(metric_keys) + " |", "|---" * (len(metric_keys) + 1) + "|"]
     for model in names:
-        cells = [f"{summary[model][k][0]:.{4 if k == 'mAVE' else 2}f} ± {summary[model][k][1]:.{4 if k == 'mAVE' else 2}f}"
-                 for k in KEYS[:7]]
+        digits = {k: 4 if k.startswith("mAVE") else 2 for k in metric_keys}
+        cells = [f"{summary[model][k][0]:.{digits[k]}f} ± {summary[model][k][1]:.{digits[k]}f}" for k in metric_keys]
         lines.append(f"| {model} | " + " | ".join(cells) + " |")
     lines.append("")
     lines.append(f"VoxelSplat / baseline: step time x{ratios['step_time_s']:.3f}, "

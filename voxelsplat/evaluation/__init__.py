@@ -1,6 +1,13 @@
 """Evaluation: ray casting, RayIoU / mAVE / OccScore, Occ3D mIoU, and the detectron2 evaluator."""
 from .evaluator import OccupancyEvaluator
-from .ray_casting import RayCastResult, cast_rays, lidar_pitch_angles, lidar_ray_directions
+from .ray_casting import (
+    RAY_PRECISIONS,
+    RayCastResult,
+    cast_rays,
+    lidar_pitch_angles,
+    lidar_ray_directions,
+    ray_geometry_voxels,
+)
 from .ray_metrics import (
     MAVE_THRESHOLD,
     RAY_IOU_THRESHOLDS,
@@ -14,10 +21,12 @@ from .ray_metrics import (
 
 __all__ = [
     "OccupancyEvaluator",
+    "RAY_PRECISIONS",
     "RayCastResult",
     "cast_rays",
     "lidar_pitch_angles",
     "lidar_ray_directions",
+    "ray_geometry_voxels",
     "MAVE_THRESHOLD",
     "RAY_IOU_THRESHOLDS",
     "SampleStats",

@@ -3,9 +3,12 @@
 
 Per sample only small count arrays are kept (:class:`~voxelsplat.evaluation.ray_metrics.SampleStats`,
 about 1 KB), so memory stays flat over the 6019 validation samples; ``evaluate()`` gathers
-them from every process, adds them up and prints a per-class table. Results are returned
-as ``{"occupancy": {"RayIoU": ..., "RayIoU@1": ..., "mAVE": ..., "OccScore": ..., ...}}``
-and written to ``<output_dir>/inference/occupancy_results.json``.
+them from every process, adds them up (in sample-token order, so the sums do not depend on
+how the samples were spread over processes) and prints a per-class table. Results are
+returned as ``{"occupancy": {"RayIoU": ..., "RayIoU@1": ..., "mAVE": ..., "mAVE_TP": ...,
+"OccScore": ..., ...}}`` and written to ``<output_dir>/inference/occupancy_results.json``;
+``mAVE`` is the challenge's definition, ``mAVE_TP`` this library's true-positive variant
+(see :mod:`voxelsplat.evaluation.ray_metrics`).
 
 Submission export (``export_submission=True``): for every sample token the predicted
 class (``pcd_cls``, uint8), depth (``pcd_dist``, float16, metres) and flow (``pcd_flow``,
@@ -34,6 +37,7 @@ from detectron2.utils import comm
 
 from voxelsplat.data.occupancy_meta import OccupancyGrid, grid_from_metadata, occupancy_metadata
 
+from .ray_casting import RAY_PRECISIONS
 from .ray_metrics import (
     RAY_IOU_THRESHOLDS,
     SampleStats,
@@ -80,6 +84,7 @@ class OccupancyEvaluator(DatasetEvaluator):
         export_submission: bool = False,
         submission_info: Optional[Dict[str, object]] = None,
         ray_directions: Optional[torch.Tensor] = None,
+        ray_precision: str = "official",
     ):
         """
         Args:
@@ -104,6 +109,9 @@ class OccupancyEvaluator(DatasetEvaluator):
             export_submission: write the challenge submission (needs ``output_dir``).
             submission_info: the submission's method/team/authors/... fields.
             ray_directions: (R, 3) override of the LiDAR ray pattern (tests, ablations).
+            ray_precision: ``"official"`` (the benchmark's float32 rays, depths and depth
+                comparison) or ``"float64"`` (exact geometry); see
+                :func:`~voxelsplat.evaluation.cast_rays`.
         """
         self.dataset_name = dataset_name
         self._overrides = dict(class_names=class_names, free_index=free_index, flow_classes=flow_classes, grid=grid,
@@ -128,6 +136,10 @@ class OccupancyEvaluator(DatasetEvaluator):
         self.submission_info = {key: "" for key in SUBMISSION_INFO_KEYS}
         self.submission_info.update(submission_info or {})
         self.ray_directions = ray_directions
+        if ray_precision not in RAY_PRECISIONS:
+            raise ValueError(f"OccupancyEvaluator: unknown ray_precision {ray_precision!r}, expected one of "
+                             f"{RAY_PRECISIONS}")
+        self.ray_precision = ray_precision
         self._warned_bda = False
         self.reset()
 
@@ -228,7 +240,8 @@ class OccupancyEvaluator(DatasetEvaluator):
                 rays = cast_sample_rays(
                     output["occ"], origins, sample["occ_semantics"] if has_gt else None,
                     pred_flow, gt_flow, num_classes=len(self.class_names), free_index=self.free_index,
-                    grid=self.grid, ray_directions=self.ray_directions, token=token)
+                    grid=self.grid, ray_directions=self.ray_directions, token=token,
+                    ray_precision=self.ray_precision)
                 if has_gt:
                     stats = sample_stats(rays, num_classes=len(self.class_names), voxel_size=self.grid.voxel_size)
                     if self.compute_miou:
@@ -258,7 +271,8 @@ class OccupancyEvaluator(DatasetEvaluator):
                 spooled.extend(part_spooled)
         results: Dict[str, float] = {}
         if stats:
-            total = SampleStats.total(stats.values())
+            # token order: the float sums are the same however the samples were spread over processes
+            total = SampleStats.total(stats[token] for token in sorted(stats))
             results = summarize(total, self.class_names, self.free_index,
                                 self.flow_classes if self.compute_flow else None)
             logger.info("Occupancy evaluation on %d samples%s:\n%s", len(stats),
@@ -282,16 +296,17 @@ class OccupancyEvaluator(DatasetEvaluator):
     # ------------------------------------------------------------------ helpers
 
     def format_table(self, total: SampleStats, results: Optional[Dict[str, float]] = None) -> str:
-        """Per-class table: RayIoU at each threshold, AVE (flow classes) and Occ3D IoU."""
+        """Per-class table: RayIoU at each threshold, AVE and AVE_TP (flow classes) and Occ3D IoU."""
         from tabulate import tabulate
 
         results = results if results is not None else summarize(
             total, self.class_names, self.free_index, self.flow_classes if self.compute_flow else None)
         iou = 100 * ray_iou_table(total)
         ave = average_velocity_errors(total)
+        ave_tp = average_velocity_errors(total, true_positives_only=True)
         headers = ["class"] + [f"RayIoU@{t:g}" for t in RAY_IOU_THRESHOLDS] + ["RayIoU"]
         if self.compute_flow:
-            headers.append("AVE")
+            headers += ["AVE", "AVE_TP"]
         if total.confusion is not None:
             headers.append("IoU")
         rows = []
@@ -300,13 +315,13 @@ class OccupancyEvaluator(DatasetEvaluator):
                 continue
             row = [name] + [iou[j, c] for j in range(len(RAY_IOU_THRESHOLDS))] + [results[f"RayIoU/{name}"]]
             if self.compute_flow:
-                row.append(ave[c] if c in self.flow_classes else "")
+                row += [ave[c], ave_tp[c]] if c in self.flow_classes else ["", ""]
             if total.confusion is not None:
                 row.append(results[f"IoU/{name}"])
             rows.append(row)
         mean = ["MEAN"] + [results[f"RayIoU@{t:g}"] for t in RAY_IOU_THRESHOLDS] + [results["RayIoU"]]
         if self.compute_flow:
-            mean.append(results["mAVE"])
+            mean += [results["mAVE"], results["mAVE_TP"]]
         if total.confusion is not None:
             mean.append(results["mIoU"])
         rows.append(mean)

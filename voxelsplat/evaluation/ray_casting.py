@@ -31,6 +31,26 @@ crossing times by multiplication where the walk adds them up, so a ray passing w
 ~1e-12 voxel of a voxel edge may go round it on the other side (the benchmark's float32
 ray directions already make such rays arbitrary).
 
+Ray geometry and rounding (``ray_precision``). The benchmark's rays are built in
+float32, and :func:`cast_rays` reproduces that by default (``ray_precision="official"``):
+
+- the unit directions are computed in float64 and stored as float32
+  (:func:`lidar_ray_directions` returns them so);
+- each origin is rounded to float32, and each ray's end point ``origin + direction`` is
+  formed in float32;
+- origin and end point are converted to voxel units in float32,
+  ``(p - range_min) / voxel_size`` with float32 ``range_min`` and ``voxel_size``;
+- the walk reads those float32 numbers into float64, takes the direction as end point
+  minus origin, normalises it (``r / sqrt(rx*rx + ry*ry + rz*rz)``) and walks in float64;
+- the depth it finds (voxel units, float64) is stored as float32 and multiplied by the
+  float32 voxel size in float32: ``RayCastResult.depth`` is float32 metres.
+
+Rounding the end point moves the direction by up to ~1e-5 relative on the 200 x 200 x 16
+grid, enough to change a few hits and depth differences that sit on a threshold; this is
+how RayIoU is computed for the published numbers. ``ray_precision="float64"`` instead
+walks the exact geometry (float64 origins, directions normalised in float64, float64
+depths) - for studies of the metric itself, not for numbers to compare with published ones.
+
 The LiDAR ray pattern of the benchmark (:func:`lidar_ray_directions`) has 39 pitch
 angles - 10 at ``-(pi/2 - atan(k))`` for k = 1..10 (-45 deg to -5.7 deg), then
 continuing with the last spacing (about 0.63 deg) until the upper edge of the
@@ -41,8 +61,9 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import List, Optional, Sequence, Union
+from typing import List, Optional, Sequence, Tuple, Union
 
+import numpy as np
 import torch
 
 from voxelsplat.data.occupancy_meta import DEFAULT_GRID, OccupancyGrid
@@ -50,11 +71,16 @@ from voxelsplat.data.occupancy_meta import DEFAULT_GRID, OccupancyGrid
 from .native import native_ray_walk, ray_walk_library
 
 __all__ = [
+    "RAY_PRECISIONS",
     "RayCastResult",
     "cast_rays",
     "lidar_pitch_angles",
     "lidar_ray_directions",
+    "ray_geometry_voxels",
 ]
+
+# "official": the benchmark's float32 ray rounding; "float64": the exact geometry (see the module docstring)
+RAY_PRECISIONS = ("official", "float64")
 
 # Upper edge of the nuScenes LiDAR's vertical field of view (rad): the pitch list grows until it passes it.
 LIDAR_MAX_PITCH = 0.21
@@ -79,17 +105,20 @@ def lidar_pitch_angles(max_pitch: float = LIDAR_MAX_PITCH) -> List[float]:
 
 
 def lidar_ray_directions(num_azimuths: int = 360, max_pitch: float = LIDAR_MAX_PITCH,
-                         device: Union[str, torch.device, None] = None) -> torch.Tensor:
+                         device: Union[str, torch.device, None] = None,
+                         dtype: torch.dtype = torch.float32) -> torch.Tensor:
     """Unit ray directions of the benchmark's virtual LiDAR in the ego frame (x forward,
-    y left, z up), pitch-major: ``(len(lidar_pitch_angles()) * num_azimuths, 3)`` float64,
-    row ``p * num_azimuths + a`` has pitch ``p`` and azimuth ``a * 360 / num_azimuths`` degrees."""
-    pitch = torch.tensor(lidar_pitch_angles(max_pitch), dtype=torch.float64, device=device)[:, None]
-    azimuth = torch.deg2rad(torch.arange(num_azimuths, dtype=torch.float64, device=device)
-                            * (360.0 / num_azimuths))[None, :]
-    directions = torch.stack(
-        [torch.cos(pitch) * torch.cos(azimuth), torch.cos(pitch) * torch.sin(azimuth),
-         torch.sin(pitch).expand(-1, num_azimuths)], dim=-1)
-    return directions.reshape(-1, 3)
+    y left, z up), pitch-major: ``(len(lidar_pitch_angles()) * num_azimuths, 3)``,
+    row ``p * num_azimuths + a`` has pitch ``p`` and azimuth ``a * 360 / num_azimuths`` degrees.
+
+    Computed in float64 (``cos(pitch) cos(azimuth)``, ``cos(pitch) sin(azimuth)``,
+    ``sin(pitch)``) and returned as ``dtype``: float32 by default, the values the benchmark
+    casts; ``torch.float64`` for the unrounded directions."""
+    pitch = np.asarray(lidar_pitch_angles(max_pitch), dtype=np.float64)[:, None]
+    azimuth = np.deg2rad(np.arange(num_azimuths, dtype=np.float64) * (360.0 / num_azimuths))[None, :]
+    directions = np.stack([np.cos(pitch) * np.cos(azimuth), np.cos(pitch) * np.sin(azimuth),
+                           np.broadcast_to(np.sin(pitch), (pitch.shape[0], num_azimuths))], axis=-1)
+    return torch.from_numpy(directions.reshape(-1, 3)).to(device=device, dtype=dtype)
 
 
 @dataclass
@@ -100,10 +129,11 @@ class RayCastResult:
         voxel_index: (V, N) int64 flat index ``(x * Y + y) * Z + z`` of the hit voxel, or of
             the last voxel visited inside the grid when ``hit`` is False; -1 where the ray
             never entered the grid.
-        depth: (V, N) float64, metres from the origin to where the ray leaves that voxel
-            (0 where the ray never entered the grid).
-        depth_voxels: (V, N) float64, the same distance in voxel units (``depth / voxel_size``
-            without the rounding of a division: exact where the geometry is).
+        depth: (V, N) metres from the origin to where the ray leaves that voxel (0 where the
+            ray never entered the grid). ``ray_precision="official"``: float32,
+            ``float32(depth_voxels) * float32(voxel_size)`` in float32, as the benchmark
+            stores it; ``"float64"``: float64, ``depth_voxels * voxel_size``.
+        depth_voxels: (V, N) float64, the same distance in voxel units as the walk found it.
         hit: (V, N) bool, True where ``voxel_index`` is occupied in that volume.
 
     Rays are ordered origin-major: ray ``k * R + r`` starts at origin ``k`` with direction ``r``.
@@ -120,6 +150,74 @@ class RayCastResult:
         return self.voxel_index >= 0
 
 
+def _check_precision(ray_precision: str, caller: str) -> str:
+    if ray_precision not in RAY_PRECISIONS:
+        raise ValueError(f"{caller}: unknown ray_precision {ray_precision!r}, expected one of {RAY_PRECISIONS}")
+    return ray_precision
+
+
+def ray_geometry_voxels(
+    origins: torch.Tensor,
+    directions: torch.Tensor,
+    grid: OccupancyGrid = DEFAULT_GRID,
+    ray_precision: str = "official",
+) -> Tuple[torch.Tensor, torch.Tensor]:
+    """The rays as the walk sees them: origins and unit directions in voxel units.
+
+    Args:
+        origins: (K, 3) metres, frame of the grid.
+        directions: (R, 3) shared by every origin, or (K, R, 3) per origin, metres, nonzero.
+        ray_precision: ``"official"``: origins and directions rounded to float32, end points
+            ``origin + direction`` formed in float32, both converted to voxel units in
+            float32, the direction taken in float64 from their difference and normalised
+            (every origin then has its own (R, 3) directions); ``"float64"``: the exact
+            geometry, directions normalised in float64.
+    Returns:
+        ``origins_vox`` (K, 3) float64 and ``unit_directions`` (Kd, R, 3) float64 with Kd = K,
+        or Kd = 1 for shared directions with ``"float64"``. Both on the device of ``origins``.
+    """
+    _check_precision(ray_precision, "ray_geometry_voxels")
+    if origins.dim() != 2 or origins.shape[1] != 3:
+        raise ValueError(f"cast_rays: origins have shape {tuple(origins.shape)}, expected (K, 3)")
+    shared = directions.dim() == 2
+    if not ((shared and directions.shape[1] == 3) or
+            (directions.dim() == 3 and directions.shape[0] == origins.shape[0] and directions.shape[2] == 3)):
+        raise ValueError(f"cast_rays: directions have shape {tuple(directions.shape)}, expected (R, 3) or "
+                         f"({origins.shape[0]}, R, 3)")
+    if not (torch.isfinite(origins).all() and torch.isfinite(directions).all()):
+        raise ValueError("cast_rays: origins and directions must be finite")
+    device = origins.device
+    if ray_precision == "float64":
+        origins = origins.to(torch.float64)
+        directions = directions.to(torch.float64)
+        if shared:
+            directions = directions[None]
+        length = directions.norm(dim=-1, keepdim=True)
+        if (length == 0).any():
+            raise ValueError("cast_rays: a ray direction has zero length")
+        range_min = torch.as_tensor(grid.range_min, dtype=torch.float64, device=device)
+        return (origins - range_min) / grid.voxel_size, directions / length
+
+    f32 = torch.float32
+    origins32 = origins.to(f32)
+    directions32 = directions.to(f32)
+    if shared:
+        directions32 = directions32[None]
+    # float32 throughout: (origin + direction - range_min) / voxel_size, element by element
+    # (a voxel-size tensor, not a scalar, so every division is a correctly rounded one)
+    offset = torch.as_tensor(grid.range_min, dtype=f32, device=device)
+    scale = torch.full((3,), grid.voxel_size, dtype=f32, device=device)
+    origins_vox = (origins32 - offset) / scale  # (K, 3)
+    ends_vox = ((directions32 + origins32[:, None, :]) - offset) / scale  # (K, R, 3)
+    start = origins_vox.to(torch.float64)
+    ray = ends_vox.to(torch.float64) - start[:, None, :]
+    rx, ry, rz = ray.unbind(-1)
+    length = torch.sqrt(rx * rx + ry * ry + rz * rz)
+    if (length == 0).any():
+        raise ValueError("cast_rays: a ray direction has zero length (after rounding its end point to float32)")
+    return start, ray / length[..., None]
+
+
 def cast_rays(
     occupancy: torch.Tensor,
     origins: torch.Tensor,
@@ -128,6 +226,7 @@ def cast_rays(
     *,
     skip_empty_space: bool = True,
     backend: str = "auto",
+    ray_precision: str = "official",
 ) -> RayCastResult:
     """Cast rays through one or more occupancy volumes of the same grid.
 
@@ -136,7 +235,9 @@ def cast_rays(
             ``[x, y, z]`` on ``grid``; V <= 7 volumes share every ray's walk.
         origins: (K, 3) ray origins in metres, in the frame of the grid (ego frame).
         directions: (R, 3) directions shared by every origin, or (K, R, 3) per origin; any
-            nonzero length (normalised here), metres.
+            nonzero length, metres. With ``ray_precision="official"`` the end point
+            ``origin + direction`` defines the ray (unit directions, as the benchmark's);
+            otherwise they are normalised here.
         grid: the voxel grid (range and voxel size; its shape must match ``occupancy``).
         skip_empty_space: for the PyTorch walk, cross empty space in jumps (same result,
             faster); False walks one voxel per step.
@@ -144,6 +245,8 @@ def cast_rays(
             (:mod:`voxelsplat.evaluation.native`; CPU tensors only); ``"torch"``: the
             vectorised PyTorch walk (CPU or CUDA); ``"auto"``: native for CPU tensors where
             it builds, else torch. Both give the reference traversal's results.
+        ray_precision: ``"official"`` (default): the benchmark's float32 rounding of the
+            rays and depths; ``"float64"``: the exact geometry (see the module docstring).
 
     Returns:
         :class:`RayCastResult` with V = number of volumes (1 for an (X, Y, Z) input) and
@@ -161,39 +264,26 @@ def cast_rays(
         raise ValueError(f"cast_rays: the native backend walks CPU tensors, the occupancy is on {occupancy.device}")
     if not 1 <= num_volumes <= 7:
         raise ValueError(f"cast_rays: {num_volumes} volumes given, at most 7 can share a walk")
+    _check_precision(ray_precision, "cast_rays")
     device = occupancy.device
-    origins = torch.as_tensor(origins, dtype=torch.float64, device=device)
-    directions = torch.as_tensor(directions, dtype=torch.float64, device=device)
-    if origins.dim() != 2 or origins.shape[1] != 3:
-        raise ValueError(f"cast_rays: origins have shape {tuple(origins.shape)}, expected (K, 3)")
-    shared_directions = directions.dim() == 2
-    if shared_directions:
-        directions = directions[None].expand(origins.shape[0], -1, -1)
-    if directions.dim() != 3 or directions.shape[0] != origins.shape[0] or directions.shape[2] != 3:
-        raise ValueError(f"cast_rays: directions have shape {tuple(directions.shape)}, expected (R, 3) or "
-                         f"({origins.shape[0]}, R, 3)")
-    if not (torch.isfinite(origins).all() and torch.isfinite(directions).all()):
-        raise ValueError("cast_rays: origins and directions must be finite")
-    length = directions.norm(dim=-1, keepdim=True)
-    if (length == 0).any():
-        raise ValueError("cast_rays: a ray direction has zero length")
-
-    range_min = torch.as_tensor(grid.range_min, dtype=torch.float64, device=device)
-    origins_vox = (origins - range_min) / grid.voxel_size
-    unit_directions = directions / length
-    if shared_directions:
-        unit_directions = unit_directions[:1]
+    origins = torch.as_tensor(origins, device=device)
+    directions = torch.as_tensor(directions, device=device)
+    origins_vox, unit_directions = ray_geometry_voxels(origins, directions, grid, ray_precision)
 
     code = _code_volume(occupancy)
     if device.type == "cpu" and (backend == "native" or (backend == "auto" and ray_walk_library() is not None)):
         voxel_index, depth_vox, hit = native_ray_walk(code, grid.shape, num_volumes, origins_vox, unit_directions)
-        return RayCastResult(voxel_index=voxel_index, depth=depth_vox * grid.voxel_size, depth_voxels=depth_vox,
-                             hit=hit)
-    clearance = _level_clearance(code != 0) if skip_empty_space else None
-    volume_bits = (1 << num_volumes) - 1
-    voxel_index, depth_vox, hit = _march(code, clearance, grid.shape, origins_vox, unit_directions, volume_bits,
-                                         num_volumes)
-    return RayCastResult(voxel_index=voxel_index, depth=depth_vox * grid.voxel_size, depth_voxels=depth_vox, hit=hit)
+    else:
+        clearance = _level_clearance(code != 0) if skip_empty_space else None
+        volume_bits = (1 << num_volumes) - 1
+        voxel_index, depth_vox, hit = _march(code, clearance, grid.shape, origins_vox, unit_directions, volume_bits,
+                                             num_volumes)
+    if ray_precision == "official":
+        # stored as float32, then scaled by the float32 voxel size in float32
+        depth = depth_vox.to(torch.float32) * torch.full((), grid.voxel_size, dtype=torch.float32, device=device)
+    else:
+        depth = depth_vox * grid.voxel_size
+    return RayCastResult(voxel_index=voxel_index, depth=depth, depth_voxels=depth_vox, hit=hit)
 
 
 # --------------------------------------------------------------------------------------

@@ -1,31 +1,51 @@
 """RayIoU, mAVE and OccScore (the OpenOcc v2 occupancy-and-flow benchmark) and Occ3D mIoU.
 
-Definitions (the benchmark's; see docs of :mod:`voxelsplat.evaluation.ray_casting` for
-the ray walk):
+Definitions (the challenge's evaluation; see :mod:`voxelsplat.evaluation.ray_casting` for
+the ray walk and its float32 rounding):
 
 - Rays: the virtual LiDAR pattern (39 pitches x 360 azimuths) from each of a sample's
   ray origins (up to 8, ego frame, see ``voxelsplat.utils.geometry.select_lidar_origins``),
   cast through the ground truth and through the prediction. A ray's class is the class of
   the voxel it stops in; its depth is where it leaves that voxel; its flow is the flow
-  stored at that voxel (prediction at the predicted hit, ground truth at the GT hit).
+  stored at that voxel (prediction at the predicted hit - or at the last voxel walked when
+  nothing was hit - ground truth at the GT hit).
 - Only rays whose ground-truth hit is not free count. Per class c and threshold t in
   {1, 2, 4} m: ``TP = #(gt class = pred class = c and |depth error| < t)``, ``GT = #(gt
   class = c)``, ``Pred = #(pred class = c)``, pooled over the whole dataset; ``IoU = TP /
   (GT + Pred - TP)`` (NaN when the class appears in neither). ``RayIoU@t`` is the mean over
   the non-free classes (NaN-ignoring), ``RayIoU`` the mean over classes and thresholds.
-- ``AVE`` of a flow class: mean L2 error (m/s) between predicted and ground-truth flow
-  over that class's true-positive rays at 2 m; ``mAVE``: mean over the flow classes,
-  NaN-ignoring. (Not over all rays of the class: a released script averages over every
-  ray, which is a defect this library does not copy.)
-- ``OccScore = 0.9 RayIoU + 0.1 max(1 - mAVE, 0)``.
+- ``mAVE`` (the challenge's definition, the one published figures use): at the 2 m
+  threshold, for every flow class that has at least one true-positive ray in a sample,
+  the L2 flow errors (m/s) of *all* counted rays of that sample (every class, true
+  positive or not) are added to that class's sum, and their number to its count.
+  ``AVE/<class>`` = sum / count over the dataset, ``mAVE`` the mean over the flow classes
+  (NaN-ignoring). A class's AVE is thus the flow error of the whole scene, weighted by
+  the samples in which the class was found at all.
+- ``mAVE_TP`` (this library's variant, reported next to it): ``AVE_TP/<class>`` is the
+  mean flow error over that class's own true-positive rays at 2 m, ``mAVE_TP`` the mean
+  over the flow classes (NaN-ignoring). It is the velocity error on the objects of each
+  class that were found, without the flow errors of the road, buildings and
+  misclassified rays that dominate the challenge's mAVE: for analysing flow prediction,
+  not for comparison with published numbers.
+- ``OccScore = 0.9 RayIoU + 0.1 max(1 - mAVE, 0)`` with the challenge's mAVE.
 - Occ3D ``mIoU``: voxel confusion matrix over camera-visible voxels, per-class IoU,
   mean over the non-free classes (NaN-ignoring).
 
+Depths and true positives (``ray_precision``): by default (``"official"``) depths are
+float32 metres, rounded as the benchmark rounds them, and a ray is a true positive at t
+when ``|d_pred - d_gt| < t`` in float32 - the challenge's comparison, which makes a few
+errors of exactly t (an object k voxels off, ``k * voxel_size = t``) count or not
+depending on the rounding of the two depths. ``ray_precision="float64"`` casts the exact
+geometry and compares in voxel units, ``|d_pred - d_gt| < t / voxel_size - 1e-9``, so
+that an error of exactly t never counts. Flow errors are computed in float64 either way.
+
+Not reproduced: the challenge's submission stores each ray's depth and flow as float16,
+and its server scores those rounded values; the numbers here come from the float32
+depths (float64 flow errors), so a server's figures for an exported submission may
+differ slightly.
+
 Reported numbers: RayIoU*, mIoU and OccScore in percent (0-100, as papers print them),
-mAVE and AVE in m/s. Depth errors are compared in voxel units, ``|d_pred - d_gt| <
-t / voxel_size - 1e-9``: an error of exactly ``t`` (a hit k voxels off along an axis,
-``k * voxel_size = t``) is not a true positive even when the origin's coordinates are not
-exact binary fractions and the two depths carry rounding errors of ~1e-15 voxel.
+mAVE and AVE in m/s.
 
 Statistics are kept as small per-sample count arrays (:class:`SampleStats`) that add up
 across samples and processes; :func:`summarize` turns a sum into the numbers above.
@@ -41,7 +61,7 @@ import torch
 
 from voxelsplat.data.occupancy_meta import DEFAULT_GRID, FLOW_CLASS_NAMES, OPENOCC_V2_CLASSES, OccupancyGrid
 
-from .ray_casting import RayCastResult, cast_rays, lidar_ray_directions
+from .ray_casting import RAY_PRECISIONS, RayCastResult, cast_rays, lidar_ray_directions
 
 __all__ = [
     "RAY_IOU_THRESHOLDS",
@@ -56,7 +76,7 @@ __all__ = [
 ]
 
 RAY_IOU_THRESHOLDS = (1.0, 2.0, 4.0)  # metres
-MAVE_THRESHOLD = 2.0  # metres: flow errors are taken over the true positives at this threshold
+MAVE_THRESHOLD = 2.0  # metres: the true positives at this threshold select the flow errors
 
 ArrayLike = Union[np.ndarray, torch.Tensor]
 
@@ -69,9 +89,14 @@ class SampleStats:
         tp: (T, C) int64 true-positive rays per threshold and class.
         gt: (C,) int64 counted rays per ground-truth class.
         pred: (C,) int64 counted rays per predicted class.
-        flow_error_sum: (C,) float64 summed L2 flow error (m/s) over the true positives at
-            :data:`MAVE_THRESHOLD`, per class.
+        flow_error_sum: (C,) float64 summed L2 flow error (m/s) over each class's true
+            positives at :data:`MAVE_THRESHOLD` (``mAVE_TP``).
         flow_tp: (C,) int64 number of those true positives.
+        flow_all_error_sum: (C,) float64 per class, the summed L2 flow error (m/s) of all
+            counted rays of every sample in which the class has at least one true positive
+            at :data:`MAVE_THRESHOLD` (the challenge's ``mAVE``); a sample adds its whole
+            error sum to each such class.
+        flow_all_count: (C,) int64 the number of rays behind ``flow_all_error_sum``.
         confusion: (C, C) int64 Occ3D voxel confusion matrix [gt, pred] over camera-visible
             voxels, or None when mIoU is not computed.
         num_samples: how many samples were added up.
@@ -82,6 +107,8 @@ class SampleStats:
     pred: np.ndarray
     flow_error_sum: np.ndarray
     flow_tp: np.ndarray
+    flow_all_error_sum: np.ndarray
+    flow_all_count: np.ndarray
     confusion: Optional[np.ndarray] = None
     num_samples: int = 1
 
@@ -91,7 +118,8 @@ class SampleStats:
         return cls(
             tp=np.zeros((num_thresholds, num_classes), np.int64), gt=np.zeros(num_classes, np.int64),
             pred=np.zeros(num_classes, np.int64), flow_error_sum=np.zeros(num_classes, np.float64),
-            flow_tp=np.zeros(num_classes, np.int64),
+            flow_tp=np.zeros(num_classes, np.int64), flow_all_error_sum=np.zeros(num_classes, np.float64),
+            flow_all_count=np.zeros(num_classes, np.int64),
             confusion=np.zeros((num_classes, num_classes), np.int64) if with_confusion else None, num_samples=0)
 
     def __add__(self, other: "SampleStats") -> "SampleStats":
@@ -103,6 +131,8 @@ class SampleStats:
         return SampleStats(
             tp=self.tp + other.tp, gt=self.gt + other.gt, pred=self.pred + other.pred,
             flow_error_sum=self.flow_error_sum + other.flow_error_sum, flow_tp=self.flow_tp + other.flow_tp,
+            flow_all_error_sum=self.flow_all_error_sum + other.flow_all_error_sum,
+            flow_all_count=self.flow_all_count + other.flow_all_count,
             confusion=None if self.confusion is None else self.confusion + other.confusion,
             num_samples=self.num_samples + other.num_samples)
 
@@ -122,7 +152,9 @@ class RaySampleResult:
     """The rays of one sample: prediction (and ground truth) class, depth and flow per ray.
 
     All arrays have N = K * R rays, origin-major. GT fields are None without ground truth.
-    ``pred_depth``/``gt_depth`` are metres; ``*_depth_voxels`` voxel units.
+    ``pred_depth``/``gt_depth`` are metres (float32 with ``ray_precision="official"``,
+    float64 with ``"float64"``, see :class:`~voxelsplat.evaluation.ray_casting.RayCastResult`);
+    ``*_depth_voxels`` float64 voxel units.
     """
 
     pred_class: torch.Tensor
@@ -134,6 +166,7 @@ class RaySampleResult:
     gt_depth_voxels: Optional[torch.Tensor] = None
     gt_flow: Optional[torch.Tensor] = None
     counted: Optional[torch.Tensor] = field(default=None)  # (N,) bool: GT hit is not free
+    ray_precision: str = "official"
 
 
 def _as_tensor(value: ArrayLike, name: str, token: str, device=None) -> torch.Tensor:
@@ -184,6 +217,7 @@ def cast_sample_rays(
     grid: OccupancyGrid = DEFAULT_GRID,
     ray_directions: Optional[torch.Tensor] = None,
     token: str = "<unknown>",
+    ray_precision: str = "official",
 ) -> RaySampleResult:
     """Cast the benchmark's rays through one sample's prediction (and ground truth).
 
@@ -191,10 +225,15 @@ def cast_sample_rays(
         pred_semantics, gt_semantics: (X, Y, Z) integer class per voxel (``free_index`` = free).
         lidar_origins: (K, 3) ray origins, metres, ego frame of the grid.
         pred_flow, gt_flow: optional (X, Y, Z, 2) flow per voxel (m/s).
-        ray_directions: (R, 3) directions; default :func:`lidar_ray_directions`.
+        ray_directions: (R, 3) unit directions; default :func:`lidar_ray_directions` (float32).
         token: sample token, named in error messages.
+        ray_precision: ``"official"`` (the benchmark's float32 rays and depths) or
+            ``"float64"`` (exact geometry); see :func:`~voxelsplat.evaluation.cast_rays`.
     The rays are cast on the device of ``pred_semantics``.
     """
+    if ray_precision not in RAY_PRECISIONS:
+        raise ValueError(f"cast_sample_rays: unknown ray_precision {ray_precision!r}, expected one of "
+                         f"{RAY_PRECISIONS}")
     pred = _check_semantics(_as_tensor(pred_semantics, "prediction", token), "prediction", token, grid, num_classes)
     device = pred.device
     origins = _as_tensor(lidar_origins, "lidar_origins", token, device).to(torch.float64)
@@ -203,14 +242,16 @@ def cast_sample_rays(
     if not bool(torch.isfinite(origins).all()):
         raise ValueError(f"sample {token}: lidar_origins holds non-finite values")
     directions = lidar_ray_directions(device=device) if ray_directions is None else \
-        torch.as_tensor(ray_directions, dtype=torch.float64, device=device)
+        torch.as_tensor(ray_directions, device=device)
+    if not directions.is_floating_point():
+        directions = directions.to(torch.float64)
     volumes = [pred != free_index]
     gt = None
     if gt_semantics is not None:
         gt = _check_semantics(_as_tensor(gt_semantics, "ground truth", token, device), "ground truth", token, grid,
                               num_classes)
         volumes.insert(0, gt != free_index)
-    cast: RayCastResult = cast_rays(torch.stack(volumes), origins, directions, grid)
+    cast: RayCastResult = cast_rays(torch.stack(volumes), origins, directions, grid, ray_precision=ray_precision)
     p = len(volumes) - 1  # the prediction's volume in the cast
     pred_index = cast.voxel_index[p]
     entered = pred_index >= 0
@@ -221,7 +262,7 @@ def cast_sample_rays(
         flow_p = _check_flow(_as_tensor(pred_flow, "predicted flow", token, device), "predicted flow", token, grid)
         flow_p = flow_p.reshape(-1, 2)[safe_index].to(torch.float64) * entered[:, None]
     result = RaySampleResult(pred_class=pred_class, pred_depth=cast.depth[p], pred_depth_voxels=cast.depth_voxels[p],
-                             pred_flow=flow_p)
+                             pred_flow=flow_p, ray_precision=ray_precision)
     if gt is not None:
         gt_index = cast.voxel_index[0].clamp_min(0)
         result.gt_class = torch.where(cast.voxel_index[0] >= 0, gt.reshape(-1)[gt_index],
@@ -234,7 +275,8 @@ def cast_sample_rays(
     return result
 
 
-# Depth errors within this many voxels below a threshold count as reaching it (rounding of the depths).
+# ray_precision="float64": depth errors within this many voxels below a threshold count as
+# reaching it (rounding of the depths)
 _DEPTH_TOLERANCE_VOXELS = 1e-9
 
 
@@ -250,27 +292,46 @@ def sample_stats(
     thresholds: Sequence[float] = RAY_IOU_THRESHOLDS,
     flow_threshold: float = MAVE_THRESHOLD,
 ) -> SampleStats:
-    """Count one sample's rays (which must have been cast with ground truth)."""
+    """Count one sample's rays (which must have been cast with ground truth).
+
+    True positives are decided as ``rays.ray_precision`` says: ``"official"``:
+    ``|pred_depth - gt_depth| < t`` in float32 metres; ``"float64"``: in voxel units,
+    ``< t / voxel_size - 1e-9``."""
     if rays.gt_class is None:
         raise ValueError("sample_stats: the rays were cast without ground truth")
     counted = rays.counted
     gt_class = rays.gt_class[counted]
     pred_class = rays.pred_class[counted]
-    error = (rays.pred_depth_voxels[counted] - rays.gt_depth_voxels[counted]).abs()
     match = gt_class == pred_class
+    if rays.ray_precision == "official":
+        error = (rays.pred_depth[counted].to(torch.float32) - rays.gt_depth[counted].to(torch.float32)).abs()
+
+        def within(threshold: float) -> torch.Tensor:
+            return error < threshold  # float32 comparison, as the challenge's script makes it
+    else:
+        error = (rays.pred_depth_voxels[counted] - rays.gt_depth_voxels[counted]).abs()
+
+        def within(threshold: float) -> torch.Tensor:
+            return error < _threshold_voxels(threshold, voxel_size)
 
     def per_class(classes, weights=None):
         return torch.bincount(classes, weights=weights, minlength=num_classes).cpu().numpy()
 
-    tp = np.stack([per_class(gt_class[match & (error < _threshold_voxels(t, voxel_size))])
-                   for t in thresholds]).astype(np.int64)
+    tp = np.stack([per_class(gt_class[match & within(t)]) for t in thresholds]).astype(np.int64)
     stats = SampleStats(tp=tp, gt=per_class(gt_class).astype(np.int64), pred=per_class(pred_class).astype(np.int64),
-                        flow_error_sum=np.zeros(num_classes, np.float64), flow_tp=np.zeros(num_classes, np.int64))
+                        flow_error_sum=np.zeros(num_classes, np.float64), flow_tp=np.zeros(num_classes, np.int64),
+                        flow_all_error_sum=np.zeros(num_classes, np.float64),
+                        flow_all_count=np.zeros(num_classes, np.int64))
     if rays.pred_flow is not None and rays.gt_flow is not None:
-        flow_tp = match & (error < _threshold_voxels(flow_threshold, voxel_size))
-        flow_error = (rays.pred_flow[counted][flow_tp] - rays.gt_flow[counted][flow_tp]).norm(dim=-1)
-        stats.flow_error_sum = per_class(gt_class[flow_tp], flow_error.to(torch.float64)).astype(np.float64)
+        flow_tp = match & within(flow_threshold)
+        flow_error = (rays.pred_flow[counted].to(torch.float64) - rays.gt_flow[counted].to(torch.float64)).norm(dim=-1)
+        # mAVE_TP: each class's own true positives
+        stats.flow_error_sum = per_class(gt_class[flow_tp], flow_error[flow_tp]).astype(np.float64)
         stats.flow_tp = per_class(gt_class[flow_tp]).astype(np.int64)
+        # mAVE (the challenge's): every counted ray of the sample, for each class with a true positive
+        found = stats.flow_tp > 0
+        stats.flow_all_error_sum = np.where(found, float(flow_error.sum()), 0.0).astype(np.float64)
+        stats.flow_all_count = np.where(found, int(flow_error.numel()), 0).astype(np.int64)
     return stats
 
 
@@ -304,10 +365,16 @@ def ray_iou_table(stats: SampleStats) -> np.ndarray:
         return np.where(union > 0, stats.tp / np.maximum(union, 1), np.nan)
 
 
-def average_velocity_errors(stats: SampleStats) -> np.ndarray:
-    """(C,) float64 mean flow error (m/s) over each class's 2 m true positives (NaN without any)."""
+def average_velocity_errors(stats: SampleStats, *, true_positives_only: bool = False) -> np.ndarray:
+    """(C,) float64 AVE per class (m/s), NaN for classes never found at 2 m.
+
+    Default: the challenge's definition (``AVE/<class>``: all counted rays of the samples in
+    which the class has a 2 m true positive); ``true_positives_only``: the mean over the
+    class's own 2 m true positives (``AVE_TP/<class>``)."""
+    total, count = (stats.flow_error_sum, stats.flow_tp) if true_positives_only else \
+        (stats.flow_all_error_sum, stats.flow_all_count)
     with np.errstate(divide="ignore", invalid="ignore"):
-        return np.where(stats.flow_tp > 0, stats.flow_error_sum / np.maximum(stats.flow_tp, 1), np.nan)
+        return np.where(count > 0, total / np.maximum(count, 1), np.nan)
 
 
 def summarize(
@@ -320,8 +387,10 @@ def summarize(
     """The benchmark numbers from (summed) counts.
 
     Returns ``RayIoU``, ``RayIoU@<t>`` (percent), ``RayIoU/<class>`` (percent, mean over
-    thresholds); with ``flow_classes``: ``mAVE``, ``AVE/<class>`` (m/s) and ``OccScore``
-    (percent); with a confusion matrix: ``mIoU`` and ``IoU/<class>`` (percent).
+    thresholds); with ``flow_classes``: ``mAVE``, ``AVE/<class>`` (the challenge's
+    definition), ``mAVE_TP``, ``AVE_TP/<class>`` (true positives only; m/s) and
+    ``OccScore`` (percent, from ``mAVE``); with a confusion matrix: ``mIoU`` and
+    ``IoU/<class>`` (percent).
     """
     if len(class_names) != stats.gt.shape[0]:
         raise ValueError(f"summarize: {len(class_names)} class names for counts of {stats.gt.shape[0]} classes")
@@ -333,11 +402,12 @@ def summarize(
     for column, c in enumerate(keep):
         results[f"RayIoU/{class_names[c]}"] = 100 * _nanmean(iou[:, column])
     if flow_classes is not None and len(flow_classes):
-        ave = average_velocity_errors(stats)
         flow_classes = list(flow_classes)
-        results["mAVE"] = _nanmean(ave[flow_classes])
-        for c in flow_classes:
-            results[f"AVE/{class_names[c]}"] = float(ave[c])
+        for suffix, tp_only in (("", False), ("_TP", True)):
+            ave = average_velocity_errors(stats, true_positives_only=tp_only)
+            results[f"mAVE{suffix}"] = _nanmean(ave[flow_classes])
+            for c in flow_classes:
+                results[f"AVE{suffix}/{class_names[c]}"] = float(ave[c])
         ray_iou = results["RayIoU"] / 100
         results["OccScore"] = 100 * (0.9 * ray_iou + 0.1 * max(1.0 - results["mAVE"], 0.0)) \
             if not math.isnan(results["mAVE"]) else float("nan")
@@ -371,8 +441,9 @@ def compute_ray_metrics(
     flow_classes: Optional[Sequence[int]] = tuple(range(len(FLOW_CLASS_NAMES))),
     grid: OccupancyGrid = DEFAULT_GRID,
     ray_directions: Optional[torch.Tensor] = None,
+    ray_precision: str = "official",
 ) -> Dict[str, float]:
-    """RayIoU (and, with flows, mAVE and OccScore) of a list of samples.
+    """RayIoU (and, with flows, mAVE, mAVE_TP and OccScore) of a list of samples.
 
     Args:
         pred_semantics, gt_semantics: per sample an (X, Y, Z) integer class array.
@@ -382,6 +453,8 @@ def compute_ray_metrics(
         class_names, free_index, flow_classes: the label set (default OpenOcc v2).
         grid: the voxel grid the arrays live on.
         ray_directions: (R, 3) override of the LiDAR pattern (tests, ablations).
+        ray_precision: ``"official"`` (default: the benchmark's float32 rays, depths and
+            depth comparison) or ``"float64"`` (exact geometry, see the module docstring).
     Returns:
         See :func:`summarize`.
     """
@@ -401,7 +474,7 @@ def compute_ray_metrics(
             pred_semantics[i], lidar_origins[i], gt_semantics[i],
             pred_flows[i] if with_flow else None, gt_flows[i] if with_flow else None,
             num_classes=len(class_names), free_index=free_index, grid=grid, ray_directions=ray_directions,
-            token=f"#{i}")
+            token=f"#{i}", ray_precision=ray_precision)
         per_sample.append(sample_stats(rays, num_classes=len(class_names), voxel_size=grid.voxel_size))
     return summarize(SampleStats.total(per_sample), class_names, free_index, flow_classes if with_flow else None)
 
