@@ -5,12 +5,13 @@ import uuid
 
 import numpy as np
 import pytest
+import torch
 from detectron2.data import DatasetCatalog
 
 from voxelsplat.data.build import SceneSequenceDataset
 from voxelsplat.data.datasets import register_nuscenes_occupancy
 from voxelsplat.data.mapper import TemporalDatasetMapper
-from voxelsplat.data.occupancy_meta import DEFAULT_GRID
+from voxelsplat.data.occupancy_meta import DEFAULT_GRID, occupancy_metadata
 from voxelsplat.data.sample_fields import check_sample
 
 OFFSETS = (-2, -1, 0, 1, 2, 3)
@@ -131,3 +132,123 @@ def test_out_of_scene_keyframes_are_the_current_one_as_released_or_the_nearest(d
     np.testing.assert_array_equal(views[0], views[2])
     with pytest.raises(ValueError, match="out_of_scene"):
         adjacent_render_views(record, scene, (0,), np.eye(4), 0.25, out_of_scene="wrap")
+
+
+# ------------------------------------------------------------------- adjacent keyframes' own GT
+def _adjacent_gt_dataset(records, name, limit, flip_x_prob=1.0):
+    mapper = TemporalDatasetMapper(True, (176, 64), bda_rotation_range=(-40, 40), bda_scale_range=(0.9, 1.1),
+                                   bda_flip_x_prob=flip_x_prob, bda_flip_y_prob=0.5, load_lidar_depth=False,
+                                   dataset_name=name,
+                                   regularizer=dict(num_gaussians=500, frame_offsets=OFFSETS, render_scale=0.25,
+                                                    adjacent_gt_gaussians=limit))
+    return SceneSequenceDataset(records, mapper)
+
+
+@pytest.fixture(scope="module")
+def masked_records(synthetic_dataset, tmp_path_factory):
+    """The synthetic dataset registered with a separate ray mask (random, unlike the labels'
+    own ``visible``) so that the mask the adjacent points obey is the dataset's one."""
+    import os
+
+    probe = register_nuscenes_occupancy(f"test_adjgt_probe_{uuid.uuid4().hex[:8]}", synthetic_dataset.root,
+                                        synthetic_dataset.version, "all", cache_dir=str(tmp_path_factory.mktemp("c")))
+    mask_root = tmp_path_factory.mktemp("ray_mask")
+    rng = np.random.default_rng(11)
+    for record in DatasetCatalog.get(probe):
+        folder = mask_root / record["scene_name"] / record["sample_token"]
+        os.makedirs(folder)
+        np.savez_compressed(folder / "labels.npz", ray_mask2=rng.random(DEFAULT_GRID.shape) < 0.5)
+    name = register_nuscenes_occupancy(f"test_adjgt_{uuid.uuid4().hex[:8]}", synthetic_dataset.root,
+                                       synthetic_dataset.version, "all", cache_dir=str(tmp_path_factory.mktemp("c")),
+                                       visible_mask_root=str(mask_root))
+    return name, DatasetCatalog.get(name)
+
+
+def _own_gt(record):
+    with np.load(record["gt_path"]) as labels:
+        semantics, flow = labels["semantics"], labels["flow"]
+    with np.load(record["visible_mask_path"]) as masks:
+        visible = masks[record["visible_mask_key"]]
+    return semantics, flow, visible
+
+
+@pytest.mark.parametrize("limit", [10**7, 700])
+def test_adjacent_gt_points_land_on_their_own_keyframes_occupied_visible_voxels(masked_records, limit):
+    """Each point, taken back through the global frame into its own keyframe's ego frame,
+    sits on an occupied, ray-visible voxel centre of that keyframe's labels with the same
+    class, and its flow rotates back to that voxel's flow; BEV rotation, scale and flips
+    included. Without a limit every candidate inside the current grid's x-y range is there."""
+    from voxelsplat.data.sample_fields import ADJACENT_GT_FIELDS
+
+    name, records = masked_records
+    dataset = _adjacent_gt_dataset(records, name, limit)
+    free = occupancy_metadata("openocc_v2")["free_index"]
+    flipped = moving = 0
+    for index in range(len(dataset)):
+        np.random.seed(100 + index)
+        record = dataset.record(index)
+        sample = dataset[(index, False)]
+        check_sample(sample, with_regularizer=True, with_adjacent_gt=True)
+        assert set(sample) >= set(ADJACENT_GT_FIELDS)
+        assert sample["adjacent_gt_means"].dtype == torch.float32 and sample["adjacent_gt_flow"].dtype == torch.float32
+        assert sample["adjacent_gt_classes"].dtype == torch.int64
+        bda = sample["bda"].double().numpy()
+        flipped += np.linalg.det(bda[:2, :2]) < 0
+        frame_offsets = sample["adjacent_gt_frame_offsets"].numpy()
+        # one keyframe per distinct non-zero view offset (out-of-scene views are the current one)
+        assert set(frame_offsets.tolist()) == set(sample["render_frame_offsets"].tolist()) - {0}
+        for offset in set(frame_offsets.tolist()):
+            own = record["scene_records"][record["frame_index"] + offset]
+            semantics, flow, visible = _own_gt(own)
+            of_offset = frame_offsets == offset
+            means = sample["adjacent_gt_means"][of_offset].double().numpy()
+            assert np.all(np.abs(means[:, :2]) < 40.0)
+            world = record["ego2global"] @ np.linalg.inv(bda) @ np.c_[means, np.ones(len(means))].T
+            back = (np.linalg.inv(own["ego2global"]) @ world)[:3].T
+            voxels = DEFAULT_GRID.point_to_index(back)
+            np.testing.assert_allclose(back, DEFAULT_GRID.index_to_center(voxels), atol=2e-3)
+            assert DEFAULT_GRID.contains_index(voxels).all()
+            flat = np.ravel_multi_index(tuple(voxels.T), DEFAULT_GRID.shape)
+            assert len(np.unique(flat)) == len(flat)  # drawn without replacement
+            at = tuple(voxels.T)
+            np.testing.assert_array_equal(sample["adjacent_gt_classes"][of_offset].numpy(), semantics[at])
+            assert (semantics[at] != free).all() and visible[at].all()
+            # flow: rotate back through the same chain (un-augment, then current ego -> own ego)
+            linear = (np.linalg.inv(own["ego2global"]) @ record["ego2global"] @ np.linalg.inv(bda))[:2, :2]
+            np.testing.assert_allclose(sample["adjacent_gt_flow"][of_offset].double().numpy() @ linear.T, flow[at],
+                                       atol=1e-4)
+            moving += int((np.abs(flow[at]).sum(-1) > 0.1).sum())
+            # the candidates, counted independently: occupied and visible, inside the current x-y range
+            candidates = np.argwhere((semantics != free) & visible)
+            centres = DEFAULT_GRID.index_to_center(candidates)
+            to_current = bda @ np.linalg.inv(record["ego2global"]) @ own["ego2global"]
+            current = centres @ to_current[:3, :3].T + to_current[:3, 3]
+            inside = np.all((current[:, :2] >= -40.0) & (current[:, :2] < 40.0), axis=1)
+            assert 0 < inside.sum() < len(candidates)  # some fall outside the current grid: cut
+            assert len(voxels) == min(limit, int(inside.sum()))
+            if limit >= inside.sum():
+                np.testing.assert_array_equal(np.sort(flat),
+                                              np.ravel_multi_index(tuple(candidates[inside].T), DEFAULT_GRID.shape))
+    assert flipped > 0 and moving > 0
+
+
+def test_adjacent_gt_points_are_off_by_default_and_reproducible(dataset, masked_records):
+    from voxelsplat.data.mapper import DEFAULT_REGULARIZER_OPTIONS
+    from voxelsplat.data.sample_fields import ADJACENT_GT_FIELDS
+
+    assert DEFAULT_REGULARIZER_OPTIONS["adjacent_gt_gaussians"] == 0
+    np.random.seed(3)
+    assert not set(ADJACENT_GT_FIELDS) & set(dataset[(1, False)])
+    name, records = masked_records
+    adjacent = _adjacent_gt_dataset(records, name, 300)
+    samples = []
+    for _ in range(2):
+        np.random.seed(4)
+        samples.append(adjacent[(1, False)])
+    for field in ADJACENT_GT_FIELDS:
+        assert torch.equal(samples[0][field], samples[1][field])
+    with pytest.raises(ValueError, match="disagree on M"):
+        check_sample(dict(samples[0], adjacent_gt_flow=samples[0]["adjacent_gt_flow"][1:]), with_regularizer=True,
+                     with_adjacent_gt=True)
+    with pytest.raises(ValueError, match="adjacent_gt_gaussians"):
+        TemporalDatasetMapper(True, (176, 64), regularizer=dict(adjacent_gt_gaussians=-1))

@@ -540,6 +540,158 @@ def test_bad_inputs_raise_errors_naming_the_sample_and_field():
         make_regularizer(loss_weights={"colour": 1.0})
 
 
+# --------------------------------------------------------------------------------------------- adjacent GT
+def random_adjacent_points(seed, offsets, count, grid=SMALL_GRID):
+    """``adjacent_gt_*`` fields drawn at random: positions anywhere in the grid's range, any
+    class (free and out-of-set ones included, to be dropped), flows in m/s, the given offsets."""
+    g = torch.Generator().manual_seed(seed)
+    low, high = torch.tensor(grid.range_min).float(), torch.tensor(grid.range_max).float()
+    classes = torch.randint(0, len(CLASSES), (count,), generator=g)
+    classes[:3] = torch.tensor([FREE, len(CLASSES), -1])
+    return dict(adjacent_gt_means=low + (high - low) * torch.rand(count, 3, generator=g),
+                adjacent_gt_classes=classes,
+                adjacent_gt_flow=torch.randn(count, 2, generator=g) * 3.0,
+                adjacent_gt_frame_offsets=torch.tensor(offsets)[torch.randint(0, len(offsets), (count,), generator=g)])
+
+
+def _direct_render(means, classes, flow, viewmat, K, size, scale=0.12):
+    """One view's render of target Gaussians (one-hot non-free class + flow, opacity 1),
+    straight through rasterize_gaussians."""
+    from voxelsplat.splatting import rasterize_gaussians
+
+    keep = (classes != FREE) & (classes >= 0) & (classes < len(CLASSES))
+    channel = classes[keep] - (classes[keep] > FREE).long()
+    features = torch.cat([torch.nn.functional.one_hot(channel, len(CLASSES) - 1).float(), flow[keep]], dim=1)
+    n = int(keep.sum())
+    return rasterize_gaussians(means[keep].float(), torch.tensor([1.0, 0.0, 0.0, 0.0]).repeat(n, 1),
+                               torch.full((n, 3), scale), torch.ones(n), features, viewmat[None], K[None], *size,
+                               near_plane=0.1, far_plane=100.0, backend="torch")
+
+
+@pytest.mark.parametrize("flip,max_views", [(False, None), (True, None), (False, 4)])
+def test_adjacent_gt_target_of_offset_o_views_is_a_render_of_keyframe_t_plus_o(flip, max_views):
+    """propagated_targets="adjacent_gt": in the propagated state the target of each view of
+    offset o is a direct render of the offset-o points (offset 0: the current GT, unmoved);
+    the prediction still moves by flow; the losses pool as before. With flipped cameras and
+    with views subsampled (offsets kept aligned with the views)."""
+    frame_offsets = torch.tensor([0, 1, -1, 2, 1, 0])
+    views = ring_views(6, dt=(0.05, 0.5, -0.5, 1.0, 0.5, 0.04))
+    views["render_frame_offsets"] = frame_offsets
+    sample = street_sample(11, views=views, num_gaussians=400)
+    sample.update(random_adjacent_points(12, offsets=(1, -1, 2, 3), count=900))  # offset 3: no view shows it
+    g = torch.Generator().manual_seed(13)
+    head = {"occ_logits": torch.randn(1, len(CLASSES), *SMALL_GRID.shape, generator=g) * 2,
+            "flow": torch.randn(1, 2, *SMALL_GRID.shape, generator=g)}
+    regularizer = make_regularizer(propagated_targets="adjacent_gt", flip_render_cameras=flip, max_views=max_views,
+                                   propagation_seconds=None, loss_weights={"semantic": 1.0, "depth": 1.0, "flow": 1.0})
+    torch.manual_seed(0)
+    losses = regularizer([sample], head, flow_loss_enabled=True)
+    torch.manual_seed(0)  # the same views as the forward pass drew
+    fields = regularizer.sample_inputs(sample, torch.device("cpu"))
+    all_viewmats = views["render_viewmats"] * (torch.tensor([1.0, -1.0, -1.0, 1.0])[:, None] if flip else 1.0)
+    kept = [int((viewmat == all_viewmats).flatten(1).all(1).nonzero()) for viewmat in fields["viewmats"]]
+    assert len(kept) == (max_views or 6)
+    assert fields["frame_offsets"].tolist() == frame_offsets[kept].tolist()
+    gt = regularizer.gt_gaussians(sample, fields["indices"])
+    target = regularizer.target_render(gt, fields, propagated=True)
+    moved = regularizer.render(gt, fields, regularizer.flow_displacement(gt["flow"], fields["time_offsets"]))
+    index = sample["gaussian_voxel_indices"]
+    current = (torch.from_numpy(SMALL_GRID.index_to_center(index.numpy())), sample["occ_semantics"][tuple(index.T)],
+               sample["occ_flow"][tuple(index.T)])
+    size = sample["render_image_size"]
+    references = []
+    for v, offset in enumerate(fields["frame_offsets"].tolist()):
+        of_offset = sample["adjacent_gt_frame_offsets"] == offset
+        points = current if offset == 0 else \
+            tuple(sample[f"adjacent_gt_{k}"][of_offset] for k in ("means", "classes", "flow"))
+        reference = _direct_render(*points, fields["viewmats"][v], fields["intrinsics"][v], size)
+        references.append(reference)
+        for got, want in zip(target, reference):
+            torch.testing.assert_close(got[v], want[0], rtol=1e-4, atol=1e-5)
+        assert float(reference[1].max()) > 0.5  # something in view
+        if offset != 0:  # not the released target (the current GT moved by flow)
+            assert not torch.allclose(target[2][v], moved[2][v], atol=1e-3)
+    # pooled losses: current state against the current GT, propagated state against the references
+    ids = torch.zeros(len(fields["indices"]), dtype=torch.long)
+    pred_g = regularizer.predicted_gaussians({k: gather_voxels(v, ids, fields["indices"]) for k, v in head.items()},
+                                             fields["indices"])
+    reference = tuple(torch.cat([r[i] for r in references]) for i in range(3))
+    pred_move = regularizer.flow_displacement(pred_g["flow"], fields["time_offsets"])
+    states = ((regularizer.render(pred_g, fields), regularizer.render(gt, fields)),
+              (regularizer.render(pred_g, fields, pred_move), reference))
+    k = len(CLASSES) - 1
+    sums = {"semantic": [0.0, 0.0], "depth": [0.0, 0.0], "flow": [0.0, 0.0]}
+    for pred, want in states:
+        foreground = want[2] > 0.1
+        log_p = torch.log_softmax(pred[0][foreground][:, :k], -1)
+        sums["semantic"][0] += float(-(want[0][foreground][:, :k] * log_p).sum())
+        sums["semantic"][1] += int(foreground.sum())
+        sums["depth"][0] += float((pred[2] - want[2]).abs().sum())
+        sums["depth"][1] += want[2].numel()
+        weight = want[0][..., k:].norm(dim=-1) + 0.1
+        sums["flow"][0] += float((weight * (pred[0][..., k:] - want[0][..., k:]).abs().sum(-1)).sum())
+        sums["flow"][1] += float(weight.sum())
+    for name, (numerator, denominator) in sums.items():
+        assert float(losses[f"loss_splat_{name}"]) == pytest.approx(numerator / denominator, rel=1e-4)
+
+
+def test_adjacent_gt_target_rewards_a_prediction_of_the_adjacent_keyframe():
+    """The current GT is empty; keyframe t+1 has a car ahead, seen by the t+1 view. A
+    prediction of that car (static) matches the adjacent_gt target in the propagated state
+    (depth error ~0 there) and is penalised by the released moved_gt target (the empty
+    current GT); the current state is the same for both."""
+    views = ring_views(2, dt=(0.5, 0.0), width=80, height=48)  # view 0 looks along +x, view 1 along -x
+    views["render_frame_offsets"] = torch.tensor([1, 0])
+    semantics = torch.full(SMALL_GRID.shape, FREE, dtype=torch.int64)
+    car_low = SMALL_GRID.point_to_index(np.array([7.0, -1.0, 0.2]))
+    car = torch.from_numpy(np.stack(np.meshgrid(*[np.arange(a, a + n) for a, n in zip(car_low, (10, 5, 4))],
+                                                indexing="ij"), -1).reshape(-1, 3))
+    g = torch.Generator().manual_seed(5)
+    others = torch.stack([torch.randint(0, n, (200,), generator=g) for n in SMALL_GRID.shape], -1)
+    others = others[~((others[:, None] == car[None]).all(-1).any(1))]  # empty voxels only
+    sample = dict(sample_token="adjacent_car", occ_semantics=semantics, occ_flow=torch.zeros(*SMALL_GRID.shape, 2),
+                  gaussian_voxel_indices=torch.cat([car, others]), **views,
+                  adjacent_gt_means=torch.from_numpy(SMALL_GRID.index_to_center(car.numpy())).float(),
+                  adjacent_gt_classes=torch.full((len(car),), CLASSES.index("car")),
+                  adjacent_gt_flow=torch.zeros(len(car), 2),
+                  adjacent_gt_frame_offsets=torch.ones(len(car), dtype=torch.long))
+    predicted = semantics.clone()
+    predicted[tuple(car.T)] = CLASSES.index("car")
+    head = matching_head_outputs(dict(sample, occ_semantics=predicted))
+    losses, depth_errors = {}, {}
+    for targets in ("moved_gt", "adjacent_gt"):
+        regularizer = make_regularizer(propagated_targets=targets, propagation_seconds=None)
+        losses[targets] = regularizer([sample], head, flow_loss_enabled=True)
+        fields = regularizer.sample_inputs(sample, torch.device("cpu"))
+        ids = torch.zeros(len(fields["indices"]), dtype=torch.long)
+        pred_g = regularizer.predicted_gaussians(
+            {k: gather_voxels(v, ids, fields["indices"]) for k, v in head.items()}, fields["indices"])
+        pred = regularizer.render(pred_g, fields, regularizer.flow_displacement(pred_g["flow"], fields["time_offsets"]))
+        target = regularizer.target_render(regularizer.gt_gaussians(sample, fields["indices"]), fields, propagated=True)
+        depth_errors[targets] = float((pred[2] - target[2]).abs().sum())
+    assert float(regularizer.last_renders["pred_alphas"][0].max()) > 0.9  # the car is in view 0
+    assert depth_errors["moved_gt"] > 100.0
+    assert depth_errors["adjacent_gt"] < 1e-3 * depth_errors["moved_gt"]
+    assert float(losses["adjacent_gt"]["loss_splat_depth"]) < 0.55 * float(losses["moved_gt"]["loss_splat_depth"])
+
+
+def test_adjacent_gt_targets_need_the_mapper_fields():
+    sample = street_sample(14, views=ring_views(2, dt=(0.0, 0.5)))
+    head = matching_head_outputs(sample)
+    regularizer = make_regularizer(propagated_targets="adjacent_gt")
+    with pytest.raises(KeyError, match="street14.*adjacent_gt_means.*adjacent_gt_gaussians"):
+        regularizer([sample], head, flow_loss_enabled=True)
+    points = random_adjacent_points(15, offsets=(1,), count=20)
+    with pytest.raises(ValueError, match="street14.*adjacent GT fields disagree"):
+        regularizer([dict(sample, **dict(points, adjacent_gt_flow=points["adjacent_gt_flow"][:5]))], head,
+                    flow_loss_enabled=True)
+    with pytest.raises(ValueError, match="propagated_targets"):
+        make_regularizer(propagated_targets="next_gt")
+    # the released targets need none of it
+    assert make_regularizer().propagated_targets == "moved_gt"
+    make_regularizer()([sample], head, flow_loss_enabled=True)
+
+
 # --------------------------------------------------------------------------------------------- model + hook
 def model_sample(seed, height=64, width=176, num_gaussians=1500):
     """A mapped training sample (sample_fields contract) on the full GT grid, with the

@@ -64,6 +64,7 @@ DEFAULT_REGULARIZER_OPTIONS = dict(
     class_frequencies="dataset",        # "dataset" | "sample" | {class name: count} | counts in label order
     speed_bin_frequencies="dataset",    # "dataset" | "sample" | counts per speed bin
     out_of_scene_views="current",       # a keyframe beyond the scene: the current one (released) or "nearest"
+    adjacent_gt_gaussians=0,            # not released: occupied GT voxels drawn per adjacent keyframe (0: none)
 )
 
 
@@ -75,7 +76,8 @@ class TemporalDatasetMapper:
     attached by :class:`voxelsplat.data.build.SceneSequenceDataset` when the regularizer is on).
 
     Output: a dict with exactly the fields of ``MAPPER_FIELDS`` (plus ``OPTIONAL_FIELDS`` the
-    GT provides, plus ``REGULARIZER_FIELDS`` in training when ``regularizer`` is set); see
+    GT provides, plus ``REGULARIZER_FIELDS`` in training when ``regularizer`` is set, plus
+    ``ADJACENT_GT_FIELDS`` when its ``adjacent_gt_gaussians`` is above 0); see
     :mod:`voxelsplat.data.sample_fields` for shapes and frames. Cameras are expressed in the
     LiDAR keyframe's ego frame (per-camera ego poses applied), then BEV-augmented.
 
@@ -117,6 +119,14 @@ class TemporalDatasetMapper:
               of exactly 0 (static voxels) in the last, fastest bin and uses left-open bins;
               the published numbers were trained so. ``"corrected"`` puts static voxels in the
               first bin (half-open ``[lo, hi)`` bins), which is what the weighting intends.
+            - ``adjacent_gt_gaussians`` (not released; 0 = off): for each adjacent keyframe
+              among the render views' effective offsets (not 0), up to this many of its own
+              occupied GT voxels (ray-visible ones when its labels have a mask, same sources
+              as above), drawn uniformly without replacement among those whose centre lands
+              inside the current grid's x-y range once expressed in the current augmented ego
+              frame. They become the ``ADJACENT_GT_FIELDS`` of
+              :mod:`voxelsplat.data.sample_fields`, the propagated-state targets of
+              ``GaussianSplatRegularizer(propagated_targets="adjacent_gt")``.
         dataset_name: a registered dataset, for the grid and label set (``MetadataCatalog``).
         metadata: the same entries as a dict, instead of ``dataset_name``. With neither, the
             default grid and the label set named by each record's ``gt_format``.
@@ -184,6 +194,10 @@ class TemporalDatasetMapper:
         if options["out_of_scene_views"] not in OUT_OF_SCENE_RULES:
             raise ValueError(f"TemporalDatasetMapper: regularizer out_of_scene_views must be one of "
                              f"{OUT_OF_SCENE_RULES}, got {options['out_of_scene_views']!r}")
+        if int(options["adjacent_gt_gaussians"]) < 0:
+            raise ValueError(f"TemporalDatasetMapper: regularizer adjacent_gt_gaussians must be >= 0 (0: off), got "
+                             f"{options['adjacent_gt_gaussians']!r}")
+        options["adjacent_gt_gaussians"] = int(options["adjacent_gt_gaussians"])
         if options["speed_bin_rule"] not in SPEED_BIN_RULES:
             raise ValueError(f"TemporalDatasetMapper: regularizer speed_bin_rule must be one of {SPEED_BIN_RULES}, got "
                              f"{options['speed_bin_rule']!r}")
@@ -310,12 +324,7 @@ class TemporalDatasetMapper:
                              scale_range=self.bda_scale_range, flip_x_prob=self.bda_flip_x_prob,
                              flip_y_prob=self.bda_flip_y_prob, rng=rng)
         bda = bev.matrix()
-        labels = load_occupancy_labels(record["gt_path"], token, record["gt_format"], grid.shape, num_classes)
-        if record.get("visible_mask_path"):
-            # the dataset's separate ray mask replaces the labels' own "visible"
-            mask_key = record.get("visible_mask_key", DEFAULT_VISIBLE_MASK_KEY)
-            labels["visible"] = load_visibility_mask(record["visible_mask_path"], token, mask_key, grid.shape)
-        labels = self._augment_labels(labels, bda, grid,
+        labels = self._augment_labels(self._load_labels(record, grid, num_classes), bda, grid,
                                       IGNORE_LABEL if self.bda_outside_label == "ignore" else free_index)
 
         sample: Dict[str, object] = dict(
@@ -341,8 +350,20 @@ class TemporalDatasetMapper:
             if labels[source_key] is not None:
                 sample[field] = torch.from_numpy(labels[source_key])
         if self.needs_scene_records:
-            sample.update(self._regularizer_inputs(record, labels, bda, class_names, rng))
+            sample.update(self._regularizer_inputs(record, labels, bda, grid, class_names, free_index, rng))
         return sample
+
+    @staticmethod
+    def _load_labels(record: dict, grid: OccupancyGrid, num_classes: int) -> dict:
+        """The record's labels (see :func:`load_occupancy_labels`), un-augmented, with the
+        dataset's separate ray mask, when it has one, as ``visible``."""
+        token = record["sample_token"]
+        labels = load_occupancy_labels(record["gt_path"], token, record["gt_format"], grid.shape, num_classes)
+        if record.get("visible_mask_path"):
+            # the dataset's separate ray mask replaces the labels' own "visible"
+            mask_key = record.get("visible_mask_key", DEFAULT_VISIBLE_MASK_KEY)
+            labels["visible"] = load_visibility_mask(record["visible_mask_path"], token, mask_key, grid.shape)
+        return labels
 
     @staticmethod
     def _augment_labels(labels: dict, bda: np.ndarray, grid: OccupancyGrid, outside_label: int) -> dict:
@@ -417,7 +438,8 @@ class TemporalDatasetMapper:
         cache_dir = MetadataCatalog.get(self.dataset_name).get("record_cache_dir", None) or default_cache_dir()
         self.prepare(DatasetCatalog.get(self.dataset_name), cache_dir=cache_dir)
 
-    def _regularizer_inputs(self, record: dict, labels: dict, bda: np.ndarray, class_names: Sequence[str],
+    def _regularizer_inputs(self, record: dict, labels: dict, bda: np.ndarray, grid: OccupancyGrid,
+                            class_names: Sequence[str], free_index: int,
                             rng: np.random.Generator) -> Dict[str, object]:
         options = self.regularizer
         scene_records = record.get("scene_records")
@@ -437,11 +459,64 @@ class TemporalDatasetMapper:
                                          options["speed_bin_rule"])
         views = adjacent_render_views(record, scene_records, options["frame_offsets"], bda,
                                       float(options["render_scale"]), options["out_of_scene_views"])
-        return dict(
+        inputs = dict(
             gaussian_voxel_indices=torch.from_numpy(indices),
             render_viewmats=torch.from_numpy(views["render_viewmats"].astype(np.float32)),
             render_intrinsics=torch.from_numpy(views["render_intrinsics"].astype(np.float32)),
             render_image_size=tuple(int(s) for s in views["render_image_size"]),
             render_frame_offsets=torch.from_numpy(views["render_frame_offsets"]),
             render_time_offsets=torch.from_numpy(views["render_time_offsets"].astype(np.float32)),
+        )
+        if options["adjacent_gt_gaussians"] > 0:
+            inputs.update(self._adjacent_gt_points(record, scene_records, views["render_frame_offsets"], bda, grid,
+                                                   len(class_names), free_index, rng))
+        return inputs
+
+    def _adjacent_gt_points(self, record: dict, scene_records: Sequence[dict], frame_offsets: np.ndarray,
+                            bda: np.ndarray, grid: OccupancyGrid, num_classes: int, free_index: int,
+                            rng: np.random.Generator) -> Dict[str, torch.Tensor]:
+        """The ``ADJACENT_GT_FIELDS``: occupied GT voxels of each adjacent keyframe the views
+        show (each distinct effective offset but 0, its labels loaded once), in the current
+        keyframe's augmented ego frame.
+
+        A voxel centre ``p`` of keyframe t+o goes to ``bda @ inv(ego2global_t) @ ego2global_{t+o} @ p``;
+        its flow (vx, vy) is rotated by the ego-to-ego rotation, then by ``bda[:2, :2]`` as
+        :func:`transform_velocity` does for the current GT. Candidates: voxels not free, ray-visible
+        when the keyframe has a mask (its dataset mask, labels' ``visible``, else Occ3D's
+        ``mask_camera``), whose transformed centre lies inside the grid's x-y range (the
+        prediction has no Gaussian beyond it; z is not cut so that ego height changes between
+        keyframes keep the ground). Up to ``adjacent_gt_gaussians`` per keyframe are drawn
+        uniformly without replacement from ``rng``.
+        """
+        limit = self.regularizer["adjacent_gt_gaussians"]
+        frame_index = int(record["frame_index"])
+        global2current = np.linalg.inv(np.asarray(record["ego2global"], dtype=np.float64))
+        bda = np.asarray(bda, dtype=np.float64)
+        means, classes, flows, offsets = [], [], [], []
+        for offset in sorted({int(o) for o in frame_offsets} - {0}):
+            adjacent = scene_records[frame_index + offset]
+            labels = self._load_labels(adjacent, grid, num_classes)
+            candidates = labels["semantics"] != free_index
+            seen = labels["visible"] if labels["visible"] is not None else labels["mask_camera"]
+            if seen is not None:
+                candidates &= seen
+            voxels = np.argwhere(candidates)
+            ego2ego = global2current @ np.asarray(adjacent["ego2global"], dtype=np.float64)
+            points = transform_points(bda @ ego2ego, grid.index_to_center(voxels))
+            inside = np.all((points[:, :2] >= grid.range_min[:2]) & (points[:, :2] < grid.range_max[:2]), axis=1)
+            voxels, points = voxels[inside], points[inside]
+            pick = np.sort(rng.choice(len(voxels), size=min(limit, len(voxels)), replace=False))
+            voxels, points = voxels[pick], points[pick]
+            flow = np.zeros((len(voxels), 2), np.float32) if labels["flow"] is None else \
+                labels["flow"][tuple(voxels.T)]
+            means.append(points.astype(np.float32))
+            classes.append(labels["semantics"][tuple(voxels.T)].astype(np.int64))
+            flows.append(transform_velocity(transform_velocity(flow.astype(np.float64), ego2ego), bda)
+                         .astype(np.float32))
+            offsets.append(np.full(len(voxels), offset, dtype=np.int64))
+        return dict(
+            adjacent_gt_means=torch.from_numpy(np.concatenate(means) if means else np.zeros((0, 3), np.float32)),
+            adjacent_gt_classes=torch.from_numpy(np.concatenate(classes) if classes else np.zeros(0, np.int64)),
+            adjacent_gt_flow=torch.from_numpy(np.concatenate(flows) if flows else np.zeros((0, 2), np.float32)),
+            adjacent_gt_frame_offsets=torch.from_numpy(np.concatenate(offsets) if offsets else np.zeros(0, np.int64)),
         )

@@ -14,7 +14,7 @@ from typing import Dict, Tuple
 import torch
 
 # name -> (shape, dtype, meaning). Shape letters: C=N_cam, H/W image, X/Y/Z grid,
-# N Gaussians, V render views, K ray origins, P LiDAR points.
+# N Gaussians, V render views, K ray origins, P LiDAR points, M adjacent GT points.
 MAPPER_FIELDS: Dict[str, Tuple[str, str, str]] = {
     "img": ("C,3,H,W", "uint8", "camera images (RGB) after image augmentation, CAM_FRONT first in nuScenes order"),
     "intrinsics": ("C,3,3", "float32", "camera intrinsics after image augmentation (= img_aug @ K)"),
@@ -51,12 +51,29 @@ REGULARIZER_FIELDS: Dict[str, Tuple[str, str, str]] = {
     "render_time_offsets": ("V", "float32", "view time minus current time, seconds (for flow propagation)"),
 }
 
+# Attached with the regularizer fields when the mapper's ``adjacent_gt_gaussians`` option is
+# above 0 (not in the release): occupied GT voxels of the adjacent keyframes the render views
+# show, each keyframe's own labels (not the current GT moved by flow). M points in all, up to
+# ``adjacent_gt_gaussians`` per keyframe; none of offset 0 (those views use the current GT).
+ADJACENT_GT_FIELDS: Dict[str, Tuple[str, str, str]] = {
+    "adjacent_gt_means": ("M,3", "float32", "voxel centres of the adjacent keyframe's GT, metres, moved into the "
+                                            "current augmented ego frame (= bda @ inv(ego2global_t) @ ego2global_t+o)"),
+    "adjacent_gt_classes": ("M", "int64", "GT class of each point (dataset's label set, never free)"),
+    "adjacent_gt_flow": ("M,2", "float32", "GT velocity (vx, vy) in m/s, rotated into the current augmented ego "
+                                           "frame (ego-to-ego rotation, then bda[:2, :2])"),
+    "adjacent_gt_frame_offsets": ("M", "int64", "effective keyframe offset of each point's keyframe, one of the "
+                                                "non-zero render_frame_offsets values"),
+}
 
-def check_sample(sample: dict, *, with_regularizer: bool = False) -> None:
-    """Raise ``KeyError``/``ValueError`` naming the field when ``sample`` breaks the contract."""
+
+def check_sample(sample: dict, *, with_regularizer: bool = False, with_adjacent_gt: bool = False) -> None:
+    """Raise ``KeyError``/``ValueError`` naming the field when ``sample`` breaks the contract
+    (``with_adjacent_gt``: the ``ADJACENT_GT_FIELDS`` too, with one M for all of them)."""
     required = dict(MAPPER_FIELDS)
     if with_regularizer:
         required.update(REGULARIZER_FIELDS)
+    if with_adjacent_gt:
+        required.update(ADJACENT_GT_FIELDS)
     token = sample.get("sample_token", "<unknown>")
     for name, (shape, _, _) in required.items():
         if name not in sample:
@@ -70,3 +87,7 @@ def check_sample(sample: dict, *, with_regularizer: bool = False) -> None:
         for dim, expected in zip(value.shape, dims):
             if expected.isdigit() and dim != int(expected):
                 raise ValueError(f"mapped sample {token}: field {name!r} has shape {tuple(value.shape)}, expected ({shape})")
+    if with_adjacent_gt:
+        counts = {name: int(sample[name].shape[0]) for name in ADJACENT_GT_FIELDS}
+        if len(set(counts.values())) != 1:
+            raise ValueError(f"mapped sample {token}: the adjacent GT fields disagree on M: {counts}")

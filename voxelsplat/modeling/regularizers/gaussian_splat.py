@@ -19,6 +19,17 @@ render views (cameras of keyframes t-2..t+3 in the current augmented ego frame):
   ``flow x 1 s`` whatever the view's time (``propagation_seconds=1.0``, a quirk the release
   configs keep); ``propagation_seconds=None`` uses each view's own time offset from the
   current keyframe (the corrected behaviour).
+
+  The propagated state's **target** is the current GT moved by the GT flow
+  (``propagated_targets="moved_gt"``, released). ``propagated_targets="adjacent_gt"`` (not
+  released) renders, into the views of keyframe t+o (``render_frame_offsets == o``, o != 0),
+  that keyframe's own GT instead: the occupied voxels the mapper drew from its labels
+  (``adjacent_gt_gaussians`` mapper option; the ``adjacent_gt_*`` fields of
+  :mod:`voxelsplat.data.sample_fields`), in the current augmented ego frame, not moved;
+  views of offset 0 (out-of-scene views replaced by the current keyframe included) get the
+  current GT, not moved. The prediction moves as above either way, so pair it with
+  ``propagation_seconds=None``: with the released 1 s, a prediction moved by 1 s is compared
+  with a keyframe 0.5 s (or 0 s) away.
 - **losses**, as the released code computes them; each pools the pixels of every view,
   state and sample of the batch before dividing (one mean per batch, not a mean of means):
 
@@ -58,6 +69,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ...data.sample_fields import ADJACENT_GT_FIELDS
 from ...splatting import rasterize_gaussians
 from ..registry import REGULARIZER_REGISTRY
 
@@ -65,6 +77,7 @@ __all__ = ["GaussianSplatRegularizer", "gather_voxels", "release_camera_flip"]
 
 DEFAULT_LOSS_WEIGHTS = {"semantic": 0.5, "depth": 1.0, "flow": 0.5}
 MODES = ("release", "decoded")
+PROPAGATED_TARGETS = ("moved_gt", "adjacent_gt")
 
 
 class _GaussianDecoder(nn.Module):
@@ -162,6 +175,10 @@ class GaussianSplatRegularizer(nn.Module):
         propagate_by_flow: add the flow-propagated state once the flow loss is on.
         propagation_seconds: time (s) by which every view's propagated Gaussians move
             (released: 1.0 for every view); None: each view's own time offset.
+        propagated_targets: the GT render of the propagated state: "moved_gt" (released: the
+            current GT moved by GT flow x time) or "adjacent_gt" (views of keyframe t+o show
+            that keyframe's own GT, the sample's ``adjacent_gt_*`` fields; offset 0 the
+            current GT; nothing moved).
         flip_render_cameras: flip the y and z axes of the render cameras as the released
             code does (the renders then look backwards); False: the cameras as they are.
         max_views: render at most this many of a sample's views, drawn at random each call
@@ -188,7 +205,10 @@ class GaussianSplatRegularizer(nn.Module):
         and per-sample fields ``gaussian_voxel_indices`` (N, 3), ``occ_semantics``
         (X, Y, Z), ``occ_flow`` (X, Y, Z, 2), ``render_viewmats`` (V, 4, 4),
         ``render_intrinsics`` (V, 3, 3), ``render_image_size`` (W, H),
-        ``render_time_offsets`` (V,) s. Returns {"loss_splat_semantic",
+        ``render_time_offsets`` (V,) s; with ``propagated_targets="adjacent_gt"`` also
+        ``render_frame_offsets`` (V,) and ``adjacent_gt_means`` (M, 3) m,
+        ``adjacent_gt_classes`` (M,), ``adjacent_gt_flow`` (M, 2) m/s,
+        ``adjacent_gt_frame_offsets`` (M,). Returns {"loss_splat_semantic",
         "loss_splat_depth", "loss_splat_flow"}: weighted scalar losses.
     """
 
@@ -205,6 +225,7 @@ class GaussianSplatRegularizer(nn.Module):
         backend: str = "auto",
         propagate_by_flow: bool = True,
         propagation_seconds: Optional[float] = None,
+        propagated_targets: str = "moved_gt",
         flip_render_cameras: bool = False,
         max_views: Optional[int] = None,
         render_chunk: Optional[int] = None,
@@ -224,6 +245,9 @@ class GaussianSplatRegularizer(nn.Module):
         super().__init__()
         if mode not in MODES:
             raise ValueError(f"GaussianSplatRegularizer: mode must be one of {MODES}, got {mode!r}")
+        if propagated_targets not in PROPAGATED_TARGETS:
+            raise ValueError(f"GaussianSplatRegularizer: propagated_targets must be one of {PROPAGATED_TARGETS}, got "
+                             f"{propagated_targets!r}")
         if len(point_cloud_range) != 6:
             raise ValueError(f"GaussianSplatRegularizer: point_cloud_range needs 6 values, got {point_cloud_range!r}")
         if not 0 <= int(free_index) < int(num_classes):
@@ -251,6 +275,7 @@ class GaussianSplatRegularizer(nn.Module):
         self.backend = backend
         self.propagate_by_flow = bool(propagate_by_flow)
         self.propagation_seconds = None if propagation_seconds is None else float(propagation_seconds)
+        self.propagated_targets = propagated_targets
         self.flip_render_cameras = bool(flip_render_cameras)
         self.semantic_min_gt_depth = float(semantic_min_gt_depth)
         self.normalize_by_alpha = bool(normalize_by_alpha)
@@ -282,7 +307,10 @@ class GaussianSplatRegularizer(nn.Module):
     def sample_inputs(self, sample: dict, device) -> dict:
         """The regularizer's fields of one mapped sample, checked, on ``device``: voxel
         ``indices`` (N, 3), ``viewmats`` (V, 4, 4), ``intrinsics`` (V, 3, 3), ``time_offsets``
-        (V,) s, ``width``, ``height`` (views subsampled to ``max_views``)."""
+        (V,) s, ``frame_offsets`` (V,) int64 (None when the sample has no
+        ``render_frame_offsets``), ``width``, ``height`` (views subsampled to ``max_views``),
+        and ``adjacent``: with ``propagated_targets="adjacent_gt"`` the adjacent GT points
+        {"means" (M, 3), "classes" (M,), "flow" (M, 2), "frame_offsets" (M,)}, else None."""
         token = sample.get("sample_token", "<unknown>")
         needed = ("gaussian_voxel_indices", "occ_semantics", "occ_flow", "render_viewmats", "render_intrinsics",
                   "render_image_size", "render_time_offsets")
@@ -290,6 +318,7 @@ class GaussianSplatRegularizer(nn.Module):
         if missing:
             raise KeyError(f"GaussianSplatRegularizer: sample {token} lacks {missing}; configure the mapper's "
                            "regularizer options (dataloader.train.mapper.regularizer)")
+        adjacent = self._adjacent_inputs(sample, token, device) if self.propagated_targets == "adjacent_gt" else None
         indices = torch.as_tensor(sample["gaussian_voxel_indices"], device=device).long()
         viewmats = torch.as_tensor(sample["render_viewmats"], device=device, dtype=torch.float32)
         intrinsics = torch.as_tensor(sample["render_intrinsics"], device=device, dtype=torch.float32)
@@ -303,13 +332,40 @@ class GaussianSplatRegularizer(nn.Module):
             raise ValueError(f"GaussianSplatRegularizer: sample {token} render views disagree: render_viewmats "
                              f"{tuple(viewmats.shape)}, render_intrinsics {tuple(intrinsics.shape)}, "
                              f"render_time_offsets {tuple(time_offsets.shape)}; expected (V, 4, 4), (V, 3, 3), (V,)")
+        frame_offsets = None
+        if "render_frame_offsets" in sample:
+            frame_offsets = torch.as_tensor(sample["render_frame_offsets"], device=device).long()
+            if frame_offsets.shape != (num_views,):
+                raise ValueError(f"GaussianSplatRegularizer: sample {token} render_frame_offsets has shape "
+                                 f"{tuple(frame_offsets.shape)}, expected ({num_views},) like render_viewmats")
         if self.flip_render_cameras:
             viewmats = release_camera_flip(viewmats)
         if self.max_views is not None and num_views > self.max_views:
             keep = torch.randperm(num_views)[: self.max_views].sort().values.to(device)
             viewmats, intrinsics, time_offsets = viewmats[keep], intrinsics[keep], time_offsets[keep]
+            frame_offsets = None if frame_offsets is None else frame_offsets[keep]
         return dict(indices=indices, viewmats=viewmats, intrinsics=intrinsics, time_offsets=time_offsets,
-                    width=width, height=height, token=token)
+                    frame_offsets=frame_offsets, adjacent=adjacent, width=width, height=height, token=token)
+
+    @staticmethod
+    def _adjacent_inputs(sample: dict, token: str, device) -> Dict[str, torch.Tensor]:
+        """The ``adjacent_gt_*`` fields of one sample, checked, on ``device``."""
+        missing = [k for k in ("render_frame_offsets", *ADJACENT_GT_FIELDS) if k not in sample]
+        if missing:
+            raise KeyError(f"GaussianSplatRegularizer(propagated_targets='adjacent_gt'): sample {token} lacks "
+                           f"{missing}; set the mapper's regularizer option adjacent_gt_gaussians > 0 "
+                           "(dataloader.train.mapper.regularizer.adjacent_gt_gaussians)")
+        adjacent = dict(means=torch.as_tensor(sample["adjacent_gt_means"], device=device, dtype=torch.float32),
+                        classes=torch.as_tensor(sample["adjacent_gt_classes"], device=device).long(),
+                        flow=torch.as_tensor(sample["adjacent_gt_flow"], device=device, dtype=torch.float32),
+                        frame_offsets=torch.as_tensor(sample["adjacent_gt_frame_offsets"], device=device).long())
+        count = adjacent["means"].shape[0]
+        expected = dict(means=(count, 3), classes=(count,), flow=(count, 2), frame_offsets=(count,))
+        if any(tuple(adjacent[k].shape) != shape for k, shape in expected.items()):
+            shapes = {f"adjacent_gt_{k}": tuple(v.shape) for k, v in adjacent.items()}
+            raise ValueError(f"GaussianSplatRegularizer: sample {token} adjacent GT fields disagree: {shapes}; "
+                             "expected (M, 3), (M,), (M, 2), (M,)")
+        return adjacent
 
     def _voxel_centres(self, indices: torch.Tensor) -> torch.Tensor:
         return self.range_min + self.voxel_size * (indices.float() + 0.5)
@@ -345,13 +401,26 @@ class GaussianSplatRegularizer(nn.Module):
         x, y, z = indices.unbind(-1)
         semantics = torch.as_tensor(sample["occ_semantics"], device=device).long()[x, y, z]
         flow = torch.as_tensor(sample["occ_flow"], device=device).float()[x, y, z]
-        flow = torch.nan_to_num(flow, nan=0.0, posinf=0.0, neginf=0.0)
+        return self._labelled_gaussians(self._voxel_centres(indices), semantics, flow)
+
+    def adjacent_gt_gaussians(self, adjacent: Dict[str, torch.Tensor], frame_offset: int) -> Dict[str, torch.Tensor]:
+        """GT Gaussians of keyframe t + ``frame_offset``: the adjacent points of that offset
+        (``adjacent`` from :meth:`sample_inputs`), built like :meth:`gt_gaussians`."""
+        of_offset = adjacent["frame_offsets"] == int(frame_offset)
+        return self._labelled_gaussians(adjacent["means"][of_offset], adjacent["classes"][of_offset],
+                                        adjacent["flow"][of_offset])
+
+    def _labelled_gaussians(self, means: torch.Tensor, semantics: torch.Tensor,
+                            flow: torch.Tensor) -> Dict[str, torch.Tensor]:
+        """Target Gaussians at ``means`` (M, 3) m with classes (M,) and flow (M, 2) m/s, those
+        whose class is free or outside the label set dropped: one-hot non-free class + flow,
+        opacity 1, isotropic ``scale``, identity rotation."""
+        flow = torch.nan_to_num(flow.float(), nan=0.0, posinf=0.0, neginf=0.0)
         occupied = (semantics != self.free_index) & (semantics >= 0) & (semantics < self.num_classes)
-        semantics, flow = semantics[occupied], flow[occupied]
+        means, semantics, flow = means[occupied].float(), semantics[occupied], flow[occupied]
         # class c -> its channel among the non-free classes
         channel = semantics - (semantics > self.free_index).long()
         one_hot = F.one_hot(channel, self.num_classes - 1).float()
-        means = self._voxel_centres(indices[occupied])
         n = means.shape[0]
         return dict(means=means, quats=means.new_tensor([1.0, 0.0, 0.0, 0.0]).expand(n, 4),
                     scales=means.new_full((n, 3), self.scale), opacities=means.new_ones(n),
@@ -385,6 +454,31 @@ class GaussianSplatRegularizer(nn.Module):
                     views["viewmats"][group], views["intrinsics"][group], views["width"], views["height"],
                     near_plane=self.near_plane, far_plane=self.far_plane, backend=self.backend))
         return tuple(torch.cat(parts) for parts in zip(*rendered))
+
+    def target_render(self, gt: Dict[str, torch.Tensor], views: dict, propagated: bool):
+        """The GT render of one state, as :meth:`render` returns it: the current state renders
+        ``gt`` as it is; the propagated state moves it by its flow x :meth:`propagation_times`
+        (``"moved_gt"``) or, with ``"adjacent_gt"``, renders into the views of each effective
+        frame offset o (``views["frame_offsets"]``) the Gaussians of keyframe t+o
+        (:meth:`adjacent_gt_gaussians`; ``gt`` for o = 0), unmoved."""
+        if not propagated:
+            return self.render(gt, views)
+        if self.propagated_targets == "moved_gt":
+            times = self.propagation_times(views["time_offsets"])
+            return self.render(gt, views, self.flow_displacement(gt["flow"], times))
+        frame_offsets = views["frame_offsets"]
+        rendered = None
+        for offset in torch.unique(frame_offsets).tolist():
+            group = (frame_offsets == offset).nonzero()[:, 0]
+            gaussians = gt if offset == 0 else self.adjacent_gt_gaussians(views["adjacent"], offset)
+            part = self.render(gaussians, dict(views, viewmats=views["viewmats"][group],
+                                               intrinsics=views["intrinsics"][group],
+                                               time_offsets=views["time_offsets"][group], frame_offsets=None))
+            if rendered is None:
+                rendered = tuple(p.new_zeros((len(frame_offsets),) + p.shape[1:]) for p in part)
+            for whole, piece in zip(rendered, part):
+                whole[group] = piece
+        return rendered
 
     def propagation_times(self, time_offsets: torch.Tensor) -> torch.Tensor:
         """(V,) seconds by which each view's Gaussians move in the propagated state:
@@ -451,13 +545,12 @@ class GaussianSplatRegularizer(nn.Module):
             pred = self.predicted_gaussians({k: v[batch_index] for k, v in gathered.items()}, views["indices"])
             with torch.no_grad():
                 gt = self.gt_gaussians(sample, views["indices"])
-            states = [(None, None)]
+            states = [None]
             if flow_loss_enabled and self.propagate_by_flow:
-                times = self.propagation_times(views["time_offsets"])
-                states.append((self.flow_displacement(pred["flow"], times), self.flow_displacement(gt["flow"], times)))
-            for state, (pred_move, gt_move) in enumerate(states):
+                states.append(self.flow_displacement(pred["flow"], self.propagation_times(views["time_offsets"])))
+            for state, pred_move in enumerate(states):
                 with torch.no_grad():
-                    gt_render = self.render(gt, views, gt_move)
+                    gt_render = self.target_render(gt, views, propagated=pred_move is not None)
                 pred_render = self.render(pred, views, pred_move)
                 pred_flow_render = None
                 if self.detach_flow_weights and flow_loss_enabled:
