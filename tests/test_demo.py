@@ -1,6 +1,6 @@
 """The demo pipeline end to end at a tiny size, through the same code path as `make demo`:
-dataset generation, training and evaluation of both models, the table, TensorBoard logs and
-pictures."""
+dataset generation, training and evaluation of both models, the floors, the table, TensorBoard
+logs and pictures."""
 import json
 import math
 import os
@@ -23,14 +23,23 @@ def test_quick_demo_writes_metrics_table_tensorboard_and_pictures(tmp_path):
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     with open(out / "results.json") as f:
         results = json.load(f)
-    assert list(results) == ["FB-Occ (baseline)", "VoxelSplat"]
+    floors = ["floor: all free", "floor: class prior", "floor: previous GT"]
+    assert list(results) == ["FB-Occ (baseline)", "VoxelSplat", *floors]
     for name, metrics in results.items():
         for key in ("RayIoU", "RayIoU@1", "RayIoU@2", "RayIoU@4", "mIoU"):
             assert 0.0 <= metrics[key] <= 100.0, (name, key, metrics[key])
-        assert "mAVE" in metrics and "OccScore" in metrics
+        assert "mAVE" in metrics and "OccScore" in metrics and "mAVE_TP" in metrics
+        if name in floors:
+            assert metrics["kind"] == "floor" and "train_time_s" not in metrics
+            continue
+        assert metrics["kind"] == "model" and {"mAVE_zero_flow", "mAVE_gt_occupancy"} <= set(metrics)
         assert metrics["train_time_s"] > 0 and metrics["step_time_s"] > 0 and metrics["peak_memory_mb"] > 0
+    assert results["floor: all free"]["RayIoU"] == 0.0 and results["floor: previous GT"]["RayIoU"] > 0.0
     table = (out / "results.md").read_text()
-    assert "| VoxelSplat |" in table and "RayIoU@4" in table and "mIoU" in table
+    assert "| VoxelSplat |" in table and "RayIoU@4" in table and "mIoU" in table and "mAVE_zero_flow" in table
+    assert "| floor: class prior |" in table and "| floor: previous GT |" in table
+    cached = json.loads((out / "floors.json").read_text())
+    assert set(cached["floors"]) == {"all_free", "class_prior", "previous_gt"} and "key" in cached
     for run in ("fbocc_tiny", "voxelsplat_tiny"):
         run_dir = out / run
         assert (run_dir / "model_final.pth").is_file()

@@ -326,3 +326,57 @@ def test_miou_over_another_voxel_mask():
     evaluator.reset()
     with pytest.raises(KeyError, match="occ_visible"):
         evaluator.process(samples[:1], outputs[:1])
+
+
+def test_flow_floors_equal_the_reference_with_zero_flow_and_with_gt_occupancy(caplog):
+    pairs = [make_sample(seed, num_origins=n) for seed, n in ((71, 2), (72, 1), (73, 3))]
+    samples, outputs = [p[0] for p in pairs], [p[1] for p in pairs]
+    evaluator = OccupancyEvaluator(distributed=False, ray_directions=FEW_RAYS)
+    evaluator.process(samples, outputs)
+    with caplog.at_level("INFO", logger="voxelsplat.evaluation.evaluator"):
+        results = evaluator.evaluate()["occupancy"]
+    zero = [dict(o, flow=torch.zeros_like(o["flow"])) for o in outputs]
+    on_gt = [dict(o, occ=s["occ_semantics"]) for s, o in zip(samples, outputs)]
+    reference = {"zero_flow": reference_results(samples, zero, FEW_RAYS),
+                 "gt_occupancy": reference_results(samples, on_gt, FEW_RAYS)}
+    for name, expected in reference.items():
+        for key in ("mAVE", "mAVE_TP"):
+            got = results[f"{key}_{name}"]
+            assert 0 < expected[key] and got == pytest.approx(expected[key], rel=1e-12), (name, key)
+    # zero flow: the model's own rays, so occupancy is unchanged and only the flow error moves
+    assert reference["zero_flow"]["RayIoU"] == results["RayIoU"]
+    assert results["mAVE_zero_flow"] != pytest.approx(results["mAVE"])
+    assert results["mAVE_gt_occupancy"] != pytest.approx(results["mAVE"])
+    assert "mAVE of the predicted occupancy with zero flow" in caplog.text
+    assert "mAVE of the predicted flow on the GT occupancy" in caplog.text
+    # off on request, and never without flow
+    for options in (dict(compute_flow_floors=False), dict(compute_flow=False)):
+        plain = OccupancyEvaluator(distributed=False, ray_directions=FEW_RAYS, **options)
+        plain.process(samples[:1], outputs[:1])
+        assert not any(k.endswith(("_zero_flow", "_gt_occupancy")) for k in plain.evaluate()["occupancy"]), options
+
+
+def test_flow_floors_are_gathered_from_every_process(monkeypatch):
+    """evaluate() on the main process of two: the other process's flow-floor counts are added in
+    (real processes: test_one_process_and_two_processes_give_the_same_numbers, which compares every key)."""
+    from detectron2.utils import comm
+
+    seeds = [81, 82, 83]
+    single = OccupancyEvaluator(distributed=False, ray_directions=FEW_RAYS)
+    for seed in seeds:
+        single.process(*map(lambda x: [x], make_sample(seed)))
+    expected = single.evaluate()["occupancy"]
+    ranks = [OccupancyEvaluator(ray_directions=FEW_RAYS) for _ in range(2)]
+    for rank, evaluator in enumerate(ranks):
+        for seed in seeds[rank::2]:
+            evaluator.process(*map(lambda x: [x], make_sample(seed)))
+    handed_over = []
+    monkeypatch.setattr(comm, "get_world_size", lambda: 2)
+    monkeypatch.setattr(comm, "synchronize", lambda: None)
+    monkeypatch.setattr(comm, "is_main_process", lambda: True)
+    monkeypatch.setattr(comm, "gather", lambda data, dst=0: handed_over.append(data) or [data])
+    ranks[1].evaluate()  # what rank 1 sends to the main process
+    monkeypatch.setattr(comm, "gather", lambda data, dst=0: [data] + handed_over)
+    gathered = ranks[0].evaluate()["occupancy"]
+    for key in [f"{m}_{name}" for m in ("mAVE", "mAVE_TP") for name in ("zero_flow", "gt_occupancy")]:
+        assert not math.isnan(expected[key]) and gathered[key] == expected[key], key

@@ -3,15 +3,25 @@
 the tiny VoxelSplat model on it, evaluate both, print a comparison table and write
 TensorBoard logs and pictures.
 
+The table also holds the floors (``voxelsplat.evaluation.floors``): all free, the training
+labels' per-voxel class prior and the previous keyframe's ground truth, scored on the same
+validation split by the same evaluator, and, next to each model's mAVE, the flow floors of
+its own predictions (``mAVE_zero_flow``: its occupancy with zero flow; ``mAVE_gt_occupancy``:
+its flow on the GT occupancy). A model's numbers mean something only above its floors.
+
     python tools/run_demo.py                      # what `make demo` runs
     python tools/run_demo.py --quick              # a much smaller run (used by the tests)
 
 Outputs under ``--output-dir`` (default ``output/demo``): one run folder per model
 (checkpoints, metrics.json, TensorBoard events, pictures/), ``results.json`` and
-``results.md``.
+``results.md`` (one row per model, then one per floor; in ``results.json`` each row's
+``kind`` is ``"model"`` or ``"floor"``), and ``floors.json``, the floors' results with the
+dataset and evaluator settings they were computed for, reused while those stay the same
+(``--floors-cache`` puts it elsewhere: ``tools/run_experiment.py`` shares one between seeds).
 """
 import argparse
 import json
+import math
 import os
 import subprocess
 import sys
@@ -24,7 +34,18 @@ MODELS = (
     ("FB-Occ (baseline)", "fbocc_tiny", "configs/synthetic/fbocc_tiny.py"),
     ("VoxelSplat", "voxelsplat_tiny", "configs/synthetic/voxelsplat_tiny.py"),
 )
-METRICS = ("RayIoU", "RayIoU@1", "RayIoU@2", "RayIoU@4", "mAVE", "mAVE_TP", "OccScore", "mIoU")
+METRICS = ("RayIoU", "RayIoU@1", "RayIoU@2", "RayIoU@4", "mAVE", "mAVE_zero_flow", "mAVE_gt_occupancy", "mAVE_TP",
+           "mAVE_TP_zero_flow", "mAVE_TP_gt_occupancy", "OccScore", "mIoU")
+# (table row, floor name in voxelsplat.evaluation.floors)
+FLOORS = (
+    ("floor: all free", "all_free"),
+    ("floor: class prior", "class_prior"),
+    ("floor: previous GT", "previous_gt"),
+)
+# Bumped when the floors or their cache change, so an older floors.json is recomputed.
+FLOORS_CACHE_VERSION = 1
+# Config overrides that can change the floors (the rest concern the models and training).
+FLOOR_OVERRIDE_PREFIXES = ("dataloader.train.dataset.", "dataloader.test.dataset.", "dataloader.evaluator.")
 
 
 def parse_args(argv=None):
@@ -39,11 +60,16 @@ def parse_args(argv=None):
     parser.add_argument("--quick", action="store_true",
                         help="tiny run: 2 scenes x 4 keyframes, 176x64 images, 6 iterations")
     parser.add_argument("--skip-pictures", action="store_true")
+    parser.add_argument("--floors-cache", default=None,
+                        help="JSON file of the floors' results, reused while the dataset and evaluator settings are "
+                             "the same (default: <output-dir>/floors.json)")
     parser.add_argument("opts", nargs=argparse.REMAINDER, help="KEY=VALUE config overrides for both models")
     args = parser.parse_args(argv)
     if args.quick:
         args.scenes, args.samples_per_scene, args.image_size = 2, 4, (176, 64)
         args.iters = args.iters or 6
+    if args.floors_cache is None:
+        args.floors_cache = os.path.join(args.output_dir, "floors.json")
     return args
 
 
@@ -77,11 +103,16 @@ def dataset_overrides(args):
     ]
 
 
+def dataset_settings(args):
+    """What the demo's synthetic dataset is generated from."""
+    return {"scenes": args.scenes, "samples_per_scene": args.samples_per_scene,
+            "image_size": list(args.image_size), "seed": args.seed}
+
+
 def ensure_dataset(args):
     version_dir = os.path.join(args.data_dir, "v1.0-mini")
     marker = os.path.join(args.data_dir, "demo_dataset.json")
-    wanted = {"scenes": args.scenes, "samples_per_scene": args.samples_per_scene,
-              "image_size": list(args.image_size), "seed": args.seed}
+    wanted = dataset_settings(args)
     if os.path.isdir(version_dir) and os.path.isfile(marker):
         with open(marker) as f:
             if json.load(f) == wanted:
@@ -97,6 +128,70 @@ def ensure_dataset(args):
         json.dump(wanted, f)
     os.replace(marker + ".tmp", marker)
     return seconds
+
+
+def _plain(value):
+    """A config value as plain JSON data (callables by their dotted name)."""
+    if isinstance(value, dict):
+        return {str(k): _plain(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_plain(v) for v in value]
+    if callable(value):
+        return f"{value.__module__}.{value.__qualname__}"
+    return value if value is None or isinstance(value, (bool, int, float, str)) else repr(value)
+
+
+def write_json(path, payload):
+    with open(path + ".tmp", "w") as f:
+        json.dump(payload, f, indent=2)
+    os.replace(path + ".tmp", path)
+
+
+def floor_results(args):
+    """The floors on the demo's validation split: ``{floor name: results}`` (see
+    ``voxelsplat.evaluation.floors``), scored by the evaluator of the models' data config.
+
+    Read from ``args.floors_cache`` when it was computed for the same dataset and evaluator
+    settings; otherwise computed (a few seconds) and written there."""
+    from detectron2.config import LazyConfig, instantiate
+    from omegaconf import OmegaConf
+
+    from voxelsplat.evaluation import evaluate_floors
+
+    cfg = LazyConfig.load(os.path.join(ROOT, MODELS[0][2]))  # every model of the demo shares its data config
+    overrides = dataset_overrides(args) + [o for o in args.opts if o.startswith(FLOOR_OVERRIDE_PREFIXES)]
+    cfg = LazyConfig.apply_overrides(cfg, overrides)
+    # scored like a model, but in this process, writing nothing, without a model's flow floors
+    cfg.dataloader.evaluator.output_dir = None
+    cfg.dataloader.evaluator.export_submission = False
+    cfg.dataloader.evaluator.distributed = False
+    cfg.dataloader.evaluator.compute_flow_floors = False
+    key = _plain({"version": FLOORS_CACHE_VERSION, "dataset": dataset_settings(args),
+                  **{part: OmegaConf.to_container(node, resolve=True) for part, node in (
+                      ("train_dataset", cfg.dataloader.train.dataset), ("val_dataset", cfg.dataloader.test.dataset),
+                      ("evaluator", cfg.dataloader.evaluator))}})
+    if os.path.isfile(args.floors_cache):
+        with open(args.floors_cache) as f:
+            cached = json.load(f)
+        if cached.get("key") == key:
+            step(f"floors already in {args.floors_cache}")
+            return {name: {k: float("nan") if v is None else v for k, v in results.items()}
+                    for name, results in cached["floors"].items()}
+    step(f"floors on the validation split -> {args.floors_cache}")
+    train_name, val_name = instantiate(cfg.dataloader.train.dataset), instantiate(cfg.dataloader.test.dataset)
+    results = evaluate_floors(train_name, val_name, [name for _, name in FLOORS],
+                              evaluator=instantiate(cfg.dataloader.evaluator))
+    folder = os.path.dirname(os.path.abspath(args.floors_cache))
+    os.makedirs(folder, exist_ok=True)
+    write_json(args.floors_cache, {"key": key, "floors": {
+        name: {k: None if isinstance(v, float) and math.isnan(v) else v for k, v in floor.items()}
+        for name, floor in results.items()}})
+    return results
+
+
+def floor_rows(floors):
+    """Table rows of the floors, in :data:`FLOORS` order."""
+    return [(title, dict(floors[name], kind="floor", floor=name)) for title, name in FLOORS]
 
 
 def read_run(output_dir):
@@ -117,13 +212,20 @@ def read_run(output_dir):
     return metrics
 
 
+def format_cell(metrics, key, digits):
+    """A number with ``digits`` decimals; "-" where the row has no such entry (a floor has no
+    training time nor flow floors of its own)."""
+    value = metrics.get(key)
+    return "-" if value is None else f"{value:.{digits}f}"
+
+
 def format_table(rows):
     header = ["model", *METRICS, "train time (s)", "step (s)", "peak mem (MiB)"]
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for name, m in rows:
-        cells = [name] + [f"{m.get(k, float('nan')):.4f}" if k.startswith("mAVE") else f"{m.get(k, float('nan')):.2f}"
-                          for k in METRICS]
-        cells += [f"{m['train_time_s']:.0f}", f"{m['step_time_s']:.3f}", f"{m['peak_memory_mb']:.0f}"]
+        cells = [name] + [format_cell(m, k, 4 if k.startswith("mAVE") else 2) for k in METRICS]
+        cells += [format_cell(m, "train_time_s", 0), format_cell(m, "step_time_s", 3),
+                  format_cell(m, "peak_memory_mb", 0)]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
@@ -133,6 +235,7 @@ def main(argv=None):
     total_start = time.perf_counter()
     os.makedirs(args.output_dir, exist_ok=True)
     ensure_dataset(args)
+    floors = floor_results(args)
     rows = []
     for title, name, config in MODELS:
         run_dir = os.path.join(args.output_dir, name)
@@ -146,6 +249,7 @@ def main(argv=None):
                       log_path=os.path.join(args.output_dir, f"{name}.log"))
         metrics = read_run(run_dir)
         metrics["train_time_s"] = seconds
+        metrics["kind"] = "model"
         rows.append((title, metrics))
         if not args.skip_pictures:
             step(f"pictures of {title} -> {run_dir}/pictures")
@@ -153,11 +257,10 @@ def main(argv=None):
                  "--checkpoint", os.path.join(run_dir, "model_final.pth"),
                  "--output", os.path.join(run_dir, "pictures"), "--tensorboard-dir", run_dir,
                  "--num-samples", "2", *dataset_overrides(args)])
+    rows += floor_rows(floors)
     table = format_table(rows)
     results = {title: metrics for title, metrics in rows}
-    with open(os.path.join(args.output_dir, "results.json.tmp"), "w") as f:
-        json.dump(results, f, indent=2)
-    os.replace(os.path.join(args.output_dir, "results.json.tmp"), os.path.join(args.output_dir, "results.json"))
+    write_json(os.path.join(args.output_dir, "results.json"), results)
     with open(os.path.join(args.output_dir, "results.md"), "w") as f:
         f.write(table + "\n")
     step(f"done in {time.perf_counter() - total_start:.0f} s\n\n{table}\n\n"

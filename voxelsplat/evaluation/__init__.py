@@ -1,5 +1,7 @@
-"""Evaluation: ray casting, RayIoU / mAVE / OccScore, Occ3D mIoU, and the detectron2 evaluator."""
+"""Evaluation: ray casting, RayIoU / mAVE / OccScore, Occ3D mIoU, the detectron2 evaluator, and
+the floors (predictors that need no model) it scores."""
 from .evaluator import OccupancyEvaluator
+from .floors import FLOOR_NAMES, evaluate_floors
 from .ray_casting import (
     RAY_PRECISIONS,
     RayCastResult,
@@ -21,6 +23,8 @@ from .ray_metrics import (
 
 __all__ = [
     "OccupancyEvaluator",
+    "FLOOR_NAMES",
+    "evaluate_floors",
     "RAY_PRECISIONS",
     "RayCastResult",
     "cast_rays",

@@ -10,6 +10,21 @@ returned as ``{"occupancy": {"RayIoU": ..., "RayIoU@1": ..., "mAVE": ..., "mAVE_
 ``mAVE`` is the challenge's definition, ``mAVE_TP`` this library's true-positive variant
 (see :mod:`voxelsplat.evaluation.ray_metrics`).
 
+Flow floors (``compute_flow_floors=True``, the default, whenever flow is evaluated): two
+more flow errors of the same predictions, summed over samples and processes like the
+others, which tell what the predicted flow adds:
+
+- ``mAVE_zero_flow`` / ``mAVE_TP_zero_flow``: the predicted occupancy with zero flow
+  everywhere - the same rays and true positives, only the flow differs. A model whose
+  ``mAVE`` is not below its ``mAVE_zero_flow`` has learnt no useful flow.
+- ``mAVE_gt_occupancy`` / ``mAVE_TP_gt_occupancy``: the predicted flow read on the ground
+  truth's occupancy (prediction semantics := GT semantics, so every counted ray is a true
+  positive at its GT hit, and the ray's flow is the predicted flow at that voxel): flow
+  quality independent of the occupancy. Costs one more cast of the GT alone per sample.
+
+Floors that need no model at all (all free, the training class prior, the previous
+keyframe's ground truth) are in :mod:`voxelsplat.evaluation.floors`.
+
 Submission export (``export_submission=True``): for every sample token the predicted
 class (``pcd_cls``, uint8), depth (``pcd_dist``, float16, metres) and flow (``pcd_flow``,
 float16 (N, 2), m/s) of every ray, N = K origins x 14040 rays, origin-major then
@@ -28,6 +43,7 @@ import os
 import pickle
 import shutil
 import tempfile
+from dataclasses import replace
 from typing import Dict, Iterator, List, Optional, Sequence, Tuple
 
 import numpy as np
@@ -54,6 +70,8 @@ logger = logging.getLogger(__name__)
 __all__ = ["OccupancyEvaluator"]
 
 RESULTS_FILE = "occupancy_results.json"
+# Flow floors of a model's own predictions (see the module docstring), as named in the result keys.
+FLOW_FLOORS = ("zero_flow", "gt_occupancy")
 SUBMISSION_FILE = "submission.gz"
 SUBMISSION_INFO_KEYS = ("method", "team", "authors", "e-mail", "institution / company", "country / region")
 
@@ -85,6 +103,7 @@ class OccupancyEvaluator(DatasetEvaluator):
         submission_info: Optional[Dict[str, object]] = None,
         ray_directions: Optional[torch.Tensor] = None,
         ray_precision: str = "official",
+        compute_flow_floors: bool = True,
     ):
         """
         Args:
@@ -112,6 +131,10 @@ class OccupancyEvaluator(DatasetEvaluator):
             ray_precision: ``"official"`` (the benchmark's float32 rays, depths and depth
                 comparison) or ``"float64"`` (exact geometry); see
                 :func:`~voxelsplat.evaluation.cast_rays`.
+            compute_flow_floors: when flow is evaluated, also report ``mAVE_zero_flow``,
+                ``mAVE_TP_zero_flow`` (the predicted occupancy with zero flow) and
+                ``mAVE_gt_occupancy``, ``mAVE_TP_gt_occupancy`` (the predicted flow on the GT
+                occupancy); see the module docstring.
         """
         self.dataset_name = dataset_name
         self._overrides = dict(class_names=class_names, free_index=free_index, flow_classes=flow_classes, grid=grid,
@@ -140,6 +163,7 @@ class OccupancyEvaluator(DatasetEvaluator):
             raise ValueError(f"OccupancyEvaluator: unknown ray_precision {ray_precision!r}, expected one of "
                              f"{RAY_PRECISIONS}")
         self.ray_precision = ray_precision
+        self.compute_flow_floors = bool(compute_flow_floors)
         self._warned_bda = False
         self.reset()
 
@@ -210,6 +234,8 @@ class OccupancyEvaluator(DatasetEvaluator):
 
     def reset(self) -> None:
         self._stats: Dict[str, SampleStats] = {}
+        # flow floor name -> sample token -> the sample's counts with that floor's flow
+        self._flow_floor_stats: Dict[str, Dict[str, SampleStats]] = {name: {} for name in FLOW_FLOORS}
         self._spooled: List[Tuple[str, str]] = []  # (token, file) of this process's submission parts
         self._spool_dir: Optional[str] = None  # created on the first spooled sample
 
@@ -254,20 +280,27 @@ class OccupancyEvaluator(DatasetEvaluator):
                     if token in self._stats:
                         logger.warning("OccupancyEvaluator: sample %s seen twice; counting it once", token)
                     self._stats[token] = stats
+                    if self.compute_flow and self.compute_flow_floors:
+                        for name, floor_stats in self._flow_floor_sample_stats(sample, origins, rays, pred_flow,
+                                                                               token).items():
+                            self._flow_floor_stats[name][token] = floor_stats
             if self.export_submission:
                 self._spool(token, rays)
 
     def evaluate(self) -> Dict[str, Dict[str, float]]:
-        stats, spooled = self._stats, self._spooled
+        stats, spooled, floor_stats = self._stats, self._spooled, self._flow_floor_stats
         if self.distributed and comm.get_world_size() > 1:
             comm.synchronize()
-            gathered = comm.gather((stats, spooled), dst=0)
+            gathered = comm.gather((stats, spooled, floor_stats), dst=0)
             if not comm.is_main_process():
                 return {}
-            stats, spooled = {}, []
-            for part_stats, part_spooled in gathered:
+            stats, spooled, floor_stats = {}, [], {name: {} for name in FLOW_FLOORS}
+            for part_stats, part_spooled, part_floor_stats in gathered:
                 for token, value in part_stats.items():
                     stats.setdefault(token, value)
+                for name, part in part_floor_stats.items():
+                    for token, value in part.items():
+                        floor_stats[name].setdefault(token, value)
                 spooled.extend(part_spooled)
         results: Dict[str, float] = {}
         if stats:
@@ -275,6 +308,13 @@ class OccupancyEvaluator(DatasetEvaluator):
             total = SampleStats.total(stats[token] for token in sorted(stats))
             results = summarize(total, self.class_names, self.free_index,
                                 self.flow_classes if self.compute_flow else None)
+            if self.compute_flow:
+                for name in FLOW_FLOORS:
+                    if floor_stats[name]:
+                        floor_total = SampleStats.total(floor_stats[name][t] for t in sorted(floor_stats[name]))
+                        floor_results = summarize(floor_total, self.class_names, self.free_index, self.flow_classes)
+                        results[f"mAVE_{name}"] = floor_results["mAVE"]
+                        results[f"mAVE_TP_{name}"] = floor_results["mAVE_TP"]
             logger.info("Occupancy evaluation on %d samples%s:\n%s", len(stats),
                         f" of {self.dataset_name}" if self.dataset_name else "", self.format_table(total, results))
         elif not spooled:
@@ -328,7 +368,31 @@ class OccupancyEvaluator(DatasetEvaluator):
         table = tabulate(rows, headers=headers, floatfmt=".2f", missingval="nan")
         if self.compute_flow:
             table += f"\nOccScore: {results['OccScore']:.2f}"
+            for name, meaning in (("zero_flow", "the predicted occupancy with zero flow"),
+                                  ("gt_occupancy", "the predicted flow on the GT occupancy")):
+                if f"mAVE_{name}" in results:
+                    table += (f"\nmAVE of {meaning}: {results[f'mAVE_{name}']:.4f} "
+                              f"(mAVE_TP {results[f'mAVE_TP_{name}']:.4f})")
         return table
+
+    def _flow_floor_sample_stats(self, sample: dict, origins: torch.Tensor, rays, pred_flow,
+                                 token: str) -> Dict[str, SampleStats]:
+        """One sample's counts for each flow floor (see the module docstring); ``rays`` are the
+        sample's rays cast through its GT and the model's prediction."""
+        num_classes, voxel_size = len(self.class_names), self.grid.voxel_size
+        # the model's rays and true positives, zero flow at every predicted hit
+        zero_flow = replace(rays, pred_flow=torch.zeros_like(rays.pred_flow))
+        # the GT's own rays as the prediction (every counted ray a true positive), with the
+        # predicted flow read at the GT hit: cast the GT alone (where the model's rays were cast),
+        # carrying the predicted flow
+        gt_semantics = torch.as_tensor(sample["occ_semantics"]).to(rays.pred_class.device)
+        on_gt = cast_sample_rays(gt_semantics, origins, None, pred_flow, None, num_classes=num_classes,
+                                 free_index=self.free_index, grid=self.grid, ray_directions=self.ray_directions,
+                                 token=token, ray_precision=self.ray_precision)
+        gt_occupancy = replace(rays, pred_class=on_gt.pred_class, pred_depth=on_gt.pred_depth,
+                               pred_depth_voxels=on_gt.pred_depth_voxels, pred_flow=on_gt.pred_flow)
+        return {name: sample_stats(floor_rays, num_classes=num_classes, voxel_size=voxel_size)
+                for name, floor_rays in (("zero_flow", zero_flow), ("gt_occupancy", gt_occupancy))}
 
     def _origins_in_grid_frame(self, sample: dict, token: str) -> torch.Tensor:
         """The sample's ray origins in the frame of its (possibly BEV-augmented) grid."""
