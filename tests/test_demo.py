@@ -23,7 +23,7 @@ def test_quick_demo_writes_metrics_table_tensorboard_and_pictures(tmp_path):
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     with open(out / "results.json") as f:
         results = json.load(f)
-    floors = ["floor: all free", "floor: class prior", "floor: previous GT"]
+    floors = ["floor: all free", "floor: class prior", "floor: previous GT", "floor: GT occupancy, zero flow"]
     assert list(results) == ["FB-Occ (baseline)", "VoxelSplat", *floors]
     for name, metrics in results.items():
         for key in ("RayIoU", "RayIoU@1", "RayIoU@2", "RayIoU@4", "mIoU"):
@@ -39,7 +39,10 @@ def test_quick_demo_writes_metrics_table_tensorboard_and_pictures(tmp_path):
     assert "| VoxelSplat |" in table and "RayIoU@4" in table and "mIoU" in table and "mAVE_zero_flow" in table
     assert "| floor: class prior |" in table and "| floor: previous GT |" in table
     cached = json.loads((out / "floors.json").read_text())
-    assert set(cached["floors"]) == {"all_free", "class_prior", "previous_gt"} and "key" in cached
+    assert set(cached["floors"]) == {"all_free", "class_prior", "previous_gt", "gt_occupancy_zero_flow"} \
+        and "key" in cached
+    gt_zero_flow = results["floor: GT occupancy, zero flow"]
+    assert gt_zero_flow["RayIoU"] == 100.0 and gt_zero_flow["mAVE"] > 0
     for run in ("fbocc_tiny", "voxelsplat_tiny"):
         run_dir = out / run
         assert (run_dir / "model_final.pth").is_file()

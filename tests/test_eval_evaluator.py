@@ -200,8 +200,16 @@ def test_submission_holds_every_ray_of_every_sample(tmp_path):
         np.testing.assert_array_equal(arrays["pcd_dist"], rays.pred_depth.numpy().astype(np.float16))
         np.testing.assert_array_equal(arrays["pcd_flow"], rays.pred_flow.numpy().astype(np.float16))
         assert 0 < arrays["pcd_dist"].max() < 120 and np.isin(arrays["pcd_cls"], np.arange(17)).all()
-    leftovers = [p for p in os.listdir(tmp_path / "inference") if p not in ("submission.gz", "occupancy_results.json")]
+    leftovers = [p for p in os.listdir(tmp_path / "inference")
+                 if p not in ("submission.gz", "occupancy_results.json", "occupancy_sample_stats.npz")]
     assert leftovers == []
+    # the per-frame counts add up to the reported numbers
+    from voxelsplat.evaluation import sample_stats_from_arrays
+
+    with np.load(tmp_path / "inference" / "occupancy_sample_stats.npz") as arrays:
+        frames = sample_stats_from_arrays(arrays)
+    assert len(frames) == json.loads((tmp_path / "inference" / "occupancy_results.json").read_text())["num_samples"]
+    assert list(frames) == sorted(frames)
 
 
 def test_nothing_half_written_when_the_export_fails(tmp_path):

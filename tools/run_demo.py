@@ -41,9 +41,10 @@ FLOORS = (
     ("floor: all free", "all_free"),
     ("floor: class prior", "class_prior"),
     ("floor: previous GT", "previous_gt"),
+    ("floor: GT occupancy, zero flow", "gt_occupancy_zero_flow"),
 )
 # Bumped when the floors or their cache change, so an older floors.json is recomputed.
-FLOORS_CACHE_VERSION = 1
+FLOORS_CACHE_VERSION = 2
 # Config overrides that can change the floors (the rest concern the models and training).
 FLOOR_OVERRIDE_PREFIXES = ("dataloader.train.dataset.", "dataloader.test.dataset.", "dataloader.evaluator.")
 

@@ -11,6 +11,11 @@ docs/RESULTS.md quotes).
 The table ends with the floors (see ``tools/run_demo.py``): predictors without a model, the
 same for every seed (the seeds share one dataset), computed once into
 ``<output-dir>/floors.json`` and shown as single values.
+
+Then the benchmark gate and, only when the baseline passes it, the paired comparison of every
+other model with the baseline (:mod:`voxelsplat.evaluation.statistics`): the difference of
+each metric with a 95% bootstrap interval over seeds x validation frames, from the per-frame
+counts each evaluation writes (``inference/occupancy_sample_stats.npz``).
 """
 import argparse
 import json
@@ -90,11 +95,23 @@ def main(argv=None):
     lines.append("")
     lines.append(f"VoxelSplat / baseline: step time x{ratios['step_time_s']:.3f}, "
                  f"peak memory x{ratios['peak_memory_mb']:.3f} (seeds {list(args.seeds)})")
+    gate, comparisons = paired_statistics(args, names, per_model, floors)
+    if gate is not None:
+        from voxelsplat.evaluation import format_markdown
+
+        lines.append("")
+        lines += format_markdown(gate, comparisons, baseline_name=base)
     table = "\n".join(lines)
     os.makedirs(args.output_dir, exist_ok=True)
     payload = {"seeds": list(args.seeds), "iters": args.iters, "runs": per_model,
                "summary": {m: {k: {"mean": v[0], "std": v[1]} for k, v in s.items()} for m, s in summary.items()},
                "floors": floors,
+               "gate": None if gate is None else {
+                   "passed": gate.passed, **{name: {"value": c.value, "threshold": c.threshold, "passed": c.passed,
+                                                    "reason": c.reason} for name, c in gate.criteria.items()}},
+               "comparisons": {model: {metric: {"difference": r.difference, "interval": list(r.interval),
+                                                "verdict": r.verdict} for metric, r in results.items()}
+                               for model, results in comparisons.items()},
                "ratios": ratios, "wall_time_s": time.perf_counter() - start}
     with open(os.path.join(args.output_dir, "experiment.json"), "w") as f:
         json.dump(payload, f, indent=2)
@@ -102,6 +119,46 @@ def main(argv=None):
         f.write(table + "\n")
     print("\n" + table)
     return payload
+
+
+COMPARED_METRICS = ("RayIoU", "RayIoU@1", "RayIoU@2", "RayIoU@4", "mAVE", "mAVE_TP", "OccScore")
+
+
+def paired_statistics(args, names, per_model, floors):
+    """The benchmark gate of the baseline (``names[0]``) and the paired bootstrap of every other
+    model against it, from the per-frame counts of each seed's evaluation. Returns
+    ``(gate, {model: {metric: PairedBootstrapResult}})``, or ``(None, {})`` when a run's counts
+    are missing (runs made before the evaluator wrote them)."""
+    import numpy as np
+
+    from voxelsplat.data.occupancy_meta import occupancy_metadata
+    from voxelsplat.evaluation import (
+        SAMPLE_STATS_FILE, SampleStats, benchmark_gate, paired_bootstrap, sample_stats_from_arrays,
+    )
+
+    folders = {title: name for title, name, _ in run_demo.MODELS}
+    frames = {}
+    for title in names:
+        frames[title] = []
+        for seed in args.seeds:
+            path = os.path.join(args.output_dir, f"seed{seed}", folders[title], "inference", SAMPLE_STATS_FILE)
+            if not os.path.isfile(path):
+                print(f"[experiment] no per-frame counts in {path}: gate and paired statistics skipped", flush=True)
+                return None, {}
+            with np.load(path) as arrays:
+                frames[title].append(sample_stats_from_arrays(arrays))
+    meta = occupancy_metadata("openocc_v2")
+    label_set = dict(class_names=meta["class_names"], free_index=meta["free_index"])
+    base = names[0]
+    gate = benchmark_gate(
+        [SampleStats.total(seed_frames.values()) for seed_frames in frames[base]],
+        floors["floor: class prior"].get("RayIoU", float("nan")),
+        [run.get("mAVE_gt_occupancy", float("nan")) for run in per_model[base]],
+        floors["floor: GT occupancy, zero flow"].get("mAVE", float("nan")), **label_set)
+    comparisons = {model: paired_bootstrap(frames[base], frames[model], COMPARED_METRICS,
+                                           flow_classes=meta["flow_classes"], rng=0, **label_set)
+                   for model in names[1:]}
+    return gate, comparisons
 
 
 if __name__ == "__main__":

@@ -21,8 +21,27 @@ from .ray_metrics import (
     summarize,
 )
 
+from .statistics import (
+    SAMPLE_STATS_FILE,
+    GateResult,
+    PairedBootstrapResult,
+    benchmark_gate,
+    format_markdown,
+    paired_bootstrap,
+    sample_stats_from_arrays,
+    sample_stats_to_arrays,
+)
+
 __all__ = [
     "OccupancyEvaluator",
+    "SAMPLE_STATS_FILE",
+    "GateResult",
+    "PairedBootstrapResult",
+    "benchmark_gate",
+    "format_markdown",
+    "paired_bootstrap",
+    "sample_stats_from_arrays",
+    "sample_stats_to_arrays",
     "FLOOR_NAMES",
     "evaluate_floors",
     "RAY_PRECISIONS",

@@ -54,6 +54,7 @@ from detectron2.utils import comm
 from voxelsplat.data.occupancy_meta import OccupancyGrid, grid_from_metadata, occupancy_metadata
 
 from .ray_casting import RAY_PRECISIONS
+from .statistics import SAMPLE_STATS_FILE, sample_stats_to_arrays
 from .ray_metrics import (
     RAY_IOU_THRESHOLDS,
     SampleStats,
@@ -70,6 +71,7 @@ logger = logging.getLogger(__name__)
 __all__ = ["OccupancyEvaluator"]
 
 RESULTS_FILE = "occupancy_results.json"
+# SAMPLE_STATS_FILE (per-frame ray counts) is written beside it, see statistics.py
 # Flow floors of a model's own predictions (see the module docstring), as named in the result keys.
 FLOW_FLOORS = ("zero_flow", "gt_occupancy")
 SUBMISSION_FILE = "submission.gz"
@@ -327,6 +329,10 @@ class OccupancyEvaluator(DatasetEvaluator):
                 payload = {k: (None if isinstance(v, float) and math.isnan(v) else v) for k, v in results.items()}
                 _atomic_write(os.path.join(folder, RESULTS_FILE),
                               lambda f: f.write(json.dumps(dict(payload, num_samples=len(stats)), indent=2).encode()))
+                # per-frame counts, for paired statistics across runs (voxelsplat.evaluation.statistics)
+                ordered = {token: stats[token] for token in sorted(stats)}
+                _atomic_write(os.path.join(folder, SAMPLE_STATS_FILE),
+                              lambda f: np.savez(f, **sample_stats_to_arrays(ordered)))
             if self.export_submission:
                 path = self._write_submission(folder, spooled)
                 logger.info("OccupancyEvaluator: challenge submission with %d samples written to %s",
