@@ -161,3 +161,40 @@ def test_model_builds_from_registry_names():
         build_model({"name": "OccupancyFlowModel", **{k: getattr(model, k) for k in (
             "backbone", "neck", "depth_net", "forward_projection", "voxel_encoder", "head", "loss")},
             "class_names": meta["class_names"][:-1], "free_index": 0, "flow_classes": [], "grid_shape": meta["grid_shape"]})
+
+
+def test_released_neck_is_nearest_upsampling_and_a_plain_conv_against_a_direct_formula():
+    """CustomFPN of the release: out = conv3x3(lat4(C4) + nearest_up(lat5(C5))), no BN/ReLU."""
+    import torch.nn.functional as F
+
+    torch.manual_seed(0)
+    neck = FusionFPN([6, 10], [16, 32], out_channels=5)
+    assert not any(isinstance(m, nn.BatchNorm2d) for m in neck.modules())
+    c4, c5 = torch.randn(2, 6, 6, 10), torch.randn(2, 10, 3, 5)
+    lat4, lat5 = neck.lateral
+    expected = F.conv2d(F.conv2d(c4, lat4.weight, lat4.bias)
+                        + F.conv2d(c5, lat5.weight, lat5.bias).repeat_interleave(2, -2).repeat_interleave(2, -1),
+                        neck.output.weight, neck.output.bias, padding=1)
+    torch.testing.assert_close(neck({"stride16": c4, "stride32": c5}), expected)
+    bilinear = FusionFPN([6, 10], [16, 32], out_channels=5, upsample_mode="bilinear", output_norm="bn_relu")
+    assert any(isinstance(m, nn.BatchNorm2d) for m in bilinear.modules())
+    with pytest.raises(ValueError, match="upsample_mode"):
+        FusionFPN([6], [16], upsample_mode="cubic")
+
+
+def test_released_input_channel_order_feeds_bgr_normalised_with_the_rgb_mean():
+    """mmcv imnormalize(to_rgb=True) on an RGB image: the network sees (B, G, R) minus the
+    RGB mean, over the RGB std (channel by channel)."""
+    from voxelsplat.modeling.meta_arch import OccupancyFlowModel
+
+    model = OccupancyFlowModel.__new__(OccupancyFlowModel)
+    nn.Module.__init__(model)
+    mean, std = (123.675, 116.28, 103.53), (58.395, 57.12, 57.375)
+    model.register_buffer("pixel_mean", torch.tensor(mean).view(1, 3, 1, 1))
+    model.register_buffer("pixel_std", torch.tensor(std).view(1, 3, 1, 1))
+    image = torch.randint(0, 256, (2, 3, 4, 5)).float()  # 2 cameras, RGB
+    for order, channels in (("bgr", (2, 1, 0)), ("rgb", (0, 1, 2))):
+        model.input_channel_order = order
+        out = model.preprocess_images([{"img": image}])[0]
+        for c, source in enumerate(channels):
+            torch.testing.assert_close(out[:, c], (image[:, source] - mean[c]) / std[c])

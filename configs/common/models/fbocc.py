@@ -25,7 +25,9 @@ model = L(OccupancyFlowModel)(
         model_name="resnet50", out_indices=(3, 4), init_checkpoint="", norm="BN", frozen_stages=-1,
         grad_checkpointing=True,
     ),
-    neck=L(FusionFPN)(in_channels=(1024, 2048), in_strides=(16, 32), out_channels=256, grad_checkpointing=True),
+    # released CustomFPN: nearest upsampling, plain 3x3 output conv
+    neck=L(FusionFPN)(in_channels=(1024, 2048), in_strides=(16, 32), out_channels=256, upsample_mode="nearest",
+                      output_norm="none", grad_checkpointing=True),
     depth_net=L(CameraAwareDepthNet)(
         in_channels="${..neck.out_channels}", mid_channels=256, context_channels=80,
         depth_bins=(2.0, 42.0, 0.5), num_depth_blocks=3, grad_checkpointing=True,
@@ -71,6 +73,7 @@ model = L(OccupancyFlowModel)(
     regularizer=None,
     pixel_mean=(123.675, 116.28, 103.53),
     pixel_std=(58.395, 57.12, 57.375),
+    input_channel_order="bgr",  # released: B, G, R normalised with the RGB mean / std
     depth_loss_weight=1.0,
     history_enabled=True,
     flow_loss_enabled=True,

@@ -44,7 +44,11 @@ class OccupancyFlowModel(nn.Module):
             ``regularizer(batched_inputs, head_outputs, flow_loss_enabled=...)`` -> dict of losses;
             ``head_outputs`` holds ``occ_logits`` (B, K, X, Y, Z), ``flow`` (B, 2, X, Y, Z) and, unless
             the regularizer's ``needs_voxel_features`` is False, ``voxel_features`` (B, F, X, Y, Z).
-        pixel_mean, pixel_std: RGB normalisation in 0-255 units.
+        pixel_mean, pixel_std: normalisation in 0-255 units, per network input channel.
+        input_channel_order: "bgr" (released: the RGB image's channels are reversed before the
+            normalisation, as mmcv's ``imnormalize(to_rgb=True)`` did to an image that was
+            already RGB, so the network sees B, G, R normalised with the RGB mean and std and
+            released weights get what they were trained on) or "rgb".
         depth_loss_weight: weight of the LiDAR depth BCE.
         history_enabled, flow_loss_enabled: initial training phase (see :meth:`set_training_phase`).
         return_logits: add ``occ_logits`` (K, X, Y, Z) to eval outputs.
@@ -70,6 +74,7 @@ class OccupancyFlowModel(nn.Module):
         regularizer: Optional[nn.Module] = None,
         pixel_mean: Sequence[float] = (123.675, 116.28, 103.53),
         pixel_std: Sequence[float] = (58.395, 57.12, 57.375),
+        input_channel_order: str = "bgr",
         depth_loss_weight: float = 1.0,
         history_enabled: bool = True,
         flow_loss_enabled: bool = True,
@@ -96,6 +101,10 @@ class OccupancyFlowModel(nn.Module):
                              f"{self.head.num_classes} classes")
         if getattr(self.head, "output_shape", self.grid_shape) != self.grid_shape:
             raise ValueError(f"OccupancyFlowModel: head output_shape {self.head.output_shape} != grid_shape {self.grid_shape}")
+        if input_channel_order not in ("bgr", "rgb"):
+            raise ValueError(f"OccupancyFlowModel: input_channel_order must be 'bgr' or 'rgb', got "
+                             f"{input_channel_order!r}")
+        self.input_channel_order = input_channel_order
         self.register_buffer("pixel_mean", torch.tensor(pixel_mean, dtype=torch.float32).view(1, 3, 1, 1), persistent=False)
         self.register_buffer("pixel_std", torch.tensor(pixel_std, dtype=torch.float32).view(1, 3, 1, 1), persistent=False)
         flow_lut = torch.zeros(len(self.class_names), dtype=torch.bool)
@@ -136,12 +145,16 @@ class OccupancyFlowModel(nn.Module):
         return torch.stack(values).to(device=self.device, dtype=dtype, non_blocking=True)
 
     def preprocess_images(self, batched_inputs: List[dict]) -> torch.Tensor:
-        """(B, N, 3, H, W) normalised float images from the samples' ``img`` (uint8/float RGB 0-255)."""
+        """(B, N, 3, H, W) normalised float images from the samples' ``img`` (uint8/float RGB 0-255),
+        channels in ``input_channel_order``."""
         images = self._stack(batched_inputs, "img")
         if images.dim() != 5 or images.shape[2] != 3:
             raise ValueError(f"OccupancyFlowModel: 'img' must be (N_cam, 3, H, W) per sample, got {tuple(images.shape[1:])}")
         b, n = images.shape[:2]
-        images = (torch.nan_to_num(images.flatten(0, 1)) - self.pixel_mean) / self.pixel_std
+        images = torch.nan_to_num(images.flatten(0, 1))
+        if self.input_channel_order == "bgr":
+            images = images.flip(1)
+        images = (images - self.pixel_mean) / self.pixel_std
         return images.view(b, n, *images.shape[1:])
 
     def _geometry(self, batched_inputs: List[dict]) -> Dict[str, torch.Tensor]:
