@@ -82,5 +82,9 @@ def _gloo_worker(local_rank, main_func, world_size, per_machine, machine_rank, d
     comm.synchronize()
     try:
         main_func(*args)
+        # Leave together: gloo can abort a process ("terminate called without an active
+        # exception") that tears its group down while a peer is still finishing (e.g. the main
+        # process writing results). A failing process skips this; spawn stops the others.
+        comm.synchronize()
     finally:
         dist.destroy_process_group()
