@@ -11,7 +11,8 @@ from typing import Dict, Optional, Sequence
 
 import numpy as np
 
-__all__ = ["load_image", "load_lidar_points", "load_occupancy_labels", "load_visibility_mask", "OccupancyLabelError"]
+__all__ = ["load_image", "load_lidar_points", "load_occupancy_labels", "load_visibility_mask", "load_record_labels",
+           "OccupancyLabelError"]
 
 # nuScenes .pcd.bin: float32 (x, y, z, intensity, ring index) per point, sensor frame.
 LIDAR_POINT_DIMS = 5
@@ -144,3 +145,15 @@ def load_visibility_mask(path: str, sample_token: str, key: str, grid_shape: Seq
     if mask.dtype != bool and not np.issubdtype(mask.dtype, np.integer):
         raise fail(f"has {key} of dtype {mask.dtype}, expected bool (or integer 0/1)")
     return mask.astype(bool, copy=False) if mask.dtype == bool else mask != 0
+
+
+def load_record_labels(record: dict, grid_shape: Sequence[int], num_classes: int) -> Dict[str, Optional[np.ndarray]]:
+    """A dataset record's labels (:func:`load_occupancy_labels`, not augmented), with the
+    dataset's separate ray-visibility mask (``visible_mask_path``, key ``visible_mask_key``),
+    when it has one, replacing the labels' own ``visible``."""
+    token = record["sample_token"]
+    labels = load_occupancy_labels(record["gt_path"], token, record["gt_format"], grid_shape, num_classes)
+    if record.get("visible_mask_path"):
+        labels["visible"] = load_visibility_mask(record["visible_mask_path"], token,
+                                                 record.get("visible_mask_key", DEFAULT_VISIBLE_MASK_KEY), grid_shape)
+    return labels

@@ -26,11 +26,9 @@ from .gaussian_sampling import (
 )
 from .lidar_depth import lidar_depth_maps
 from .loading import (
-    DEFAULT_VISIBLE_MASK_KEY,
     load_image,
     load_lidar_points,
-    load_occupancy_labels,
-    load_visibility_mask,
+    load_record_labels,
 )
 from .occupancy_meta import IGNORE_LABEL, OccupancyGrid, grid_from_metadata, occupancy_metadata
 from .render_views import OUT_OF_SCENE_RULES, adjacent_render_views, cameras_to_reference_ego
@@ -324,7 +322,7 @@ class TemporalDatasetMapper:
                              scale_range=self.bda_scale_range, flip_x_prob=self.bda_flip_x_prob,
                              flip_y_prob=self.bda_flip_y_prob, rng=rng)
         bda = bev.matrix()
-        labels = self._augment_labels(self._load_labels(record, grid, num_classes), bda, grid,
+        labels = self._augment_labels(load_record_labels(record, grid.shape, num_classes), bda, grid,
                                       IGNORE_LABEL if self.bda_outside_label == "ignore" else free_index)
 
         sample: Dict[str, object] = dict(
@@ -352,18 +350,6 @@ class TemporalDatasetMapper:
         if self.needs_scene_records:
             sample.update(self._regularizer_inputs(record, labels, bda, grid, class_names, free_index, rng))
         return sample
-
-    @staticmethod
-    def _load_labels(record: dict, grid: OccupancyGrid, num_classes: int) -> dict:
-        """The record's labels (see :func:`load_occupancy_labels`), un-augmented, with the
-        dataset's separate ray mask, when it has one, as ``visible``."""
-        token = record["sample_token"]
-        labels = load_occupancy_labels(record["gt_path"], token, record["gt_format"], grid.shape, num_classes)
-        if record.get("visible_mask_path"):
-            # the dataset's separate ray mask replaces the labels' own "visible"
-            mask_key = record.get("visible_mask_key", DEFAULT_VISIBLE_MASK_KEY)
-            labels["visible"] = load_visibility_mask(record["visible_mask_path"], token, mask_key, grid.shape)
-        return labels
 
     @staticmethod
     def _augment_labels(labels: dict, bda: np.ndarray, grid: OccupancyGrid, outside_label: int) -> dict:
@@ -495,7 +481,7 @@ class TemporalDatasetMapper:
         means, classes, flows, offsets = [], [], [], []
         for offset in sorted({int(o) for o in frame_offsets} - {0}):
             adjacent = scene_records[frame_index + offset]
-            labels = self._load_labels(adjacent, grid, num_classes)
+            labels = load_record_labels(adjacent, grid.shape, num_classes)
             candidates = labels["semantics"] != free_index
             seen = labels["visible"] if labels["visible"] is not None else labels["mask_camera"]
             if seen is not None:

@@ -44,7 +44,7 @@ from typing import Dict, Iterable, List, Optional, Sequence, Tuple, Union
 import numpy as np
 import torch
 
-from voxelsplat.data.loading import DEFAULT_VISIBLE_MASK_KEY, load_occupancy_labels, load_visibility_mask
+from voxelsplat.data.loading import load_record_labels
 from voxelsplat.data.occupancy_meta import grid_from_metadata
 
 from .evaluator import OccupancyEvaluator
@@ -128,18 +128,6 @@ def previous_keyframes(records: Sequence[dict]) -> List[Optional[dict]]:
     (the first keyframe of a scene, or a previous keyframe outside these records)."""
     by_frame = {(record["scene_token"], int(record["frame_index"])): record for record in records}
     return [by_frame.get((record["scene_token"], int(record["frame_index"]) - 1)) for record in records]
-
-
-def load_record_labels(record: dict, grid_shape: Sequence[int], num_classes: int) -> dict:
-    """A record's labels as :func:`~voxelsplat.data.loading.load_occupancy_labels` returns them,
-    with the dataset's separate ray-visibility mask (``visible_mask_path``), when it has one,
-    as ``visible`` - the labels the mapper gives the evaluator."""
-    token = record["sample_token"]
-    labels = load_occupancy_labels(record["gt_path"], token, record["gt_format"], grid_shape, num_classes)
-    if record.get("visible_mask_path"):
-        labels["visible"] = load_visibility_mask(record["visible_mask_path"], token,
-                                                 record.get("visible_mask_key", DEFAULT_VISIBLE_MASK_KEY), grid_shape)
-    return labels
 
 
 def evaluation_sample(record: dict, labels: dict) -> dict:
