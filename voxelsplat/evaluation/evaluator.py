@@ -60,6 +60,7 @@ from .ray_metrics import (
     SampleStats,
     average_velocity_errors,
     cast_sample_rays,
+    flow_at_voxels,
     occ3d_confusion,
     ray_iou_table,
     sample_stats,
@@ -283,8 +284,7 @@ class OccupancyEvaluator(DatasetEvaluator):
                         logger.warning("OccupancyEvaluator: sample %s seen twice; counting it once", token)
                     self._stats[token] = stats
                     if self.compute_flow and self.compute_flow_floors:
-                        for name, floor_stats in self._flow_floor_sample_stats(sample, origins, rays, pred_flow,
-                                                                               token).items():
+                        for name, floor_stats in self._flow_floor_sample_stats(rays, pred_flow, token).items():
                             self._flow_floor_stats[name][token] = floor_stats
             if self.export_submission:
                 self._spool(token, rays)
@@ -381,22 +381,17 @@ class OccupancyEvaluator(DatasetEvaluator):
                               f"(mAVE_TP {results[f'mAVE_TP_{name}']:.4f})")
         return table
 
-    def _flow_floor_sample_stats(self, sample: dict, origins: torch.Tensor, rays, pred_flow,
-                                 token: str) -> Dict[str, SampleStats]:
+    def _flow_floor_sample_stats(self, rays, pred_flow, token: str) -> Dict[str, SampleStats]:
         """One sample's counts for each flow floor (see the module docstring); ``rays`` are the
         sample's rays cast through its GT and the model's prediction."""
         num_classes, voxel_size = len(self.class_names), self.grid.voxel_size
         # the model's rays and true positives, zero flow at every predicted hit
         zero_flow = replace(rays, pred_flow=torch.zeros_like(rays.pred_flow))
         # the GT's own rays as the prediction (every counted ray a true positive), with the
-        # predicted flow read at the GT hit: cast the GT alone (where the model's rays were cast),
-        # carrying the predicted flow
-        gt_semantics = torch.as_tensor(sample["occ_semantics"]).to(rays.pred_class.device)
-        on_gt = cast_sample_rays(gt_semantics, origins, None, pred_flow, None, num_classes=num_classes,
-                                 free_index=self.free_index, grid=self.grid, ray_directions=self.ray_directions,
-                                 token=token, ray_precision=self.ray_precision)
-        gt_occupancy = replace(rays, pred_class=on_gt.pred_class, pred_depth=on_gt.pred_depth,
-                               pred_depth_voxels=on_gt.pred_depth_voxels, pred_flow=on_gt.pred_flow)
+        # predicted flow read at the GT's stop voxel: the cast already walked the GT
+        at_gt_hits = flow_at_voxels(pred_flow, rays.gt_voxel_index, self.grid, token, "predicted flow")
+        gt_occupancy = replace(rays, pred_class=rays.gt_class, pred_depth=rays.gt_depth,
+                               pred_depth_voxels=rays.gt_depth_voxels, pred_flow=at_gt_hits)
         return {name: sample_stats(floor_rays, num_classes=num_classes, voxel_size=voxel_size)
                 for name, floor_rays in (("zero_flow", zero_flow), ("gt_occupancy", gt_occupancy))}
 

@@ -167,6 +167,7 @@ class RaySampleResult:
     gt_flow: Optional[torch.Tensor] = None
     counted: Optional[torch.Tensor] = field(default=None)  # (N,) bool: GT hit is not free
     ray_precision: str = "official"
+    gt_voxel_index: Optional[torch.Tensor] = None  # (N,) int64 flat index of the GT stop voxel, -1: never entered
 
 
 def _as_tensor(value: ArrayLike, name: str, token: str, device=None) -> torch.Tensor:
@@ -257,10 +258,7 @@ def cast_sample_rays(
     entered = pred_index >= 0
     safe_index = pred_index.clamp_min(0)
     pred_class = torch.where(entered, pred.reshape(-1)[safe_index], torch.full_like(safe_index, free_index))
-    flow_p = None
-    if pred_flow is not None:
-        flow_p = _check_flow(_as_tensor(pred_flow, "predicted flow", token, device), "predicted flow", token, grid)
-        flow_p = flow_p.reshape(-1, 2)[safe_index].to(torch.float64) * entered[:, None]
+    flow_p = None if pred_flow is None else flow_at_voxels(pred_flow, pred_index, grid, token, "predicted flow")
     result = RaySampleResult(pred_class=pred_class, pred_depth=cast.depth[p], pred_depth_voxels=cast.depth_voxels[p],
                              pred_flow=flow_p, ray_precision=ray_precision)
     if gt is not None:
@@ -269,10 +267,20 @@ def cast_sample_rays(
                                       torch.full_like(gt_index, free_index))
         result.gt_depth, result.gt_depth_voxels = cast.depth[0], cast.depth_voxels[0]
         result.counted = cast.hit[0]
+        result.gt_voxel_index = cast.voxel_index[0]
         if gt_flow is not None:
-            result.gt_flow = _check_flow(_as_tensor(gt_flow, "ground-truth flow", token, device), "ground-truth flow",
-                                         token, grid).reshape(-1, 2)[gt_index].to(torch.float64)
+            result.gt_flow = flow_at_voxels(gt_flow, cast.voxel_index[0], grid, token, "ground-truth flow")
     return result
+
+
+def flow_at_voxels(flow: ArrayLike, voxel_index: torch.Tensor, grid: OccupancyGrid, token: str,
+                   name: str) -> torch.Tensor:
+    """(N, 2) float64 flow read at the flat voxel indices of rays (``RayCastResult.voxel_index``),
+    0 for rays that never entered the grid (index -1). ``flow`` (X, Y, Z, 2) is checked first
+    (shape, finite values); ``name`` says which flow in error messages."""
+    checked = _check_flow(_as_tensor(flow, name, token, voxel_index.device), name, token, grid)
+    entered = voxel_index >= 0
+    return checked.reshape(-1, 2)[voxel_index.clamp_min(0)].to(torch.float64) * entered[:, None]
 
 
 # ray_precision="float64": depth errors within this many voxels below a threshold count as
