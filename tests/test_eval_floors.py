@@ -191,3 +191,31 @@ def test_all_free_prediction_is_free_with_zero_flow():
     pred = all_free_prediction((5, 6, 7), FREE)
     assert pred["occ"].shape == (5, 6, 7) and bool((pred["occ"] == FREE).all()) and pred["occ"].dtype == torch.long
     assert pred["flow"].shape == (5, 6, 7, 2) and pred["flow"].dtype == torch.float32 and not pred["flow"].any()
+
+
+def test_motion_statistics_count_the_moving_voxels_of_the_flow_classes(synthetic_splits):
+    from voxelsplat.data.loading import load_record_labels
+    from voxelsplat.evaluation.floors import motion_statistics
+
+    train, _ = synthetic_splits
+    stats = motion_statistics(train)
+    meta = MetadataCatalog.get(train)
+    records = DatasetCatalog.get(train)
+    # independent count: voxel by voxel over the labels
+    total = moving = 0
+    speeds = []
+    for record in records:
+        labels = load_record_labels(record, grid_from_metadata(meta).shape, len(meta.thing_classes))
+        for cls in meta.flow_classes:
+            where = labels["semantics"] == cls
+            speed = np.hypot(labels["flow"][..., 0][where], labels["flow"][..., 1][where])
+            total += int(where.sum())
+            moving += int((speed > 0.5).sum())
+            speeds += list(speed[speed > 0.5])
+    assert stats["keyframes"] == len(records) and stats["flow_class_voxels"] == total > 0
+    assert stats["moving_voxels"] == moving > 0
+    assert stats["moving_share"] == pytest.approx(moving / total)
+    assert stats["mean_moving_speed"] == pytest.approx(np.mean(speeds), rel=1e-6)
+    assert motion_statistics(train, moving_speed=1e9)["moving_voxels"] == 0
+    with pytest.raises(ValueError, match="moving_speed"):
+        motion_statistics(train, moving_speed=-1.0)

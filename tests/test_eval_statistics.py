@@ -459,3 +459,18 @@ def test_markdown_reports_comparisons_only_after_a_passed_gate():
     assert failed[0] == "Benchmark gate: FAILED"
     assert failed[-1] == "Comparisons withheld: the baseline failed ray_iou_over_class_prior."
     assert not any(line.startswith("| corrected |") for line in failed)
+
+
+def test_gate_checks_that_train_and_val_move_alike_only_when_given_the_shares():
+    assert "split_motion_match" not in gate(PASSING).criteria
+    matched = gate(PASSING, moving_shares=(0.555, 0.575))
+    assert matched.passed and list(matched.criteria)[-1] == "split_motion_match"
+    d = matched.criteria["split_motion_match"]
+    assert d.value == pytest.approx(0.02) and d.threshold == pytest.approx(0.10)
+    assert d.reason.startswith("split_motion_match (d)") and "55.5% (train)" in d.reason and "57.5% (val)" in d.reason
+    apart = gate(PASSING, moving_shares=(0.60, 0.38))  # the old one-scene validation split
+    assert not apart.passed and apart.failed == ["split_motion_match"]
+    assert apart.criteria["split_motion_match"].value == pytest.approx(0.22) and "> 10" in apart.criteria[
+        "split_motion_match"].reason
+    assert gate(PASSING, moving_shares=(0.60, 0.38), max_moving_share_gap=0.25).passed
+    assert not gate(PASSING, moving_shares=(0.5, float("nan"))).passed

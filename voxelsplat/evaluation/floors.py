@@ -62,6 +62,7 @@ __all__ = [
     "class_prior_prediction",
     "previous_gt_prediction",
     "evaluate_floors",
+    "motion_statistics",
 ]
 
 FLOOR_NAMES: Tuple[str, ...] = ("all_free", "class_prior", "previous_gt", "gt_occupancy_zero_flow")
@@ -254,3 +255,38 @@ def evaluate_floors(
         results[name] = floor_evaluator.evaluate().get("occupancy", {})
         logger.info("floor %s on %s: RayIoU %.2f", name, val_dataset_name, results[name].get("RayIoU", float("nan")))
     return results
+
+
+def motion_statistics(dataset_name: str, moving_speed: float = 0.5) -> Dict[str, float]:
+    """How much of a registered split moves: over every keyframe's labels, the voxels of the
+    flow classes (the dataset metadata's ``flow_classes``: vehicles, cyclists, pedestrians)
+    and the share of them whose ground-truth speed exceeds ``moving_speed`` (m/s).
+
+    A benchmark whose validation split moves much less than its training split rewards
+    predicting no motion; compare ``moving_share`` of the two splits before comparing flow.
+
+    Returns:
+        ``{"keyframes", "flow_class_voxels", "moving_voxels", "moving_share", "mean_moving_speed"}``
+        (share in [0, 1]; NaN where no flow-class voxel exists).
+    """
+    from detectron2.data import DatasetCatalog, MetadataCatalog
+
+    if moving_speed < 0:
+        raise ValueError(f"motion_statistics: moving_speed must be >= 0, got {moving_speed}")
+    records = DatasetCatalog.get(dataset_name)
+    meta = MetadataCatalog.get(dataset_name)
+    grid_shape, num_classes = grid_from_metadata(meta).shape, len(meta.thing_classes)
+    flow_classes = np.asarray(list(meta.flow_classes), np.int64)
+    total = moving = 0
+    speed_sum = 0.0
+    for record in records:
+        labels = load_record_labels(record, grid_shape, num_classes)
+        in_flow_class = np.isin(labels["semantics"], flow_classes)
+        speed = np.linalg.norm(np.asarray(labels["flow"], np.float64)[in_flow_class], axis=-1)
+        total += int(in_flow_class.sum())
+        is_moving = speed > moving_speed
+        moving += int(is_moving.sum())
+        speed_sum += float(speed[is_moving].sum())
+    return {"keyframes": len(records), "flow_class_voxels": total, "moving_voxels": moving,
+            "moving_share": moving / total if total else float("nan"),
+            "mean_moving_speed": speed_sum / moving if moving else float("nan")}

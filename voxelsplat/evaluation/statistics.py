@@ -544,6 +544,8 @@ def benchmark_gate(
     tp_threshold: float = MAVE_THRESHOLD,
     flow_factor: float = 0.7,
     thresholds: Sequence[float] = RAY_IOU_THRESHOLDS,
+    moving_shares: Optional[Tuple[float, float]] = None,
+    max_moving_share_gap: float = 0.10,
 ) -> GateResult:
     """Whether a benchmark's baseline learned enough for comparisons against it to mean anything.
 
@@ -564,6 +566,11 @@ def benchmark_gate(
       no motion scores - like for like, zero flow on the GT occupancy (then one value, the
       same for every seed); the evaluator's ``mAVE_zero_flow`` (zero flow on each seed's
       predicted occupancy) may be passed per seed instead.
+    - ``split_motion_match`` (d, only with ``moving_shares``): the training and validation
+      splits move alike: their shares of moving flow-class voxels
+      (:func:`voxelsplat.evaluation.floors.motion_statistics`) differ by at most
+      ``max_moving_share_gap`` (0.10: ten points). A validation split that barely moves
+      rewards predicting no motion.
 
     Args:
         baseline_stats: per seed, the baseline's counts pooled over the validation frames
@@ -575,6 +582,8 @@ def benchmark_gate(
         class_names, free_index, thresholds: the label set and RayIoU thresholds.
         class_name, prior_factor, min_true_positive_rays, tp_threshold, flow_factor: the
             criteria's parameters (defaults: car, 2.0, 50, 2 m, 0.7).
+        moving_shares: (training, validation) moving shares in [0, 1], or None to skip (d).
+        max_moving_share_gap: the largest gap (d) allows.
     Returns:
         :class:`GateResult`; its ``criteria`` are keyed by the names above, each with the
         value, the threshold, whether it passed and a one-line reason naming the criterion.
@@ -630,6 +639,16 @@ def benchmark_gate(
         f"flow_vs_zero_flow (c): baseline GT-occupancy mAVE {_fmt(value, 4)} m/s (mean of {len(flow)}) "
         f"{'<' if passed else '>='} {flow_factor:g} x zero-flow mAVE {_fmt(float(np.mean(reference)), 4)} = "
         f"{_fmt(limit, 4)}", flow)
+
+    if moving_shares is not None:
+        train_share, val_share = (float(v) for v in moving_shares)
+        gap = abs(train_share - val_share)
+        passed = bool(gap <= max_moving_share_gap)  # False for NaN
+        criteria["split_motion_match"] = GateCriterion(
+            "split_motion_match", gap, float(max_moving_share_gap), passed,
+            f"split_motion_match (d): moving share of flow-class voxels {100 * train_share:.1f}% (train) vs "
+            f"{100 * val_share:.1f}% (val), gap {100 * gap:.1f} points "
+            f"{'<=' if passed else '>'} {100 * max_moving_share_gap:g}")
 
     return GateResult(passed=all(c.passed for c in criteria.values()), criteria=criteria)
 
