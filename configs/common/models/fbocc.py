@@ -29,7 +29,7 @@ model = L(OccupancyFlowModel)(
     neck=L(FusionFPN)(in_channels=(1024, 2048), in_strides=(16, 32), out_channels=256, upsample_mode="nearest",
                       output_norm="none", grad_checkpointing=True),
     depth_net=L(CameraAwareDepthNet)(
-        in_channels="${..neck.out_channels}", mid_channels=256, context_channels=80,
+        in_channels="${..neck.out_channels}", mid_channels=512, context_channels=80,
         depth_bins=(2.0, 42.0, 0.5), num_depth_blocks=3, grad_checkpointing=True,
     ),
     forward_projection=L(LSSForwardProjection)(

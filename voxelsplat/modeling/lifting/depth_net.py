@@ -1,26 +1,32 @@
-"""Camera-aware depth network (BEVDepth / FB-Occ style) and its LiDAR depth loss.
+"""Camera-aware depth network (BEVDepth / FB-Occ ``CM_DepthNet``) and its LiDAR depth loss.
 
 Per image-feature pixel it predicts a categorical distribution over depth bins and a
-context feature; both branches are gated (squeeze-and-excitation) by an MLP over the
-camera's parameters (intrinsics, image augmentation, BEV augmentation, extrinsics), so
-the network can account for the geometry it is looking through.
+context feature. The camera's parameters (intrinsics, image augmentation, BEV augmentation,
+camera-to-ego pose; 27 numbers) are batch-normalized and turned, by one MLP per branch, into
+squeeze-and-excitation gates on the shared trunk, so the network can account for the
+geometry it is looking through. The depth branch is residual blocks, an atrous spatial
+pyramid (ASPP) and a 1x1 classifier over the bins.
 """
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Sequence, Tuple
+from typing import Optional, Sequence, Tuple
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..layers import BasicBlock2d, conv_bn_relu, maybe_checkpoint
+from ..layers import BasicBlock2d, maybe_checkpoint
 from ..registry import LIFTING_REGISTRY
 
 __all__ = [
-    "DepthBins", "camera_parameter_vector", "CAMERA_PARAMETER_DIM", "lidar_depth_to_bins", "depth_bce_loss",
-    "CameraAwareDepthNet",
+    "DepthBins", "BIN_POSITIONS", "depth_bin_values", "CAMERA_PARAMETER_NAMES", "CAMERA_PARAMETER_DIM",
+    "camera_parameter_vector", "lidar_depth_to_bins", "depth_bce_loss", "AtrousSpatialPyramid", "CameraAwareDepthNet",
 ]
+
+# Where a frustum point of bin i sits along the ray: at the bin's lower edge (the release's
+# ``torch.arange(start, stop, step)``) or at its centre.
+BIN_POSITIONS = ("start", "center")
 
 
 @dataclass(frozen=True)
@@ -28,7 +34,8 @@ class DepthBins:
     """Uniform depth bins ``[start + i*step, start + (i+1)*step)``, i = 0..num_bins-1, metres
     along the camera's optical axis. Published FB-Occ: (2.0, 42.0, 0.5) -> 80 bins.
 
-    A frustum point of bin ``i`` sits at the bin centre ``start + (i + 0.5) * step``.
+    The released model places the frustum point of bin ``i`` at the bin START
+    ``start + i * step`` (see :func:`depth_bin_values`).
     """
 
     start: float
@@ -38,16 +45,29 @@ class DepthBins:
     @classmethod
     def from_config(cls, bounds: Sequence[float]) -> "DepthBins":
         if len(bounds) != 3 or not bounds[2] > 0 or not bounds[1] > bounds[0] > 0:
-            raise ValueError(f"depth bins must be (start > 0, stop > start, step > 0) in metres, got {tuple(bounds)}")
+            raise ValueError(f"DepthBins: depth_bins must be (start > 0, stop > start, step > 0) in metres, "
+                             f"got {tuple(bounds)}")
         return cls(float(bounds[0]), float(bounds[1]), float(bounds[2]))
 
     @property
     def num_bins(self) -> int:
         return int(round((self.stop - self.start) / self.step))
 
+    def values(self, bin_position: str = "start", device=None, dtype=torch.float32) -> torch.Tensor:
+        """(D,) depth (m) that stands for each bin: its lower edge (``"start"``, the release)
+        or its centre (``"center"``)."""
+        if bin_position not in BIN_POSITIONS:
+            raise ValueError(f"DepthBins: bin_position must be one of {BIN_POSITIONS}, got {bin_position!r}")
+        offset = 0.0 if bin_position == "start" else 0.5
+        return self.start + self.step * (torch.arange(self.num_bins, device=device, dtype=dtype) + offset)
+
+    def starts(self, device=None, dtype=torch.float32) -> torch.Tensor:
+        """(D,) lower bin edges in metres (the released frustum depths)."""
+        return self.values("start", device=device, dtype=dtype)
+
     def centers(self, device=None, dtype=torch.float32) -> torch.Tensor:
         """(D,) bin centres in metres."""
-        return self.start + self.step * (torch.arange(self.num_bins, device=device, dtype=dtype) + 0.5)
+        return self.values("center", device=device, dtype=dtype)
 
     def index_of(self, depth: torch.Tensor) -> torch.Tensor:
         """Bin index (int64) of each depth; -1 where the depth is outside [start, stop) or not finite."""
@@ -55,53 +75,103 @@ class DepthBins:
         valid = torch.isfinite(depth) & (index >= 0) & (index < self.num_bins)
         return torch.where(valid, index, torch.full_like(index, -1)).long()
 
+    def clamped_index(self, depth: torch.Tensor) -> torch.Tensor:
+        """Bin index (int64) of each depth, clamped into [0, num_bins - 1]: the bin whose
+        start is the largest one not above the depth (the release's depth lookup at a
+        backward-projection reference point). Non-finite depths map to bin 0."""
+        index = torch.floor((depth - self.start) / self.step)
+        index = torch.nan_to_num(index, nan=0.0, posinf=self.num_bins - 1, neginf=0.0)
+        return index.clamp(0, self.num_bins - 1).long()
 
-# fx/W, fy/H, cx/W, cy/H (4) + image-aug 2x3 (6) + bda 3x3 (9) + cam2ego 3x4 (12)
-CAMERA_PARAMETER_DIM = 31
+
+def depth_bin_values(bins, bin_position: str = "start", device=None, dtype=torch.float32) -> torch.Tensor:
+    """(D,) depth in metres at which the frustum point of each bin sits.
+
+    Args:
+        bins: a :class:`DepthBins` or its (start, stop, step) bounds.
+        bin_position: ``"start"`` (the release: ``start + i * step``) or ``"center"``
+            (``start + (i + 0.5) * step``).
+    """
+    if not isinstance(bins, DepthBins):
+        bins = DepthBins.from_config(bins)
+    return bins.values(bin_position, device=device, dtype=dtype)
+
+
+# The release's order: intrinsics (source pixels), image-augmentation 2x3 row by row,
+# BEV-augmentation entries, camera -> un-augmented ego 3x4 row by row.
+CAMERA_PARAMETER_NAMES = (
+    "fx", "fy", "cx", "cy",
+    "img_aug_00", "img_aug_01", "img_aug_02", "img_aug_10", "img_aug_11", "img_aug_12",
+    "bda_00", "bda_01", "bda_10", "bda_11", "bda_22",
+    *(f"cam2ego_{row}{col}" for row in range(3) for col in range(4)),
+)
+CAMERA_PARAMETER_DIM = len(CAMERA_PARAMETER_NAMES)  # 27
 
 
 def camera_parameter_vector(intrinsics: torch.Tensor, img_aug: torch.Tensor, cam2ego: torch.Tensor, bda: torch.Tensor,
-                            image_size: Tuple[int, int]) -> torch.Tensor:
-    """The camera description fed to the depth net's gating MLP.
+                            image_size: Optional[Tuple[int, int]] = None) -> torch.Tensor:
+    """The camera description fed to the depth net, in the release's units and order
+    (:data:`CAMERA_PARAMETER_NAMES`).
+
+    The release builds it from the un-augmented quantities: intrinsics in source-image
+    pixels, the image augmentation as ``p_aug = R p + t`` (pixels), five entries of the BEV
+    rotation, and the camera -> ego pose before BEV augmentation. They are recovered here
+    as ``K = img_aug^-1 @ intrinsics`` and ``cam2ego_raw = bda^-1 @ cam2ego``. Raw pixel and
+    metre units are kept on purpose: the depth net batch-normalizes each entry.
 
     Args:
-        intrinsics: (B, N, 3, 3) intrinsics after image augmentation (pixels).
-        img_aug: (B, N, 3, 3) image-augmentation pixel transform.
-        cam2ego: (B, N, 4, 4) camera-to-(augmented)-ego transforms (metres).
-        bda: (B, 4, 4) BEV augmentation.
-        image_size: (H, W) of the augmented images; pixel quantities are divided by it
-            so every entry is O(1).
+        intrinsics: (B, N, 3, 3) intrinsics after image augmentation (``img_aug @ K``, pixels).
+        img_aug: (B, N, 3, 3) image-augmentation pixel transform (source -> augmented pixels).
+        cam2ego: (B, N, 4, 4) camera (OpenCV) -> BEV-augmented ego (``bda @ cam2ego_raw``, metres).
+        bda: (B, 4, 4) BEV augmentation acting on ego-frame points.
+        image_size: not used (kept so existing call sites work); the batch norm makes the
+            vector independent of the units.
     Returns:
-        (B, N, CAMERA_PARAMETER_DIM) float tensor.
+        (B, N, CAMERA_PARAMETER_DIM) in the dtype of ``intrinsics`` (computed in float64).
     """
-    height, width = float(image_size[0]), float(image_size[1])
+    del image_size
+    if intrinsics.dim() != 4 or intrinsics.shape[-2:] != (3, 3):
+        raise ValueError(f"camera_parameter_vector: intrinsics must be (B, N, 3, 3), got {tuple(intrinsics.shape)}")
     b, n = intrinsics.shape[:2]
-    focal_center = torch.stack([intrinsics[..., 0, 0] / width, intrinsics[..., 1, 1] / height,
-                                intrinsics[..., 0, 2] / width, intrinsics[..., 1, 2] / height], dim=-1)
-    aug = img_aug[..., :2, :].clone()
-    aug[..., 0, 2] = aug[..., 0, 2] / width
-    aug[..., 1, 2] = aug[..., 1, 2] / height
-    bda_rot = bda[:, None, :3, :3].expand(b, n, 3, 3)
-    return torch.cat([focal_center, aug.flatten(-2), bda_rot.flatten(-2), cam2ego[..., :3, :4].flatten(-2)], dim=-1)
+    if img_aug.shape != (b, n, 3, 3):
+        raise ValueError(f"camera_parameter_vector: img_aug must be {(b, n, 3, 3)}, got {tuple(img_aug.shape)}")
+    if cam2ego.shape != (b, n, 4, 4):
+        raise ValueError(f"camera_parameter_vector: cam2ego must be {(b, n, 4, 4)}, got {tuple(cam2ego.shape)}")
+    if bda.shape != (b, 4, 4):
+        raise ValueError(f"camera_parameter_vector: bda must be {(b, 4, 4)}, got {tuple(bda.shape)}")
+    wide = torch.float64
+    source_intrinsics = torch.linalg.solve(img_aug.to(wide), intrinsics.to(wide))
+    raw_cam2ego = torch.linalg.solve(bda.to(wide)[:, None].expand(b, n, 4, 4), cam2ego.to(wide))
+    bda_rot = bda.to(wide)[:, None, :3, :3].expand(b, n, 3, 3)
+    vector = torch.cat([
+        torch.stack([source_intrinsics[..., 0, 0], source_intrinsics[..., 1, 1],
+                     source_intrinsics[..., 0, 2], source_intrinsics[..., 1, 2]], dim=-1),
+        img_aug.to(wide)[..., :2, :3].flatten(-2),
+        torch.stack([bda_rot[..., 0, 0], bda_rot[..., 0, 1], bda_rot[..., 1, 0], bda_rot[..., 1, 1],
+                     bda_rot[..., 2, 2]], dim=-1),
+        raw_cam2ego[..., :3, :4].flatten(-2),
+    ], dim=-1)
+    return vector.to(intrinsics.dtype)
 
 
 def lidar_depth_to_bins(lidar_depth: torch.Tensor, stride: int, bins: DepthBins) -> torch.Tensor:
     """Depth-bin targets at the feature resolution from a LiDAR depth image.
 
-    Each ``stride x stride`` patch takes the *minimum positive* depth among its pixels
-    (the nearest surface), which is then binned.
+    Returns outside ``[bins.start, bins.stop)`` are dropped first (as the release drops
+    them when it projects the points); each ``stride x stride`` patch then takes the
+    minimum remaining depth (the nearest surface), which is binned.
 
     Args:
         lidar_depth: (..., H, W) metres, 0 (or negative / non-finite) = no return.
         stride: feature stride; H and W must be multiples of it.
     Returns:
-        (..., H/stride, W/stride) int64 bin indices, -1 where the patch has no return
-        or the depth is outside the bins.
+        (..., H/stride, W/stride) int64 bin indices, -1 where the patch has no return in range.
     """
     height, width = lidar_depth.shape[-2:]
     if height % stride or width % stride:
-        raise ValueError(f"lidar_depth of size {height}x{width} is not a multiple of the feature stride {stride}")
-    valid = torch.isfinite(lidar_depth) & (lidar_depth > 0)
+        raise ValueError(f"lidar_depth_to_bins: lidar_depth of size {height}x{width} is not a multiple of the "
+                         f"feature stride {stride}")
+    valid = torch.isfinite(lidar_depth) & (lidar_depth >= bins.start) & (lidar_depth < bins.stop)
     depth = torch.where(valid, lidar_depth, torch.full_like(lidar_depth, float("inf")))
     lead = depth.shape[:-2]
     depth = depth.reshape(*lead, height // stride, stride, width // stride, stride)
@@ -133,83 +203,190 @@ def depth_bce_loss(depth_logits: torch.Tensor, target_bins: torch.Tensor) -> tor
     return bce.sum() / valid.sum().clamp(min=1)
 
 
-class _CameraGate(nn.Module):
-    """Squeeze-and-excitation gate from the camera MLP embedding onto a feature map."""
+def _conv_bn_relu(in_channels: int, out_channels: int, kernel_size: int, dilation: int = 1) -> nn.Sequential:
+    return nn.Sequential(
+        nn.Conv2d(in_channels, out_channels, kernel_size, padding=dilation * (kernel_size // 2), dilation=dilation,
+                  bias=False),
+        nn.BatchNorm2d(out_channels),
+        nn.ReLU(inplace=True),
+    )
 
-    def __init__(self, embed_dim: int, channels: int):
+
+class AtrousSpatialPyramid(nn.Module):
+    """ASPP (DeepLabv3): a 1x1 branch, 3x3 branches at several dilations and an image-level
+    (global average) branch, concatenated and fused by a 1x1 conv + BN + ReLU + dropout.
+
+    Args:
+        in_channels: input channels.
+        channels: width of every branch and of the output.
+        dilations: dilation of each 3x3 branch (the 1x1 branch comes first).
+        dropout: dropout probability on the output (training only).
+
+    Forward: (M, in_channels, h, w) -> (M, channels, h, w).
+    """
+
+    def __init__(self, in_channels: int, channels: int, dilations: Sequence[int] = (6, 12, 18), dropout: float = 0.5):
         super().__init__()
-        self.reduce = nn.Linear(embed_dim, channels)
-        self.expand = nn.Linear(channels, channels)
+        self.branches = nn.ModuleList([_conv_bn_relu(in_channels, channels, 1)])
+        self.branches.extend(_conv_bn_relu(in_channels, channels, 3, dilation=int(d)) for d in dilations)
+        self.image_pool = _conv_bn_relu(in_channels, channels, 1)
+        self.fuse = _conv_bn_relu(channels * (len(self.branches) + 1), channels, 1)
+        self.dropout = nn.Dropout(dropout)
+        for module in self.modules():
+            if isinstance(module, nn.Conv2d):
+                nn.init.kaiming_normal_(module.weight)
 
-    def forward(self, features: torch.Tensor, camera_embedding: torch.Tensor) -> torch.Tensor:
-        gate = torch.sigmoid(self.expand(F.relu(self.reduce(camera_embedding))))
-        return features * gate[:, :, None, None]
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        outputs = [branch(x) for branch in self.branches]
+        pooled = self.image_pool(x.mean(dim=(-2, -1), keepdim=True))
+        outputs.append(pooled.expand(-1, -1, *x.shape[-2:]))
+        return self.dropout(self.fuse(torch.cat(outputs, dim=1)))
+
+
+class _CameraMLP(nn.Module):
+    """Linear -> ReLU -> Linear from the normalized camera vector to SE logits."""
+
+    def __init__(self, in_features: int, hidden_features: int, out_features: int):
+        super().__init__()
+        self.fc1 = nn.Linear(in_features, hidden_features)
+        self.fc2 = nn.Linear(hidden_features, out_features)
+
+    def forward(self, camera: torch.Tensor) -> torch.Tensor:
+        return self.fc2(F.relu(self.fc1(camera)))
+
+
+class _SqueezeExcite(nn.Module):
+    """``features * sigmoid(expand(relu(reduce(camera_logits))))`` with 1x1 convs at full width."""
+
+    def __init__(self, channels: int):
+        super().__init__()
+        self.reduce = nn.Conv2d(channels, channels, 1)
+        self.expand = nn.Conv2d(channels, channels, 1)
+
+    def forward(self, features: torch.Tensor, camera_logits: torch.Tensor) -> torch.Tensor:
+        gate = self.expand(F.relu(self.reduce(camera_logits[:, :, None, None])))
+        return features * torch.sigmoid(gate)
+
+
+def _positive_int(value, name: str) -> int:
+    if int(value) != value or int(value) <= 0:
+        raise ValueError(f"CameraAwareDepthNet: {name} must be a positive integer, got {value!r}")
+    return int(value)
 
 
 @LIFTING_REGISTRY.register()
 class CameraAwareDepthNet(nn.Module):
-    """Depth distribution + context features per image-feature pixel.
+    """Depth distribution + context features per image-feature pixel (the release's
+    ``CM_DepthNet`` with ``use_dcn=False``, as its R50 recipe configures it).
+
+    Structure::
+
+        camera = BatchNorm1d(camera_params)                          (M, 27)
+        trunk  = ReLU(BN(conv3x3(features)))                          (M, mid, h, w)
+        context = conv1x1(SE(trunk, context_mlp(camera)))             (M, context_channels, h, w)
+        depth_logits = conv1x1(ASPP(BasicBlock^k(SE(trunk, depth_mlp(camera)))))   (M, D, h, w)
 
     Args:
         in_channels: channels of the neck's image map.
-        mid_channels: width of the shared trunk and the depth branch.
-        context_channels: channels of the context output (= the voxel feature width).
+        mid_channels: width of the trunk, the SE gates and the depth branch (release: 512).
+        context_channels: channels of the context output (= the voxel feature width; release: 80).
         depth_bins: (start, stop, step) metres, see :class:`DepthBins`.
-        num_depth_blocks: residual blocks in the depth branch.
-        camera_embed_dim: hidden width of the camera-parameter MLP.
-        grad_checkpointing: recompute the depth branch in the backward pass.
+        num_depth_blocks: residual blocks in the depth branch (release: 3).
+        use_aspp: put an ASPP after the residual blocks (release: True).
+        aspp_channels: ASPP width; 0 = ``mid_channels`` (the release).
+        aspp_dilations: dilations of the ASPP's 3x3 branches (release: 6, 12, 18).
+        aspp_dropout: dropout on the ASPP output (release: 0.5).
+        camera_embed_dim: hidden width of each camera MLP; 0 = ``mid_channels`` (the release).
+        grad_checkpointing: recompute the trunk and the depth branch in the backward pass.
+
+    The release's optional deformable 3x3 conv (``use_dcn``) is switched off in its recipe
+    and is not provided.
 
     Forward:
-        features: (B*N, in_channels, h, w) image features.
-        camera_params: (B*N, CAMERA_PARAMETER_DIM), see :func:`camera_parameter_vector`.
+        features: (M, in_channels, h, w) image features, M = B * N cameras.
+        camera_params: (M, CAMERA_PARAMETER_DIM), see :func:`camera_parameter_vector`.
+            In training the batch norm needs M > 1.
     Returns:
-        depth_logits (B*N, D, h, w) and context (B*N, context_channels, h, w).
+        depth_logits (M, D, h, w) (softmax over D gives the distribution) and
+        context (M, context_channels, h, w).
     """
 
     def __init__(
         self,
         in_channels: int,
-        mid_channels: int,
-        context_channels: int,
+        mid_channels: int = 512,
+        context_channels: int = 80,
         depth_bins: Sequence[float] = (2.0, 42.0, 0.5),
         num_depth_blocks: int = 3,
+        use_aspp: bool = True,
+        aspp_channels: int = 0,
+        aspp_dilations: Sequence[int] = (6, 12, 18),
+        aspp_dropout: float = 0.5,
         camera_embed_dim: int = 0,
         grad_checkpointing: bool = False,
     ):
         super().__init__()
+        in_channels = _positive_int(in_channels, "in_channels")
+        mid_channels = _positive_int(mid_channels, "mid_channels")
+        context_channels = _positive_int(context_channels, "context_channels")
+        if int(num_depth_blocks) != num_depth_blocks or num_depth_blocks < 0:
+            raise ValueError(f"CameraAwareDepthNet: num_depth_blocks must be a non-negative integer, "
+                             f"got {num_depth_blocks!r}")
+        aspp_channels = _positive_int(aspp_channels, "aspp_channels") if aspp_channels else mid_channels
+        camera_embed_dim = _positive_int(camera_embed_dim, "camera_embed_dim") if camera_embed_dim else mid_channels
+        if not 0.0 <= float(aspp_dropout) < 1.0:
+            raise ValueError(f"CameraAwareDepthNet: aspp_dropout must be in [0, 1), got {aspp_dropout!r}")
+        if use_aspp and any(int(d) <= 0 for d in aspp_dilations):
+            raise ValueError(f"CameraAwareDepthNet: aspp_dilations must be positive, got {tuple(aspp_dilations)}")
         self.bins = DepthBins.from_config(depth_bins)
-        self.context_channels = int(context_channels)
-        camera_embed_dim = camera_embed_dim or mid_channels
-        self.reduce = conv_bn_relu(in_channels, mid_channels, 3)
-        self.camera_mlp = nn.Sequential(
-            nn.Linear(CAMERA_PARAMETER_DIM, camera_embed_dim), nn.ReLU(inplace=True),
-            nn.Linear(camera_embed_dim, camera_embed_dim), nn.ReLU(inplace=True),
+        self.in_channels = in_channels
+        self.context_channels = context_channels
+        self.grad_checkpointing = bool(grad_checkpointing)
+
+        self.camera_norm = nn.BatchNorm1d(CAMERA_PARAMETER_DIM)
+        self.reduce = nn.Sequential(
+            nn.Conv2d(in_channels, mid_channels, 3, padding=1),
+            nn.BatchNorm2d(mid_channels),
+            nn.ReLU(inplace=True),
         )
-        self.context_gate = _CameraGate(camera_embed_dim, mid_channels)
-        self.depth_gate = _CameraGate(camera_embed_dim, mid_channels)
+        self.context_mlp = _CameraMLP(CAMERA_PARAMETER_DIM, camera_embed_dim, mid_channels)
+        self.context_se = _SqueezeExcite(mid_channels)
         self.context_out = nn.Conv2d(mid_channels, context_channels, 1)
-        self.depth_branch = nn.Sequential(
-            *[BasicBlock2d(mid_channels, mid_channels) for _ in range(num_depth_blocks)],
-            nn.Conv2d(mid_channels, self.bins.num_bins, 1),
-        )
-        self.grad_checkpointing = grad_checkpointing
+        self.depth_mlp = _CameraMLP(CAMERA_PARAMETER_DIM, camera_embed_dim, mid_channels)
+        self.depth_se = _SqueezeExcite(mid_channels)
+        layers: list = [BasicBlock2d(mid_channels, mid_channels) for _ in range(int(num_depth_blocks))]
+        classifier_in = mid_channels
+        if use_aspp:
+            layers.append(AtrousSpatialPyramid(mid_channels, aspp_channels, aspp_dilations, float(aspp_dropout)))
+            classifier_in = aspp_channels
+        layers.append(nn.Conv2d(classifier_in, self.bins.num_bins, 1))
+        self.depth_branch = nn.Sequential(*layers)
 
     @property
     def num_bins(self) -> int:
         return self.bins.num_bins
 
     def forward(self, features: torch.Tensor, camera_params: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
-        trunk = self.reduce(features)
-        embedding = self.camera_mlp(camera_params.to(trunk.dtype))
-        context = self.context_out(self.context_gate(trunk, embedding))
-        depth_logits = maybe_checkpoint(self.depth_branch, self.depth_gate(trunk, embedding),
+        if features.dim() != 4 or features.shape[1] != self.in_channels:
+            raise ValueError(f"CameraAwareDepthNet: features must be (M, {self.in_channels}, h, w), "
+                             f"got {tuple(features.shape)}")
+        if camera_params.shape != (features.shape[0], CAMERA_PARAMETER_DIM):
+            raise ValueError(f"CameraAwareDepthNet: camera_params must be ({features.shape[0]}, "
+                             f"{CAMERA_PARAMETER_DIM}), got {tuple(camera_params.shape)}")
+        if self.training and features.shape[0] < 2:
+            raise ValueError("CameraAwareDepthNet: camera_params needs more than one camera in training "
+                             "(its batch norm normalizes over the cameras of the batch)")
+        camera = self.camera_norm(camera_params.to(self.camera_norm.weight.dtype))
+        trunk = maybe_checkpoint(self.reduce, features, enabled=self.grad_checkpointing)
+        context = self.context_out(self.context_se(trunk, self.context_mlp(camera)))
+        depth_logits = maybe_checkpoint(self.depth_branch, self.depth_se(trunk, self.depth_mlp(camera)),
                                         enabled=self.grad_checkpointing)
         return depth_logits, context
 
     def loss(self, depth_logits: torch.Tensor, lidar_depth: torch.Tensor) -> torch.Tensor:
-        """Depth BCE of ``depth_logits`` (B*N, D, h, w) against ``lidar_depth`` (B*N, H, W)."""
+        """Depth BCE of ``depth_logits`` (M, D, h, w) against ``lidar_depth`` (M, H, W) metres."""
         stride = lidar_depth.shape[-1] // depth_logits.shape[-1]
         if stride * depth_logits.shape[-1] != lidar_depth.shape[-1] or stride * depth_logits.shape[-2] != lidar_depth.shape[-2]:
-            raise ValueError(f"lidar_depth {tuple(lidar_depth.shape[-2:])} is not an integer multiple of the "
-                             f"depth map {tuple(depth_logits.shape[-2:])}")
+            raise ValueError(f"CameraAwareDepthNet: lidar_depth {tuple(lidar_depth.shape[-2:])} is not an integer "
+                             f"multiple of the depth map {tuple(depth_logits.shape[-2:])}")
         return depth_bce_loss(depth_logits, lidar_depth_to_bins(lidar_depth, stride, self.bins))

@@ -47,7 +47,7 @@ def frustum_points(intrinsics: torch.Tensor, cam2ego: torch.Tensor, feature_size
     u, v = pixel_centers(feature_size, image_size, device=intrinsics.device, dtype=dtype)
     pixels = torch.stack([u, v, torch.ones_like(u)], dim=-1)  # (h, w, 3)
     rays = torch.einsum("bnij,hwj->bnhwi", torch.linalg.inv(intrinsics.to(dtype)), pixels)  # z = 1
-    depths = bins.centers(device=intrinsics.device, dtype=dtype)
+    depths = bins.starts(device=intrinsics.device, dtype=dtype)  # released: the frustum at the bin starts
     cam_points = depths[None, None, :, None, None, None] * rays[:, :, None]  # (B, N, D, h, w, 3)
     rotation, translation = cam2ego[..., :3, :3].to(dtype), cam2ego[..., :3, 3].to(dtype)
     ego = torch.einsum("bnij,bndhwj->bndhwi", rotation, cam_points) + translation[:, :, None, None, None, :]
