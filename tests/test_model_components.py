@@ -11,7 +11,7 @@ from detectron2.layers import FrozenBatchNorm2d
 from torch import nn
 
 from voxelsplat.engine.warmup_hook import WarmupSwitchHook
-from voxelsplat.modeling.backbone import EVA02Backbone, TimmBackbone
+from voxelsplat.modeling.backbone import TimmBackbone
 from voxelsplat.modeling.neck import FusionFPN
 from voxelsplat.modeling.registry import build_backbone
 
@@ -44,25 +44,6 @@ def test_timm_backbone_frozen_bn_stages_and_local_checkpoint(tmp_path):
     trainable(torch.randn(1, 3, 64, 64, requires_grad=True))["stride32"].sum().backward()
     with pytest.raises(FileNotFoundError, match="local file"):
         TimmBackbone("resnet18", init_checkpoint=str(tmp_path / "missing.pth"))
-
-
-def test_eva02_backbone_builds_offline_and_loads_a_resampled_checkpoint(tmp_path):
-    reference = timm.create_model("eva02_tiny_patch14_224", pretrained=False)  # patch 14 at 224
-    path = tmp_path / "eva02_tiny.pth"
-    torch.save(reference.state_dict(), path)
-    backbone = EVA02Backbone("eva02_tiny_patch14_224", img_size=(64, 128), patch_size=16, out_strides=(8, 16, 32),
-                             out_channels=24, init_checkpoint=str(path))
-    loaded, saved = backbone.vit.state_dict(), reference.state_dict()
-    common = [k for k in loaded if k in saved and loaded[k].shape == saved[k].shape and loaded[k].is_floating_point()]
-    assert len(common) > 50
-    for key in common:
-        torch.testing.assert_close(loaded[key], saved[key], msg=key)
-    assert backbone.vit.patch_embed.proj.weight.shape[-2:] == (16, 16)
-    features = backbone(torch.randn(1, 3, 64, 128))
-    assert {k: tuple(v.shape) for k, v in features.items()} == {
-        "stride8": (1, 24, 8, 16), "stride16": (1, 24, 4, 8), "stride32": (1, 24, 2, 4)}
-    with pytest.raises(ValueError, match="img_size"):
-        backbone(torch.randn(1, 3, 64, 96))
 
 
 class _PhasedModel(nn.Module):
@@ -112,7 +93,7 @@ def test_published_config_instantiates_with_its_settings():
     assert model.forward_projection.volume_shape == (100, 100, 8)
     assert model.depth_net.num_bins == 80
     assert tuple(model.head.output_shape) == (200, 200, 16) and model.head.num_classes == 17
-    assert 35e6 < sum(p.numel() for p in model.parameters()) < 50e6
+    assert 35e6 < sum(p.numel() for p in model.parameters()) < 90e6  # per module: test_release_parameter_counts
     cfg.optimizer.params.model = model
     optimizer = instantiate(cfg.optimizer)
     # the released baseline: every parameter at 2e-4 (backbone x1), weight decay 1e-2 on all

@@ -22,7 +22,7 @@ from torch import nn
 
 from ..registry import BACKBONE_REGISTRY
 
-__all__ = ["TimmBackbone", "EVA02Backbone", "check_local_checkpoint"]
+__all__ = ["TimmBackbone", "check_local_checkpoint"]
 
 
 def check_local_checkpoint(path: str, owner: str) -> Optional[str]:
@@ -114,85 +114,3 @@ class TimmBackbone(nn.Module):
     def forward(self, images: torch.Tensor) -> Dict[str, torch.Tensor]:
         features = self.model(images)
         return dict(zip(self.out_names, features))
-
-
-class _SimplePyramidLevel(nn.Sequential):
-    """ViTDet-style: rescale a stride-``patch`` map to stride ``stride``, then 1x1 + 3x3 convs."""
-
-    def __init__(self, embed_dim: int, out_channels: int, patch: int, stride: int):
-        layers: List[nn.Module] = []
-        scale = patch / stride
-        if scale == 4.0:
-            layers += [nn.ConvTranspose2d(embed_dim, embed_dim // 2, 2, 2), nn.GroupNorm(1, embed_dim // 2), nn.GELU(),
-                       nn.ConvTranspose2d(embed_dim // 2, embed_dim // 4, 2, 2)]
-            dim = embed_dim // 4
-        elif scale == 2.0:
-            layers += [nn.ConvTranspose2d(embed_dim, embed_dim // 2, 2, 2)]
-            dim = embed_dim // 2
-        elif scale == 1.0:
-            dim = embed_dim
-        elif scale == 0.5:
-            layers += [nn.MaxPool2d(2, 2)]
-            dim = embed_dim
-        else:
-            raise ValueError(f"EVA02Backbone: cannot build stride {stride} from patch size {patch}")
-        layers += [nn.Conv2d(dim, out_channels, 1, bias=False), nn.GroupNorm(1, out_channels),
-                   nn.Conv2d(out_channels, out_channels, 3, padding=1, bias=False), nn.GroupNorm(1, out_channels)]
-        super().__init__(*layers)
-
-
-@BACKBONE_REGISTRY.register()
-class EVA02Backbone(nn.Module):
-    """An EVA-02 ViT (timm ``eva02_*``) with a ViTDet simple feature pyramid.
-
-    The ViT runs at a fixed input size ``img_size`` = (H, W) with ``patch_size`` 16 (timm
-    resamples the pretrained 14-pixel patch embedding and position embedding when
-    loading ``init_checkpoint``), and the last block's tokens become stride-16 maps that
-    are upsampled/pooled to ``out_strides``.
-
-    Args:
-        model_name: timm name, e.g. ``"eva02_large_patch14_clip_224"``.
-        img_size: (H, W) of the input images.
-        out_strides: strides of the returned maps (from {4, 8, 16, 32}).
-        out_channels: channels of every returned map.
-        init_checkpoint: local weights file ("" = random init).
-        grad_checkpointing: checkpoint the transformer blocks.
-        drop_path_rate: stochastic depth of the ViT.
-        model_kwargs: extra ``timm.create_model`` arguments.
-
-    Forward: ``images`` (B, 3, H, W) -> ``{"stride<s>": (B, out_channels, H/s, W/s)}``.
-    """
-
-    def __init__(
-        self,
-        model_name: str = "eva02_large_patch14_clip_224",
-        img_size: Sequence[int] = (256, 704),
-        patch_size: int = 16,
-        out_strides: Sequence[int] = (16, 32),
-        out_channels: int = 256,
-        init_checkpoint: str = "",
-        grad_checkpointing: bool = False,
-        drop_path_rate: float = 0.0,
-        model_kwargs: Optional[dict] = None,
-    ):
-        super().__init__()
-        self.vit = _create_timm_model(
-            model_name, init_checkpoint, f"EVA02Backbone({model_name})",
-            num_classes=0, img_size=tuple(img_size), patch_size=patch_size, drop_path_rate=drop_path_rate,
-            **dict(model_kwargs or {}),
-        )
-        if grad_checkpointing:
-            self.vit.set_grad_checkpointing(True)
-        self.patch_size = patch_size
-        self.img_size = tuple(int(v) for v in img_size)
-        embed_dim = self.vit.embed_dim
-        self.levels = nn.ModuleList(_SimplePyramidLevel(embed_dim, out_channels, patch_size, s) for s in out_strides)
-        self.out_strides = [int(s) for s in out_strides]
-        self.out_channels = [int(out_channels)] * len(self.out_strides)
-        self.out_names = [f"stride{s}" for s in self.out_strides]
-
-    def forward(self, images: torch.Tensor) -> Dict[str, torch.Tensor]:
-        if tuple(images.shape[-2:]) != self.img_size:
-            raise ValueError(f"EVA02Backbone: images are {tuple(images.shape[-2:])}, configured img_size is {self.img_size}")
-        tokens = self.vit.forward_intermediates(images, indices=[len(self.vit.blocks) - 1], intermediates_only=True)[-1]
-        return {name: level(tokens) for name, level in zip(self.out_names, self.levels)}

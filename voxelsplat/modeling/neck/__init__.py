@@ -1,4 +1,5 @@
 """Image necks."""
 from .fpn import FusionFPN
+from .select import SelectFeatureMap
 
-__all__ = ["FusionFPN"]
+__all__ = ["FusionFPN", "SelectFeatureMap"]
