@@ -180,3 +180,19 @@ def test_model_ema_follows_the_released_ramped_decay_and_resumes(tmp_path):
     resumed.before_train()
     assert resumed.updates == 7
     torch.testing.assert_close(resumed.ema_state["1.running_mean"], expected["1.running_mean"])
+
+
+def test_unwrap_model_opens_data_parallel_wrappers_only():
+    from torch import nn
+
+    from voxelsplat.engine import unwrap_model
+
+    class HasModuleAttribute(nn.Module):  # a model whose submodule happens to be called "module"
+        def __init__(self):
+            super().__init__()
+            self.module = nn.Linear(2, 2)
+
+    inner = HasModuleAttribute()
+    assert unwrap_model(inner) is inner
+    assert unwrap_model(nn.DataParallel(inner)) is inner
+    assert unwrap_model(nn.DataParallel(nn.DataParallel(inner))) is inner

@@ -29,6 +29,8 @@ class PeakMemoryHook(HookBase):
 
 
 def unwrap_model(model: torch.nn.Module) -> torch.nn.Module:
-    """The module inside a (Distributed)DataParallel wrapper, or the model itself."""
-    return model.module if hasattr(model, "module") and isinstance(
-        model, (torch.nn.parallel.DistributedDataParallel, torch.nn.DataParallel)) else model
+    """The module inside (Distributed)DataParallel wrappers (nested ones too), or the model itself.
+    Only those wrappers are opened: a model with a submodule named ``module`` is returned as is."""
+    while isinstance(model, (torch.nn.parallel.DistributedDataParallel, torch.nn.DataParallel)):
+        model = model.module
+    return model

@@ -3,16 +3,10 @@ start at configured iterations (published FB-Occ / VoxelSplat: after 2 epochs)."
 from __future__ import annotations
 
 from detectron2.engine import HookBase
-from torch import nn
 
-__all__ = ["WarmupSwitchHook", "unwrap_model"]
+from .hooks import unwrap_model
 
-
-def unwrap_model(model: nn.Module) -> nn.Module:
-    """The module inside DistributedDataParallel / DataParallel wrappers."""
-    while hasattr(model, "module") and isinstance(model.module, nn.Module):
-        model = model.module
-    return model
+__all__ = ["WarmupSwitchHook"]
 
 
 class WarmupSwitchHook(HookBase):
