@@ -181,7 +181,7 @@ def test_tiny_config_trains_on_the_synthetic_dataset(synthetic_dataset, tmp_path
         optimizer.step()
         history.append(total.item())
     first, last = np.mean(history[:5]), np.mean(history[-5:])
-    assert last < 0.8 * first, history
+    assert last < 0.85 * first, history  # released head MLPs (BN, no bias): about 0.8 after 20 iterations
     model.eval()
     with torch.no_grad():
         output = model(batches[0][:1])[0]

@@ -1,8 +1,8 @@
 """VoxelSplat on the tiny synthetic setup: ``configs/synthetic/fbocc_tiny.py`` (unchanged)
 plus the Gaussian-splatting regularizer, sized for a 2-core CPU: 3000 Gaussians per sample,
 keyframes t-1..t+1 (18 views) of which 6 are rendered per step, renders at 0.3x the camera
-images (106x38 for the 352x128 demo images). Same scale, loss weights and states as
-``configs/r50.py``.
+images (106x38 for the 352x128 demo images). Same scale, loss weights, states and backbone
+learning rate (x0.1) as ``configs/r50.py``.
 
     python tools/lazyconfig_train_net.py --config-file configs/synthetic/voxelsplat_tiny.py
 """
@@ -15,6 +15,7 @@ from ..common.models.voxelsplat import regularizer as _regularizer
 from .fbocc_tiny import dataloader, lr_multiplier, model, optimizer, train
 
 model.regularizer = _regularizer
+optimizer.params.lr_multipliers = {"backbone": 0.1}  # released VoxelSplat: backbone x0.1 (the baseline x1)
 model.regularizer.max_views = 6
 dataloader.train.mapper.regularizer = _mapper_options
 dataloader.train.mapper.regularizer.num_gaussians = 3000

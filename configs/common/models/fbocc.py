@@ -1,10 +1,11 @@
-"""FB-Occ (the baseline VoxelSplat regularizes), with the released losses: ResNet-50 C4+C5 ->
-FPN (256 ch, stride 16) -> camera-aware depth net (80 bins, 2-42 m) -> LSS to a
-100x100x8 volume (0.8 m) -> one depth-aware backward-projection layer -> 16-frame
-temporal fusion -> 3D ResNet-18 + FPN3D -> occupancy (17 classes) + flow head at the
-200x200x16 GT grid. Where module widths still differ from the release is listed in
-docs/reproducing.md. Label set and grid come from the dataset metadata
-(``occupancy_metadata``); switch ``_meta`` for another label set.
+"""FB-Occ (the baseline VoxelSplat regularizes) at the release's structure and widths, with the
+released losses: ResNet-50 C4+C5 -> FPN (256 ch, stride 16) -> CM depth net (mid 512, ASPP,
+80 bins from 2 m by 0.5) -> LSS to a 100x100x8 volume (0.8 m) -> one backward-projection layer
+(deformable self-attention, depth-aware cross-attention, learned BEV queries) -> 16-frame
+temporal fusion (80 ch) -> 1x1 80->64, 3D ResNet-18 + FPN3D (3 levels of 256) -> head
+(deconv x2 + 3 levels, soft level weights; occupancy 17 classes and flow MLPs) at the
+200x200x16 GT grid. docs/reproducing.md lists each module with its release file. Label set and
+grid come from ``occupancy_metadata``; switch ``_meta`` for another label set.
 """
 from detectron2.config import LazyCall as L
 
@@ -42,10 +43,12 @@ model = L(OccupancyFlowModel)(
         voxel_size="${..forward_projection.voxel_size}", depth_bins="${..depth_net.depth_bins}",
         num_heads=8, num_points_in_pillar=4, num_offsets=2, ffn_channels=320,
     ),
+    # released: each frame + its age (1 channel, 0.5 s per keyframe) -> shared 1x1 81->80 + BN + ReLU,
+    # 17 frames concatenated -> 1x1 1360->80 + BN + ReLU; the history re-warped at every step
     temporal_fusion=L(TemporalVolumeFusion)(
-        in_channels="${..depth_net.context_channels}", out_channels=160, num_history=16,
-        point_cloud_range="${..forward_projection.point_cloud_range}",
-        voxel_size="${..forward_projection.voxel_size}", time_channels=8,
+        in_channels="${..depth_net.context_channels}", out_channels="${..depth_net.context_channels}",
+        num_history=16, point_cloud_range="${..forward_projection.point_cloud_range}",
+        voxel_size="${..forward_projection.voxel_size}", time_channels=1, frame_interval=0.5,
     ),
     voxel_encoder=L(ResNet3DFPN)(
         in_channels="${..temporal_fusion.out_channels}", stage_channels=(64, 128, 256), stage_blocks=(2, 2, 2),

@@ -1,83 +1,199 @@
-"""Occupancy + flow head: upsample the encoder's volume to the ground-truth grid and
-predict per-voxel class logits and a 2D velocity."""
+"""Occupancy + flow head (FB-Occ's ``OccFlowHead``): fuse the encoder's levels at twice the
+finest level's resolution with per-voxel soft weights, then predict per-voxel class logits
+and a 2D velocity."""
 from __future__ import annotations
 
-from typing import Dict, Sequence
+from typing import Dict, List, Optional, Sequence, Tuple, Union
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from ..layers import conv_bn_relu
+from ..layers import maybe_checkpoint
 from ..registry import HEAD_REGISTRY
 
 __all__ = ["OccFlowHead"]
 
 
+def _voxel_mlp(in_channels: int, hidden_channels: int, out_channels: int, activation: nn.Module) -> nn.Sequential:
+    """1x1x1 conv -> BN -> activation -> 1x1x1 conv, no biases (released); ``hidden_channels=0``:
+    one 1x1x1 conv with a bias."""
+    if not hidden_channels:
+        return nn.Sequential(nn.Conv3d(in_channels, out_channels, 1))
+    return nn.Sequential(
+        nn.Conv3d(in_channels, hidden_channels, 1, bias=False),
+        nn.BatchNorm3d(hidden_channels),
+        activation,
+        nn.Conv3d(hidden_channels, out_channels, 1, bias=False),
+    )
+
+
+def _pointwise(volume: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """A 1x1x1 convolution as a matrix product over channels: (B, C, ...) -> (B, O, ...) with
+    ``weight`` (O, C[, 1, 1, 1]). The same map as ``F.conv3d``, several times faster on a CPU
+    for the narrow layers run at every voxel of the fusion grid."""
+    out = torch.matmul(weight.flatten(1), volume.flatten(2))
+    if bias is not None:
+        out = out + bias[:, None]
+    return out.view(volume.shape[0], weight.shape[0], *volume.shape[2:])
+
+
+def _run_voxel_mlp(mlp: nn.Sequential, volume: torch.Tensor) -> torch.Tensor:
+    for layer in mlp:
+        volume = _pointwise(volume, layer.weight, layer.bias) if isinstance(layer, nn.Conv3d) else layer(volume)
+    return volume
+
+
+def _resample(volume: torch.Tensor, size: Tuple[int, ...]) -> torch.Tensor:
+    if tuple(volume.shape[2:]) == tuple(size):
+        return volume
+    return F.interpolate(volume, size=size, mode="trilinear", align_corners=False)
+
+
 @HEAD_REGISTRY.register()
 class OccFlowHead(nn.Module):
-    """A 3x3x3 conv at the internal resolution, trilinear upsampling to ``output_shape``
-    (the GT grid, e.g. 200x200x16 from the dataset metadata), then per-voxel MLPs.
+    """The released head, for L encoder levels (finest first):
+
+        D   = ReLU(BN(deconv(v_0)))              # kernel 2, stride 2: twice the finest resolution
+        c_i = ReLU(BN(conv3x3x3(v_i)))           # i = 0 .. L-1
+        w   = softmax over the L+1 parts of MLP_w(D)   (1x1x1 -> BN -> ReLU -> 1x1x1), per voxel
+        f   = w_0 D + sum_i w_(i+1) up(c_i)      # up: trilinear (align_corners=False) to D's grid
+        occ_logits = MLP_occ(f)   (1x1x1 -> BN -> ReLU -> 1x1x1)
+        flow       = MLP_flow(f)  (1x1x1 -> BN -> Softplus -> 1x1x1), m/s
+
+    Every conv is without bias and keeps PyTorch's default initialisation, as released. The
+    fusion grid (D's) is the GT grid in the released setting (100x100x8 levels -> 200x200x16);
+    when ``output_shape`` differs, logits, flow and features are trilinearly resampled to it.
 
     Args:
-        in_channels: channels of the encoder's volume.
-        mid_channels: channels of the upsampled feature volume (``voxel_features``).
+        in_channels: channels of each level (an int for all; released: 256).
+        mid_channels: channels of D, c_i and f (released: in_channels // 2 = 128; None: that).
         num_classes: class logits per voxel (17 for OpenOcc v2, 18 for Occ3D).
         output_shape: (X, Y, Z) of the GT grid.
-        hidden_channels: hidden width of the per-voxel MLPs (0: linear classifiers).
+        hidden_channels: hidden width of the three per-voxel MLPs (released: mid_channels // 2
+            = 64; None: that; 0: each MLP is one 1x1x1 conv with a bias).
         flow_dims: velocity components (2: vx, vy).
-        grad_checkpointing: recompute the full-resolution part in the backward pass.
+        grad_checkpointing: recompute the deconvolution, the level convs and the fusion with
+            the MLPs in the backward pass.
+        num_levels: encoder levels when ``in_channels`` is an int (released: 3, the default).
 
-    Forward: (B, in_channels, X', Y', Z') [, return_features] -> dict with
-        ``occ_logits`` (B, num_classes, X, Y, Z), ``flow`` (B, flow_dims, X, Y, Z) in m/s,
-        ``voxel_features`` (B, F, X, Y, Z): the full-resolution features the classifiers read.
+    Forward: list of ``num_levels`` volumes (B, in_channels, X_i, Y_i, Z_i), finest first
+        [, return_features] -> dict with ``occ_logits`` (B, num_classes, X, Y, Z), ``flow``
+        (B, flow_dims, X, Y, Z) in m/s and ``voxel_features`` (B, mid_channels, X, Y, Z): f,
+        the features the MLPs read (left out when ``return_features`` is False).
     """
 
-    def __init__(self, in_channels: int, mid_channels: int, num_classes: int, output_shape: Sequence[int],
-                 hidden_channels: int = 0, flow_dims: int = 2, grad_checkpointing: bool = False):
+    def __init__(self, in_channels: Union[int, Sequence[int]], mid_channels: Optional[int] = None, *,
+                 num_classes: int, output_shape: Sequence[int], hidden_channels: Optional[int] = None,
+                 flow_dims: int = 2, grad_checkpointing: bool = False, num_levels: Optional[int] = None):
         super().__init__()
+        if isinstance(in_channels, int):
+            num_levels = 3 if num_levels is None else num_levels
+            in_channels = [in_channels] * int(num_levels)
+        in_channels = [int(c) for c in in_channels]
+        if num_levels is not None and len(in_channels) != num_levels:
+            raise ValueError(f"OccFlowHead: in_channels {in_channels} disagree with num_levels {num_levels}")
+        if not in_channels or min(in_channels) < 1:
+            raise ValueError(f"OccFlowHead: in_channels must be positive, got {in_channels}")
         if len(output_shape) != 3:
             raise ValueError(f"OccFlowHead: output_shape must be (X, Y, Z), got {output_shape}")
+        mid_channels = in_channels[0] // 2 if mid_channels is None else int(mid_channels)
+        hidden_channels = mid_channels // 2 if hidden_channels is None else int(hidden_channels)
+        for name, value, low in (("mid_channels", mid_channels, 1), ("hidden_channels", hidden_channels, 0),
+                                 ("num_classes", num_classes, 1), ("flow_dims", flow_dims, 1)):
+            if value < low:
+                raise ValueError(f"OccFlowHead: {name} must be >= {low}, got {value}")
         self.output_shape = tuple(int(v) for v in output_shape)
         self.num_classes = int(num_classes)
-        self.reduce = conv_bn_relu(in_channels, mid_channels, kernel_size=3, dims=3)
-        if hidden_channels:
-            self.hidden = nn.Sequential(nn.Conv3d(mid_channels, hidden_channels, 1), nn.Softplus())
-            feature_channels = hidden_channels
-        else:
-            self.hidden = nn.Identity()
-            feature_channels = mid_channels
-        self.classifier = nn.Conv3d(feature_channels, num_classes, 1)
-        self.flow = nn.Conv3d(feature_channels, flow_dims, 1)
-        nn.init.zeros_(self.flow.weight)
-        nn.init.zeros_(self.flow.bias)
-        self.feature_channels = feature_channels
+        self.num_levels = len(in_channels)
+        self.flow_dims = int(flow_dims)
+        self.mid_channels = mid_channels
+        self.hidden_channels = hidden_channels
+        self.feature_channels = mid_channels
+        self.deblock = nn.Sequential(
+            nn.ConvTranspose3d(in_channels[0], mid_channels, kernel_size=2, stride=2, bias=False),
+            nn.BatchNorm3d(mid_channels),
+            nn.ReLU(inplace=True),
+        )
+        self.level_convs = nn.ModuleList(
+            nn.Sequential(nn.Conv3d(c, mid_channels, 3, padding=1, bias=False), nn.BatchNorm3d(mid_channels),
+                          nn.ReLU(inplace=True))
+            for c in in_channels
+        )
+        self.level_weights = _voxel_mlp(mid_channels, hidden_channels, self.num_levels + 1, nn.ReLU(inplace=True))
+        self.occ_mlp = _voxel_mlp(mid_channels, hidden_channels, self.num_classes, nn.ReLU(inplace=True))
+        self.flow_mlp = _voxel_mlp(mid_channels, hidden_channels, self.flow_dims, nn.Softplus())
         self.grad_checkpointing = grad_checkpointing
 
-    def _upsample(self, volume: torch.Tensor) -> torch.Tensor:
-        return F.interpolate(volume, size=self.output_shape, mode="trilinear", align_corners=False)
+    # ------------------------------------------------------------------ parts
+    @property
+    def classifier(self) -> nn.Conv3d:
+        """The layer that outputs the class logits (the occupancy MLP's last)."""
+        return self.occ_mlp[-1]
 
-    def _full_resolution(self, reduced: torch.Tensor):
-        features = self.hidden(self._upsample(reduced))
-        return features, self.classifier(features), self.flow(features)
+    def soft_weights(self, deblocked: torch.Tensor) -> torch.Tensor:
+        """Per-voxel soft weights (B, num_levels + 1, ...) of [D, c_0, ..., c_(L-1)]; sum to 1."""
+        return torch.softmax(_run_voxel_mlp(self.level_weights, deblocked), dim=1)
 
-    def forward(self, volume: torch.Tensor, return_features: bool = True) -> Dict[str, torch.Tensor]:
-        """``return_features=False`` may leave ``voxel_features`` out (saves a full-resolution
-        upsampling when nothing reads it)."""
-        reduced = self.reduce(volume)
-        if isinstance(self.hidden, nn.Identity):
-            # Trilinear upsampling is linear with weights summing to 1, so it commutes with the
-            # 1x1 affine classifiers: classify at the internal resolution, upsample the logits
-            # (same result, ~3x cheaper than classifying 640k voxels on a CPU).
-            logits, flow = self._upsample(torch.cat([self.classifier(reduced), self.flow(reduced)], dim=1)).split(
-                [self.num_classes, self.flow.out_channels], dim=1)
-            outputs = {"occ_logits": logits, "flow": flow}
-            if return_features:
-                outputs["voxel_features"] = self._upsample(reduced)
-            return outputs
-        if self.grad_checkpointing and self.training and reduced.requires_grad:
-            features, logits, flow = checkpoint(self._full_resolution, reduced, use_reentrant=False)
+    def _first_layers(self, features: torch.Tensor) -> torch.Tensor:
+        """The first 1x1x1 layers of the occupancy and flow MLPs at once: (B, M, ...) -> (B, 2H, ...)."""
+        return _pointwise(features, torch.cat([self.occ_mlp[0].weight, self.flow_mlp[0].weight]))
+
+    def _fuse_and_predict(self, deblocked: torch.Tensor, *levels: torch.Tensor, project_first: bool):
+        """At D's grid: (occupancy logits and flow concatenated, f or None).
+
+        ``project_first``: the MLPs' first layer is linear and f is a convex combination of
+        trilinear upsamplings (weights summing to 1), so that layer can act on each part before
+        the upsampling: the same result, cheaper when the layer is narrower than the parts, and
+        f itself is never built.
+        """
+        weights = self.soft_weights(deblocked)
+        parts = (deblocked,) + levels
+        if project_first:
+            parts = tuple(self._first_layers(part) for part in parts)
+        size = tuple(deblocked.shape[2:])
+        fused = None
+        for k, part in enumerate(parts):
+            term = weights[:, k:k + 1] * _resample(part, size)
+            fused = term if fused is None else fused + term
+        if self.hidden_channels:
+            first = fused if project_first else self._first_layers(fused)
+            occ_first, flow_first = first.split(self.hidden_channels, dim=1)
+            predicted = torch.cat([_run_voxel_mlp(self.occ_mlp[1:], occ_first),
+                                   _run_voxel_mlp(self.flow_mlp[1:], flow_first)], dim=1)
+        else:  # single linear layers: one product for both
+            occ_linear, flow_linear = self.occ_mlp[0], self.flow_mlp[0]
+            predicted = _pointwise(fused, torch.cat([occ_linear.weight, flow_linear.weight]),
+                                   torch.cat([occ_linear.bias, flow_linear.bias]))
+        return predicted, (None if project_first else fused)
+
+    # ------------------------------------------------------------------ forward
+    def forward(self, volumes: Union[Sequence[torch.Tensor], torch.Tensor],
+                return_features: bool = True) -> Dict[str, torch.Tensor]:
+        """``return_features=False`` may leave ``voxel_features`` out (and lets the MLPs' first
+        layer run before the fusion where that is cheaper)."""
+        volumes: List[torch.Tensor] = [volumes] if torch.is_tensor(volumes) else list(volumes)
+        if len(volumes) != self.num_levels:
+            raise ValueError(f"OccFlowHead: expected {self.num_levels} encoder levels (finest first), got "
+                             f"{len(volumes)}")
+        checkpointing = self.grad_checkpointing and self.training
+        deblocked = maybe_checkpoint(self.deblock, volumes[0], enabled=checkpointing)
+        levels = [maybe_checkpoint(conv, volume, enabled=checkpointing)
+                  for conv, volume in zip(self.level_convs, volumes)]
+        project_first = not return_features and 0 < 2 * self.hidden_channels < self.mid_channels
+
+        def fuse_and_predict(*inputs):
+            return self._fuse_and_predict(*inputs, project_first=project_first)
+
+        if checkpointing and (deblocked.requires_grad or any(level.requires_grad for level in levels)):
+            predicted, features = checkpoint(fuse_and_predict, deblocked, *levels, use_reentrant=False)
         else:
-            features, logits, flow = self._full_resolution(reduced)
-        return {"occ_logits": logits, "flow": flow, "voxel_features": features}
+            predicted, features = fuse_and_predict(deblocked, *levels)
+        # The released setting predicts at the GT grid already; elsewhere the predictions are
+        # resampled (cheaper than running the MLPs at the finer grid).
+        occ_logits, flow = _resample(predicted, self.output_shape).split([self.num_classes, self.flow_dims], dim=1)
+        outputs = {"occ_logits": occ_logits, "flow": flow}
+        if return_features:
+            outputs["voxel_features"] = _resample(features, self.output_shape)
+        return outputs

@@ -35,8 +35,8 @@ class OccupancyFlowModel(nn.Module):
         forward_projection: :class:`LSSForwardProjection`.
         backward_projection: :class:`DepthAwareBackwardProjection` or None.
         temporal_fusion: :class:`TemporalVolumeFusion` or None.
-        voxel_encoder: :class:`ResNet3DFPN`.
-        head: :class:`OccFlowHead`.
+        voxel_encoder: :class:`ResNet3DFPN`: volume -> list of levels, finest first.
+        head: :class:`OccFlowHead`: list of levels -> dict of per-voxel outputs.
         loss: :class:`OccupancyFlowLoss`.
         class_names, free_index, flow_classes, grid_shape: label set and GT grid (from the
             dataset's metadata).
@@ -53,6 +53,9 @@ class OccupancyFlowModel(nn.Module):
         history_enabled, flow_loss_enabled: initial training phase (see :meth:`set_training_phase`).
         return_logits: add ``occ_logits`` (K, X, Y, Z) to eval outputs.
         use_camera_mask: restrict the occupancy losses to ``occ_mask_camera`` when present (Occ3D).
+        depth_only: depth pretraining: training runs the image branch only (backbone, neck,
+            depth net) and returns ``{"loss_depth"}``; nothing behind the depth net runs or
+            learns (``configs/synthetic/depth_pretrain_tiny.py``). Evaluation is refused.
     """
 
     def __init__(
@@ -80,6 +83,7 @@ class OccupancyFlowModel(nn.Module):
         flow_loss_enabled: bool = True,
         return_logits: bool = False,
         use_camera_mask: bool = False,
+        depth_only: bool = False,
     ):
         super().__init__()
         self.backbone = build_backbone(backbone)
@@ -113,6 +117,9 @@ class OccupancyFlowModel(nn.Module):
         self.depth_loss_weight = float(depth_loss_weight)
         self.return_logits = return_logits
         self.use_camera_mask = use_camera_mask
+        self.depth_only = bool(depth_only)
+        if self.depth_only and not self.depth_loss_weight:
+            raise ValueError("OccupancyFlowModel: depth_only trains the depth loss alone; depth_loss_weight is 0")
         self.flow_loss_enabled = True
         self.set_training_phase(history_enabled, flow_loss_enabled)
 
@@ -168,19 +175,31 @@ class OccupancyFlowModel(nn.Module):
         return geometry
 
     # ------------------------------------------------------------------ forward
-    def extract_volume(self, batched_inputs: List[dict]):
-        """Run everything up to the voxel encoder.
+    def extract_depth(self, batched_inputs: List[dict]):
+        """The image branch: backbone, neck and depth net.
 
         Returns:
-            volume (B, C, X', Y', Z'), depth_logits (B*N, D, h, w).
+            depth_logits (B*N, D, h, w), context (B*N, C, h, w), the samples' geometry and the
+            network input size (H, W).
         """
         images = self.preprocess_images(batched_inputs)
-        b, n, _, height, width = images.shape
+        height, width = images.shape[-2:]
         geometry = self._geometry(batched_inputs)
         features = self.neck(self.backbone(images.flatten(0, 1)))
         camera_params = camera_parameter_vector(geometry["intrinsics"], geometry["img_aug"], geometry["cam2ego"],
                                                 geometry["bda"], (height, width))
         depth_logits, context = self.depth_net(features, camera_params.flatten(0, 1))
+        return depth_logits, context, geometry, (height, width)
+
+    def extract_volume(self, batched_inputs: List[dict]):
+        """Run everything up to and including the voxel encoder.
+
+        Returns:
+            the voxel encoder's levels (list of (B, C, X_i, Y_i, Z_i), finest first),
+            depth_logits (B*N, D, h, w).
+        """
+        depth_logits, context, geometry, (height, width) = self.extract_depth(batched_inputs)
+        b, n = geometry["intrinsics"].shape[:2]
         depth_probs = depth_logits.softmax(dim=1)
         h, w = depth_logits.shape[-2:]
         context = context.view(b, n, -1, h, w)
@@ -202,11 +221,18 @@ class OccupancyFlowModel(nn.Module):
     def forward(self, batched_inputs: List[dict]):
         """Training: dict of scalar losses. Eval: list of per-sample dicts
         ``{"occ": int64 (X, Y, Z), "flow": float (X, Y, Z, 2) m/s, ["occ_logits": (K, X, Y, Z)]}``."""
-        volume, depth_logits = self.extract_volume(batched_inputs)
+        if self.depth_only:
+            if not self.training:
+                raise RuntimeError("OccupancyFlowModel: a depth_only model (depth pretraining) predicts no "
+                                   "occupancy; evaluate the model that starts from its weights")
+            depth_logits = self.extract_depth(batched_inputs)[0]
+            lidar_depth = self._stack(batched_inputs, "lidar_depth").flatten(0, 1)
+            return {"loss_depth": self.depth_loss_weight * self.depth_net.loss(depth_logits, lidar_depth)}
+        levels, depth_logits = self.extract_volume(batched_inputs)
         # Full-resolution features are only needed by a training-time regularizer that asks for them.
         needs_features = self.training and self.regularizer is not None \
             and bool(getattr(self.regularizer, "needs_voxel_features", True))
-        head_outputs = self.head(volume, return_features=needs_features)
+        head_outputs = self.head(levels, return_features=needs_features)
         if not self.training:
             return self.postprocess(head_outputs)
         return self.losses(batched_inputs, head_outputs, depth_logits)
