@@ -36,7 +36,9 @@ _EPOCHS = 48
 _WARMUP_EPOCHS = 2
 _iters_per_epoch = _NUM_TRAIN_KEYFRAMES // dataloader.train.total_batch_size  # 1758 at 16
 
-model.backbone.init_checkpoint = ""  # e.g. a local ImageNet or depth-pretrained ResNet-50 .pth
+# released: train.init_checkpoint = the depth-pretrained whole model (load_from), converted with
+# tools/convert_checkpoint.py (docs/reproducing.md); or an ImageNet ResNet-50 for the backbone alone
+model.backbone.init_checkpoint = ""
 
 optimizer.lr = 2e-4
 optimizer.weight_decay = 1e-2
