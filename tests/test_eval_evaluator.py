@@ -364,6 +364,26 @@ def test_flow_floors_equal_the_reference_with_zero_flow_and_with_gt_occupancy(ca
         assert not any(k.endswith(("_zero_flow", "_gt_occupancy")) for k in plain.evaluate()["occupancy"]), options
 
 
+def test_gt_occupancy_flow_floor_reads_the_unmasked_flow_when_the_model_gives_it():
+    """A model that zeroes its flow where it does not predict a flow class would otherwise score
+    the zero-flow floor on the GT occupancy, whatever its flow head says."""
+    pairs = [make_sample(seed, num_origins=2) for seed in (81, 82)]
+    samples, outputs = [p[0] for p in pairs], [p[1] for p in pairs]
+    rng = np.random.default_rng(3)
+    unmasked = [torch.from_numpy(rng.normal(0, 3, tuple(o["flow"].shape))).float() for o in outputs]
+    masked = [dict(o, flow=torch.zeros_like(o["flow"]), flow_unmasked=u) for o, u in zip(outputs, unmasked)]
+    evaluator = OccupancyEvaluator(distributed=False, ray_directions=FEW_RAYS)
+    evaluator.process(samples, masked)
+    results = evaluator.evaluate()["occupancy"]
+    on_gt = [dict(o, occ=s["occ_semantics"], flow=u) for s, o, u in zip(samples, outputs, unmasked)]
+    expected = reference_results(samples, on_gt, FEW_RAYS)
+    assert results["mAVE_gt_occupancy"] == pytest.approx(expected["mAVE"], rel=1e-12)
+    assert results["mAVE_TP_gt_occupancy"] == pytest.approx(expected["mAVE_TP"], rel=1e-12)
+    # the submitted (masked) flow still decides mAVE itself: zero here, so it equals its zero-flow floor
+    assert results["mAVE"] == pytest.approx(results["mAVE_zero_flow"])
+    assert results["mAVE_gt_occupancy"] != pytest.approx(results["mAVE_zero_flow"])
+
+
 def test_flow_floors_are_gathered_from_every_process(monkeypatch):
     """evaluate() on the main process of two: the other process's flow-floor counts are added in
     (real processes: test_one_process_and_two_processes_give_the_same_numbers, which compares every key)."""

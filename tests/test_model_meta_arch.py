@@ -106,6 +106,7 @@ def test_eval_returns_gt_grid_predictions_with_flow_only_on_flow_classes(tiny_mo
     assert keep.any() and (~keep).any()
     torch.testing.assert_close(result["occ"], expected_occ)
     torch.testing.assert_close(result["flow"], head_outputs["flow"][0].permute(1, 2, 3, 0) * keep[..., None])
+    torch.testing.assert_close(result["flow_unmasked"], head_outputs["flow"][0].permute(1, 2, 3, 0))
 
 
 def test_regularizer_is_training_only_and_sees_head_outputs(tiny_model):

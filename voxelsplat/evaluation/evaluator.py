@@ -20,7 +20,10 @@ others, which tell what the predicted flow adds:
 - ``mAVE_gt_occupancy`` / ``mAVE_TP_gt_occupancy``: the predicted flow read on the ground
   truth's occupancy (prediction semantics := GT semantics, so every counted ray is a true
   positive at its GT hit, and the ray's flow is the predicted flow at that voxel): flow
-  quality independent of the occupancy. Costs one more cast of the GT alone per sample.
+  quality independent of the occupancy. The flow read there is the output's
+  ``flow_unmasked`` when it has one (the model's flow before it zeroes the voxels it does not
+  classify as a flow class), else its ``flow``: otherwise a model that misses a car would
+  score zero flow on it, whatever its flow head predicts.
 
 Floors that need no model at all (all free, the training class prior, the previous
 keyframe's ground truth) are in :mod:`voxelsplat.evaluation.floors`.
@@ -284,7 +287,9 @@ class OccupancyEvaluator(DatasetEvaluator):
                         logger.warning("OccupancyEvaluator: sample %s seen twice; counting it once", token)
                     self._stats[token] = stats
                     if self.compute_flow and self.compute_flow_floors:
-                        for name, floor_stats in self._flow_floor_sample_stats(rays, pred_flow, token).items():
+                        flow_everywhere = output.get("flow_unmasked", pred_flow)
+                        for name, floor_stats in self._flow_floor_sample_stats(rays, flow_everywhere,
+                                                                               token).items():
                             self._flow_floor_stats[name][token] = floor_stats
             if self.export_submission:
                 self._spool(token, rays)
@@ -383,7 +388,8 @@ class OccupancyEvaluator(DatasetEvaluator):
 
     def _flow_floor_sample_stats(self, rays, pred_flow, token: str) -> Dict[str, SampleStats]:
         """One sample's counts for each flow floor (see the module docstring); ``rays`` are the
-        sample's rays cast through its GT and the model's prediction."""
+        sample's rays cast through its GT and the model's prediction, ``pred_flow`` the predicted
+        flow volume read on the GT occupancy (the unmasked one when the model gives it)."""
         num_classes, voxel_size = len(self.class_names), self.grid.voxel_size
         # the model's rays and true positives, zero flow at every predicted hit
         zero_flow = replace(rays, pred_flow=torch.zeros_like(rays.pred_flow))

@@ -220,7 +220,8 @@ class OccupancyFlowModel(nn.Module):
 
     def forward(self, batched_inputs: List[dict]):
         """Training: dict of scalar losses. Eval: list of per-sample dicts
-        ``{"occ": int64 (X, Y, Z), "flow": float (X, Y, Z, 2) m/s, ["occ_logits": (K, X, Y, Z)]}``."""
+        ``{"occ": int64 (X, Y, Z), "flow": float (X, Y, Z, 2) m/s (zero where the predicted class has
+        no flow), "flow_unmasked": the same before that masking, ["occ_logits": (K, X, Y, Z)]}``."""
         if self.depth_only:
             if not self.training:
                 raise RuntimeError("OccupancyFlowModel: a depth_only model (depth pretraining) predicts no "
@@ -258,11 +259,13 @@ class OccupancyFlowModel(nn.Module):
         """Per-sample predictions; flow is zeroed where the predicted class is not a flow class."""
         logits = torch.nan_to_num(head_outputs["occ_logits"].float())
         occ = logits.argmax(dim=1)  # (B, X, Y, Z)
-        flow = torch.nan_to_num(head_outputs["flow"].float()).permute(0, 2, 3, 4, 1)  # (B, X, Y, Z, 2)
-        flow = flow * self.flow_class_lut[occ][..., None].to(flow.dtype)
+        unmasked = torch.nan_to_num(head_outputs["flow"].float()).permute(0, 2, 3, 4, 1)  # (B, X, Y, Z, 2)
+        flow = unmasked * self.flow_class_lut[occ][..., None].to(unmasked.dtype)
         results = []
         for i in range(occ.shape[0]):
-            result = {"occ": occ[i], "flow": flow[i]}
+            # "flow_unmasked": the head's flow at every voxel, whatever class it predicts there (the
+            # evaluator reads it on the GT occupancy: mAVE_gt_occupancy)
+            result = {"occ": occ[i], "flow": flow[i], "flow_unmasked": unmasked[i]}
             if self.return_logits:
                 result["occ_logits"] = logits[i]
             results.append(result)
