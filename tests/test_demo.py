@@ -18,7 +18,7 @@ def test_quick_demo_writes_metrics_table_tensorboard_and_pictures(tmp_path):
 
     out, data = tmp_path / "demo", tmp_path / "data"
     proc = subprocess.run([sys.executable, os.path.join(ROOT, "tools", "run_demo.py"), "--quick", "--iters", "3",
-                           "--output-dir", str(out), "--data-dir", str(data)],
+                           "--pretrain-iters", "2", "--output-dir", str(out), "--data-dir", str(data)],
                           cwd=ROOT, capture_output=True, text=True, timeout=900)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     with open(out / "results.json") as f:
@@ -39,8 +39,11 @@ def test_quick_demo_writes_metrics_table_tensorboard_and_pictures(tmp_path):
     assert "| VoxelSplat |" in table and "RayIoU@4" in table and "mIoU" in table and "mAVE_zero_flow" in table
     assert "| floor: class prior |" in table and "| floor: previous GT |" in table
     cached = json.loads((out / "floors.json").read_text())
-    assert set(cached["floors"]) == {"all_free", "class_prior", "previous_gt", "gt_occupancy_zero_flow"} \
-        and "key" in cached
+    assert set(cached["floors"]) == {"all_free", "class_prior", "previous_gt", "gt_occupancy_zero_flow",
+                                     "split_motion"} and "key" in cached
+    motion = cached["floors"]["split_motion"]
+    assert motion["train_keyframes"] == 4 and motion["val_keyframes"] == 4  # --quick: 2 scenes x 4 keyframes
+    assert 0.0 <= motion["train_moving_share"] <= 1.0 and motion["train_flow_class_voxels"] > 0
     gt_zero_flow = results["floor: GT occupancy, zero flow"]
     assert gt_zero_flow["RayIoU"] == 100.0 and gt_zero_flow["mAVE"] > 0
     for run in ("fbocc_tiny", "voxelsplat_tiny"):
@@ -61,6 +64,18 @@ def test_quick_demo_writes_metrics_table_tensorboard_and_pictures(tmp_path):
         tags = events.Tags()
         assert any(t.startswith("occupancy/") for t in tags["scalars"]), tags["scalars"]
         assert any("bev_occupancy" in t for t in tags["images"]), tags["images"]
+    # both models start from the shared depth pretraining, which trained the image branch only
+    pretrained = out / "depth_pretrain" / "model_final.pth"
+    assert json.loads((out / "depth_pretrain" / "depth_pretrain.json").read_text())["iters"] == 2
+    import torch
+
+    weights = torch.load(pretrained, map_location="cpu", weights_only=True)["model"]
+    for run in ("fbocc_tiny", "voxelsplat_tiny"):
+        assert f"init_checkpoint: {pretrained}" in (out / run / "config.yaml").read_text()
+    log = (out / "depth_pretrain" / "log.txt").read_text()
+    # one loss: detectron2 logs it as total_loss alone
+    assert "total_loss" in log and "loss_occ" not in log and "loss_flow" not in log
+    assert any(k.startswith("depth_net.") for k in weights) and any(k.startswith("head.") for k in weights)
     # the dataset is reused by a second run with the same settings
     marker = json.loads((data / "demo_dataset.json").read_text())
     assert marker["scenes"] == 2 and not math.isnan(float(marker["seed"]))

@@ -33,7 +33,10 @@ sys.path.insert(0, ROOT)
 MODELS = (
     ("FB-Occ (baseline)", "fbocc_tiny", "configs/synthetic/fbocc_tiny.py"),
     ("VoxelSplat", "voxelsplat_tiny", "configs/synthetic/voxelsplat_tiny.py"),
+    ("VoxelSplat corrected", "voxelsplat_tiny_corrected", "configs/synthetic/voxelsplat_tiny_corrected.py"),
 )
+# what `make demo` trains (tools/run_experiment.py trains every model)
+DEMO_MODELS = ("fbocc_tiny", "voxelsplat_tiny")
 METRICS = ("RayIoU", "RayIoU@1", "RayIoU@2", "RayIoU@4", "mAVE", "mAVE_zero_flow", "mAVE_gt_occupancy", "mAVE_TP",
            "mAVE_TP_zero_flow", "mAVE_TP_gt_occupancy", "OccScore", "mIoU")
 # (table row, floor name in voxelsplat.evaluation.floors)
@@ -43,8 +46,14 @@ FLOORS = (
     ("floor: previous GT", "previous_gt"),
     ("floor: GT occupancy, zero flow", "gt_occupancy_zero_flow"),
 )
+# The shared depth pretraining (--pretrain-iters) and the overrides it takes from the command line.
+PRETRAIN_CONFIG = "configs/synthetic/depth_pretrain_tiny.py"
+PRETRAIN_OVERRIDE_PREFIXES = ("model.backbone.", "model.neck.", "model.depth_net.", "model.pixel_", "model.input_",
+                              "dataloader.train.mapper.")
+# floors.json entry with the splits' motion statistics (voxelsplat.evaluation.floors.motion_statistics)
+SPLIT_MOTION = "split_motion"
 # Bumped when the floors or their cache change, so an older floors.json is recomputed.
-FLOORS_CACHE_VERSION = 2
+FLOORS_CACHE_VERSION = 3
 # Config overrides that can change the floors (the rest concern the models and training).
 FLOOR_OVERRIDE_PREFIXES = ("dataloader.train.dataset.", "dataloader.test.dataset.", "dataloader.evaluator.")
 
@@ -53,14 +62,28 @@ def parse_args(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--output-dir", default="output/demo")
     parser.add_argument("--data-dir", default="datasets/synthetic", help="synthetic dataset (made if missing)")
+    parser.add_argument("--version", default="v1.0-mini",
+                        help="nuScenes version of the synthetic dataset: v1.0-mini holds at most 10 scenes (2 for "
+                             "validation); v1.0-trainval splits larger counts about 82/18")
     parser.add_argument("--scenes", type=int, default=6)
     parser.add_argument("--samples-per-scene", type=int, default=20)
     parser.add_argument("--image-size", type=int, nargs=2, default=(352, 128), metavar=("W", "H"))
     parser.add_argument("--iters", type=int, default=None, help="training iterations (default: the configs')")
+    parser.add_argument("--eval-period", type=int, default=None,
+                        help="also evaluate every this many iterations (learning curves; default: at the end only)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--quick", action="store_true",
                         help="tiny run: 2 scenes x 4 keyframes, 176x64 images, 6 iterations")
     parser.add_argument("--skip-pictures", action="store_true")
+    parser.add_argument("--models", nargs="+", default=list(DEMO_MODELS), choices=[name for _, name, _ in MODELS],
+                        help="which models to train, in this order (default: %(default)s)")
+    parser.add_argument("--pretrain-iters", type=int, default=0,
+                        help="first pretrain the image backbone, neck and depth net on the synthetic LiDAR depth for "
+                             "this many iterations (configs/synthetic/depth_pretrain_tiny.py) and start every model "
+                             "from it; 0: random initialisation")
+    parser.add_argument("--pretrain-dir", default=None,
+                        help="where the depth pretraining runs and is reused while its settings are the same "
+                             "(default: <output-dir>/depth_pretrain; tools/run_experiment.py shares one)")
     parser.add_argument("--floors-cache", default=None,
                         help="JSON file of the floors' results, reused while the dataset and evaluator settings are "
                              "the same (default: <output-dir>/floors.json)")
@@ -71,7 +94,17 @@ def parse_args(argv=None):
         args.iters = args.iters or 6
     if args.floors_cache is None:
         args.floors_cache = os.path.join(args.output_dir, "floors.json")
+    if args.pretrain_dir is None:
+        args.pretrain_dir = os.path.join(args.output_dir, "depth_pretrain")
+    if args.pretrain_iters < 0:
+        parser.error(f"--pretrain-iters must be >= 0, got {args.pretrain_iters}")
     return args
+
+
+def selected_models(args):
+    """The ``(title, run name, config)`` of the models ``args.models`` names, in that order."""
+    by_name = {name: (title, name, config) for title, name, config in MODELS}
+    return [by_name[name] for name in args.models]
 
 
 def step(message):
@@ -101,17 +134,19 @@ def dataset_overrides(args):
     return [
         f"dataloader.train.dataset.dataroot={data_dir}",
         f"dataloader.test.dataset.dataroot={data_dir}",
+        f"dataloader.train.dataset.version={args.version}",
+        f"dataloader.test.dataset.version={args.version}",
     ]
 
 
 def dataset_settings(args):
     """What the demo's synthetic dataset is generated from."""
-    return {"scenes": args.scenes, "samples_per_scene": args.samples_per_scene,
+    return {"version": args.version, "scenes": args.scenes, "samples_per_scene": args.samples_per_scene,
             "image_size": list(args.image_size), "seed": args.seed}
 
 
 def ensure_dataset(args):
-    version_dir = os.path.join(args.data_dir, "v1.0-mini")
+    version_dir = os.path.join(args.data_dir, args.version)
     marker = os.path.join(args.data_dir, "demo_dataset.json")
     wanted = dataset_settings(args)
     if os.path.isdir(version_dir) and os.path.isfile(marker):
@@ -122,6 +157,7 @@ def ensure_dataset(args):
     step(f"generating the synthetic dataset in {args.data_dir} "
          f"({args.scenes} scenes x {args.samples_per_scene} keyframes, {args.image_size[0]}x{args.image_size[1]})")
     seconds = run([sys.executable, "tools/make_synthetic_dataset.py", "--output", args.data_dir,
+                   "--version", args.version,
                    "--scenes", str(args.scenes), "--samples-per-scene", str(args.samples_per_scene),
                    "--image-size", str(args.image_size[0]), str(args.image_size[1]),
                    "--seed", str(args.seed), "--overwrite"])
@@ -129,6 +165,44 @@ def ensure_dataset(args):
         json.dump(wanted, f)
     os.replace(marker + ".tmp", marker)
     return seconds
+
+
+def ensure_depth_pretraining(args):
+    """The checkpoint every model of the demo starts from, or None without ``--pretrain-iters``.
+
+    The image backbone, neck and depth net of the tiny configs, trained on the synthetic LiDAR
+    depth alone (:data:`PRETRAIN_CONFIG`), the way the released models start from a
+    depth-pretrained checkpoint. Trained once into ``args.pretrain_dir`` and reused while the
+    dataset, the iterations and the overrides that reach it are the same; an interrupted
+    pretraining resumes from its last checkpoint. A folder pretrained with other settings is
+    refused rather than overwritten."""
+    if not args.pretrain_iters:
+        return None
+    opts = [o for o in args.opts if o != "--" and o.startswith(PRETRAIN_OVERRIDE_PREFIXES)]
+    wanted = {"config": PRETRAIN_CONFIG, "iters": args.pretrain_iters, "dataset": dataset_settings(args),
+              "overrides": opts}
+    final = os.path.join(args.pretrain_dir, "model_final.pth")
+    marker = os.path.join(args.pretrain_dir, "depth_pretrain.json")
+    if os.path.isfile(marker):
+        with open(marker) as f:
+            found = json.load(f)
+        if found != wanted:
+            raise SystemExit(f"[demo] {args.pretrain_dir} holds a depth pretraining with other settings "
+                             f"({marker}: {found}, wanted {wanted}); pass another --pretrain-dir or remove it")
+        if os.path.isfile(final):
+            step(f"depth-pretrained checkpoint already in {final}")
+            return final
+    os.makedirs(args.pretrain_dir, exist_ok=True)
+    write_json(marker, wanted)
+    step(f"pretraining the image backbone, neck and depth net on LiDAR depth ({args.pretrain_iters} iterations) "
+         f"-> {args.pretrain_dir}")
+    run([sys.executable, "tools/lazyconfig_train_net.py", "--config-file", PRETRAIN_CONFIG, "--resume",
+         f"train.output_dir={args.pretrain_dir}", f"train.max_iter={args.pretrain_iters}",
+         f"train.checkpointer.period={max(1, args.pretrain_iters // 4)}", *dataset_overrides(args), *opts],
+        log_path=os.path.join(args.pretrain_dir, "log_demo.txt"))
+    if not os.path.isfile(final):
+        raise SystemExit(f"[demo] the depth pretraining finished without writing {final}")
+    return final
 
 
 def _plain(value):
@@ -158,6 +232,7 @@ def floor_results(args):
     from omegaconf import OmegaConf
 
     from voxelsplat.evaluation import evaluate_floors
+    from voxelsplat.evaluation.floors import motion_statistics
 
     cfg = LazyConfig.load(os.path.join(ROOT, MODELS[0][2]))  # every model of the demo shares its data config
     overrides = dataset_overrides(args) + [o for o in args.opts if o.startswith(FLOOR_OVERRIDE_PREFIXES)]
@@ -182,6 +257,9 @@ def floor_results(args):
     train_name, val_name = instantiate(cfg.dataloader.train.dataset), instantiate(cfg.dataloader.test.dataset)
     results = evaluate_floors(train_name, val_name, [name for _, name in FLOORS],
                               evaluator=instantiate(cfg.dataloader.evaluator))
+    # how much of each split moves (the benchmark gate asks train and val to move alike)
+    results[SPLIT_MOTION] = {f"{split}_{key}": value for split, name in (("train", train_name), ("val", val_name))
+                             for key, value in motion_statistics(name).items()}
     folder = os.path.dirname(os.path.abspath(args.floors_cache))
     os.makedirs(folder, exist_ok=True)
     write_json(args.floors_cache, {"key": key, "floors": {
@@ -237,16 +315,23 @@ def main(argv=None):
     os.makedirs(args.output_dir, exist_ok=True)
     ensure_dataset(args)
     floors = floor_results(args)
+    pretrained = ensure_depth_pretraining(args)
     rows = []
-    for title, name, config in MODELS:
+    for title, name, config in selected_models(args):
         run_dir = os.path.join(args.output_dir, name)
         overrides = [f"train.output_dir={run_dir}", f"train.seed={args.seed}", *dataset_overrides(args)]
+        if pretrained:
+            overrides.append(f"train.init_checkpoint={os.path.abspath(pretrained)}")
         if args.iters:
-            overrides += [f"train.max_iter={args.iters}", f"train.eval_period={args.iters}",
-                          f"train.checkpointer.period={args.iters}"]
+            overrides += [f"train.max_iter={args.iters}", f"train.eval_period={args.eval_period or args.iters}",
+                          f"train.checkpointer.period={args.eval_period or args.iters}"]
+        elif args.eval_period:
+            overrides += [f"train.eval_period={args.eval_period}"]
         overrides += [o for o in args.opts if o != "--"]
         step(f"training {title}: {config} -> {run_dir}")
-        seconds = run([sys.executable, "tools/lazyconfig_train_net.py", "--config-file", config, *overrides],
+        # --resume: a run interrupted part-way continues from its last checkpoint
+        seconds = run([sys.executable, "tools/lazyconfig_train_net.py", "--config-file", config, "--resume",
+                       *overrides],
                       log_path=os.path.join(args.output_dir, f"{name}.log"))
         metrics = read_run(run_dir)
         metrics["train_time_s"] = seconds

@@ -29,6 +29,8 @@ sys.path.insert(0, os.path.join(ROOT, "tools"))
 
 import run_demo  # noqa: E402
 
+# iterations of the shared depth pretraining (configs/synthetic/depth_pretrain_tiny.py)
+BENCHMARK_PRETRAIN_ITERS = 600
 KEYS = ("RayIoU@1", "RayIoU@2", "RayIoU@4", "RayIoU", "mAVE", "mAVE_zero_flow", "mAVE_gt_occupancy", "mAVE_TP",
         "mAVE_TP_zero_flow", "mAVE_TP_gt_occupancy", "OccScore", "mIoU", "step_time_s", "peak_memory_mb")
 
@@ -45,22 +47,36 @@ def mean_std(values):
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--output-dir", default="output/experiment")
-    parser.add_argument("--data-dir", default="datasets/synthetic")
-    parser.add_argument("--seeds", type=int, nargs="+", default=(0, 1, 2))
+    parser.add_argument("--data-dir", default="datasets/synthetic_benchmark")
+    parser.add_argument("--seeds", type=int, nargs="+", default=(0, 1, 2, 3, 4))
     parser.add_argument("--iters", type=int, default=None)
-    parser.add_argument("--scenes", type=int, default=6)
+    parser.add_argument("--eval-period", type=int, default=None,
+                        help="evaluate every this many iterations too (the learning curves' points)")
+    # the benchmark's dataset: 16 training and 4 validation scenes of 20 keyframes
+    parser.add_argument("--version", default="v1.0-trainval")
+    parser.add_argument("--scenes", type=int, default=20)
     parser.add_argument("--samples-per-scene", type=int, default=20)
     parser.add_argument("--image-size", type=int, nargs=2, default=(352, 128))
+    parser.add_argument("--pretrain-iters", type=int, default=BENCHMARK_PRETRAIN_ITERS,
+                        help="shared depth pretraining of the image branch, run once for every seed and model "
+                             "(0: none)")
+    parser.add_argument("--models", nargs="+", default=None, choices=[name for _, name, _ in run_demo.MODELS],
+                        help="which models to train (default: all; the first is the baseline)")
     parser.add_argument("opts", nargs=argparse.REMAINDER)
     args = parser.parse_args(argv)
     start = time.perf_counter()
     opts = [o for o in args.opts if o != "--"]
     # one dataset for every seed (the seed varies the training only), so one set of floors
-    shared_args = ["--data-dir", args.data_dir, "--scenes", str(args.scenes),
+    shared_args = ["--data-dir", args.data_dir, "--version", args.version, "--scenes", str(args.scenes),
                    "--samples-per-scene", str(args.samples_per_scene), "--image-size", *map(str, args.image_size),
-                   "--skip-pictures", "--seed", "0", "--floors-cache", os.path.join(args.output_dir, "floors.json")]
+                   "--skip-pictures", "--seed", "0", "--floors-cache", os.path.join(args.output_dir, "floors.json"),
+                   "--pretrain-iters", str(args.pretrain_iters),
+                   "--pretrain-dir", os.path.join(args.output_dir, "depth_pretrain")]
+    shared_args += ["--models", *(args.models or [name for _, name, _ in run_demo.MODELS])]
     if args.iters:
         shared_args += ["--iters", str(args.iters)]
+    if args.eval_period:
+        shared_args += ["--eval-period", str(args.eval_period)]
     per_model = {}
     for seed in args.seeds:
         demo_args = ["--output-dir", os.path.join(args.output_dir, f"seed{seed}"), *shared_args]
@@ -77,12 +93,15 @@ def main(argv=None):
     # the seeds' shared floors: from the cache the runs above filled (computed here when every seed was resumed)
     demo = run_demo.parse_args(["--output-dir", args.output_dir, *shared_args, *opts])
     run_demo.ensure_dataset(demo)
-    floors = dict(run_demo.floor_rows(run_demo.floor_results(demo)))
+    floor_values = run_demo.floor_results(demo)
+    floors = dict(run_demo.floor_rows(floor_values))
+    motion = floor_values.get(run_demo.SPLIT_MOTION)
 
     summary = {model: {k: mean_std([r.get(k) for r in runs]) for k in KEYS} for model, runs in per_model.items()}
     names = list(summary)
     base, ours = names[0], names[-1]
-    ratios = {k: summary[ours][k][0] / summary[base][k][0] for k in ("step_time_s", "peak_memory_mb")}
+    ratios = {k: summary[ours][k][0] / summary[base][k][0] if ours != base else float("nan")
+              for k in ("step_time_s", "peak_memory_mb")}
     metric_keys = KEYS[:-2]
     lines = ["| model | " + " | ".join(metric_keys) + " |", "|---" * (len(metric_keys) + 1) + "|"]
     digits = {k: 4 if k.startswith("mAVE") else 2 for k in metric_keys}
@@ -92,17 +111,27 @@ def main(argv=None):
     for title, metrics in floors.items():
         lines.append(f"| {title} | " + " | ".join(run_demo.format_cell(metrics, k, digits[k]) for k in metric_keys)
                      + " |")
+    lines += [""] + per_class_lines(names, per_model)
     lines.append("")
-    lines.append(f"VoxelSplat / baseline: step time x{ratios['step_time_s']:.3f}, "
-                 f"peak memory x{ratios['peak_memory_mb']:.3f} (seeds {list(args.seeds)})")
-    gate, comparisons = paired_statistics(args, names, per_model, floors)
+    if motion:
+        lines.append(f"Moving share of flow-class voxels: {100 * motion['train_moving_share']:.1f}% in training, "
+                     f"{100 * motion['val_moving_share']:.1f}% in validation ({motion['train_keyframes']} and "
+                     f"{motion['val_keyframes']} keyframes).")
+    if ours != base:
+        lines.append(f"{ours} / {base}: step time x{ratios['step_time_s']:.3f}, "
+                     f"peak memory x{ratios['peak_memory_mb']:.3f} (seeds {list(args.seeds)})")
+    gate, comparisons = paired_statistics(args, names, per_model, floors, motion)
     if gate is not None:
         from voxelsplat.evaluation import format_markdown
 
         lines.append("")
         lines += format_markdown(gate, comparisons, baseline_name=base)
-    table = "\n".join(lines)
     os.makedirs(args.output_dir, exist_ok=True)
+    passed = gate is not None and gate.passed
+    pictures = write_pictures(args, names, per_model, floors, comparisons if passed else {})
+    if pictures:
+        lines += ["", "Pictures: " + ", ".join(os.path.relpath(p, args.output_dir) for p in pictures)]
+    table = "\n".join(lines)
     payload = {"seeds": list(args.seeds), "iters": args.iters, "runs": per_model,
                "summary": {m: {k: {"mean": v[0], "std": v[1]} for k, v in s.items()} for m, s in summary.items()},
                "floors": floors,
@@ -121,10 +150,62 @@ def main(argv=None):
     return payload
 
 
+CURVE_METRICS = ("RayIoU", "mAVE")
+
+
+def per_class_lines(names, per_model):
+    """A markdown table of RayIoU per class (mean over seeds), one column per model."""
+    from voxelsplat.data.occupancy_meta import occupancy_metadata
+
+    meta = occupancy_metadata("openocc_v2")
+    classes = [c for i, c in enumerate(meta["class_names"]) if i != meta["free_index"]]
+    lines = ["RayIoU per class (mean over seeds):", "", "| class | " + " | ".join(names) + " |",
+             "|---" * (len(names) + 1) + "|"]
+    for name in classes:
+        cells = [mean_std([run.get(f"RayIoU/{name}") for run in per_model[title]])[0] for title in names]
+        lines.append(f"| {name} | " + " | ".join("-" if math.isnan(c) else f"{c:.2f}" for c in cells) + " |")
+    return lines
+
+
+def write_pictures(args, names, per_model, floors, comparisons):
+    """PNGs under ``<output-dir>/pictures/``: learning curves of RayIoU and mAVE on val (each
+    model's mean over seeds with its band; the floors dashed), per-class RayIoU bars and, when the
+    gate let comparisons through, the paired differences with their intervals. Returns the paths."""
+    from voxelsplat.data.occupancy_meta import occupancy_metadata
+    from voxelsplat.evaluation.plots import (
+        plot_learning_curves, plot_paired_differences, plot_per_class, read_eval_curves,
+    )
+
+    folder = os.path.join(args.output_dir, "pictures")
+    folders = {title: name for title, name, _ in run_demo.MODELS}
+    curves = {metric: {} for metric in CURVE_METRICS}
+    for title in names:
+        for seed in args.seeds:
+            path = os.path.join(args.output_dir, f"seed{seed}", folders[title], "metrics.json")
+            if os.path.isfile(path):
+                for metric, points in read_eval_curves(path, CURVE_METRICS).items():
+                    curves[metric].setdefault(title, []).append(points)
+    written = []
+    floor_lines = {"RayIoU": ("floor: class prior", "floor: previous GT"), "mAVE": ("floor: GT occupancy, zero flow",)}
+    for metric, per_title in curves.items():
+        if per_title:
+            written.append(plot_learning_curves(
+                per_title, metric, os.path.join(folder, f"learning_curve_{metric}.png"),
+                floors={name: floors.get(name, {}).get(metric, float("nan")) for name in floor_lines[metric]}))
+    class_names = [n for i, n in enumerate(occupancy_metadata("openocc_v2")["class_names"])
+                   if i != occupancy_metadata("openocc_v2")["free_index"]]
+    per_class = {title: {c: [run.get(f"RayIoU/{c}", float("nan")) for run in per_model[title]] for c in class_names}
+                 for title in names}
+    written.append(plot_per_class(per_class, class_names, os.path.join(folder, "per_class_RayIoU.png")))
+    if comparisons:
+        written.append(plot_paired_differences(comparisons, os.path.join(folder, "paired_differences.png")))
+    return written
+
+
 COMPARED_METRICS = ("RayIoU", "RayIoU@1", "RayIoU@2", "RayIoU@4", "mAVE", "mAVE_TP", "OccScore")
 
 
-def paired_statistics(args, names, per_model, floors):
+def paired_statistics(args, names, per_model, floors, motion=None):
     """The benchmark gate of the baseline (``names[0]``) and the paired bootstrap of every other
     model against it, from the per-frame counts of each seed's evaluation. Returns
     ``(gate, {model: {metric: PairedBootstrapResult}})``, or ``(None, {})`` when a run's counts
@@ -154,7 +235,8 @@ def paired_statistics(args, names, per_model, floors):
         [SampleStats.total(seed_frames.values()) for seed_frames in frames[base]],
         floors["floor: class prior"].get("RayIoU", float("nan")),
         [run.get("mAVE_gt_occupancy", float("nan")) for run in per_model[base]],
-        floors["floor: GT occupancy, zero flow"].get("mAVE", float("nan")), **label_set)
+        floors["floor: GT occupancy, zero flow"].get("mAVE", float("nan")), **label_set,
+        moving_shares=None if not motion else (motion["train_moving_share"], motion["val_moving_share"]))
     comparisons = {model: paired_bootstrap(frames[base], frames[model], COMPARED_METRICS,
                                            flow_classes=meta["flow_classes"], rng=0, **label_set)
                    for model in names[1:]}

@@ -134,7 +134,8 @@ def build_hooks(cfg, model, trainer, checkpointer) -> list:
         *extra,
         PeakMemoryHook(period=train.log_period),
         hooks.PeriodicCheckpointer(checkpointer, **train.checkpointer) if comm.is_main_process() else None,
-        hooks.EvalHook(train.eval_period, lambda: do_test(cfg, model)),
+        # eval_period 0: evaluate after the last iteration only; None: never (e.g. a pretraining)
+        hooks.EvalHook(train.eval_period, lambda: do_test(cfg, model)) if train.eval_period is not None else None,
         hooks.PeriodicWriter(default_writers(train.output_dir, train.max_iter), period=train.log_period)
         if comm.is_main_process() else None,
     ]
