@@ -21,13 +21,13 @@ from typing import Tuple
 import torch
 import torch.nn.functional as F
 
+from .errors import BackendUnavailableError
+
 MODULE_NAMES = ("diff_gaussian_rasterization", "gaussian_splatting.diff_gaussian_rasterization")
 
 
 def import_inria_rasterizer():
     """The Inria rasterizer module; raises ``BackendUnavailableError`` naming how to install it."""
-    from .rasterize import BackendUnavailableError
-
     errors = []
     for name in MODULE_NAMES:
         try:

@@ -4,17 +4,24 @@ from __future__ import annotations
 import logging
 from typing import Dict, Tuple
 
+import importlib
+
 import torch
 
+from .errors import BackendUnavailableError
+
 BACKENDS = ("auto", "torch", "native", "gsplat", "inria")
+# backend -> (module, function) of its rasterizer, imported when first used
+_RASTERIZERS = {
+    "torch": (".torch_backend", "rasterize_torch"),
+    "native": (".native_backend", "rasterize_native"),
+    "gsplat": (".gsplat_backend", "rasterize_gsplat"),
+    "inria": (".inria_backend", "rasterize_inria"),
+}
 
 logger = logging.getLogger(__name__)
 # device string -> whether gsplat rasterized a probe scene there (checked once per process).
 _GSPLAT_WORKS: Dict[str, bool] = {}
-
-
-class BackendUnavailableError(RuntimeError):
-    """A rasterization backend was requested that cannot run here."""
 
 
 def _check_inputs(means, quats, scales, opacities, features, viewmats, Ks, width, height) -> None:
@@ -205,14 +212,8 @@ def rasterize_gaussians(
         if backend == "native":
             raise ValueError(f"rasterize_gaussians: backend='native' takes float32 or float64 inputs, got {means.dtype}")
         chosen = "torch"
-    if chosen == "torch":
-        from .torch_backend import rasterize_torch as rasterize
-    elif chosen == "native":
-        from .native_backend import rasterize_native as rasterize
-    elif chosen == "gsplat":
-        from .gsplat_backend import rasterize_gsplat as rasterize
-    else:
-        from .inria_backend import rasterize_inria as rasterize
+    module, function = _RASTERIZERS[chosen]
+    rasterize = getattr(importlib.import_module(module, __package__), function)
     options = (width, height, near_plane, far_plane, eps2d)
     if means.dim() == 3 and chosen not in ("torch", "native"):
         # The CUDA rasterizers take one position per Gaussian: one call per camera.

@@ -30,6 +30,7 @@ from typing import Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 
+from voxelsplat.data.datasets import CAMERA_CHANNELS
 from voxelsplat.data.occupancy_meta import DEFAULT_GRID, OPENOCC_V2_CLASSES, openocc_to_occ3d_lut
 from voxelsplat.utils.geometry import matrix_to_quaternion, yaw_to_quaternion
 
@@ -51,7 +52,6 @@ LIDAR_AZIMUTH_STEPS = 1080
 LIDAR_TRAVERSE_EVERY = 2  # rays of the visibility mask that mark the free space they cross
 JPEG_QUALITY = 92
 
-CHANNELS = ("CAM_FRONT", "CAM_FRONT_RIGHT", "CAM_FRONT_LEFT", "CAM_BACK", "CAM_BACK_LEFT", "CAM_BACK_RIGHT")
 LIDAR = "LIDAR_TOP"
 
 # nuScenes-lidarseg category indices of the categories used here
@@ -348,7 +348,7 @@ def _plan(root: str, version: str, names: List[str], num_keyframes: int, image_s
     for token, level in _VISIBILITY:
         tables["visibility"].append(dict(token=token, level=level, description=f"visibility of the object: {level}"))
     sensor_tokens = {}
-    for channel in (*CHANNELS, LIDAR):
+    for channel in (*CAMERA_CHANNELS, LIDAR):
         sensor_tokens[channel] = _token("sensor", channel)
         tables["sensor"].append(dict(token=sensor_tokens[channel], channel=channel,
                                      modality="lidar" if channel == LIDAR else "camera"))
@@ -368,7 +368,7 @@ def _plan(root: str, version: str, names: List[str], num_keyframes: int, image_s
         tables["map"].append(dict(token=map_token, category="semantic_prior", filename=map_file,
                                   log_tokens=[log_token]))
         calibration = {}
-        for channel in (*CHANNELS, LIDAR):
+        for channel in (*CAMERA_CHANNELS, LIDAR):
             calibration[channel] = _token(seed, name, "calibrated_sensor", channel)
             if channel == LIDAR:
                 record = _calibration(calibration[channel], sensor_tokens[channel], LIDAR2EGO, None)
@@ -388,9 +388,9 @@ def _plan(root: str, version: str, names: List[str], num_keyframes: int, image_s
         tables["scene"].append(dict(token=scene_token, log_token=log_token, nbr_samples=num_keyframes,
                                     first_sample_token=samples[0]["token"], last_sample_token=samples[-1]["token"],
                                     name=name, description=description))
-        channel_chain: Dict[str, List[dict]] = {c: [] for c in (*CHANNELS, LIDAR)}
+        channel_chain: Dict[str, List[dict]] = {c: [] for c in (*CAMERA_CHANNELS, LIDAR)}
         for frame, sample in enumerate(samples):
-            for channel in CHANNELS:
+            for channel in CAMERA_CHANNELS:
                 timestamp = sample["timestamp"] + CAMERA_TIME_OFFSETS_US[channel]
                 token = _token(seed, name, channel, frame)
                 channel_chain[channel].append(dict(
@@ -415,7 +415,7 @@ def _plan(root: str, version: str, names: List[str], num_keyframes: int, image_s
                     filename=filename))
                 pose = world.ego_pose((timestamp - spec.start_us) * 1e-6)
                 tables["ego_pose"].append(_pose_record(token, timestamp, pose))
-                cameras = tuple(channel_chain[c][frame]["filename"] for c in CHANNELS) if sweep == 0 else ()
+                cameras = tuple(channel_chain[c][frame]["filename"] for c in CAMERA_CHANNELS) if sweep == 0 else ()
                 tasks.append(_FrameTask(spec, frame, sweep, root, (width, height), sample["token"], filename, cameras))
         for chain in channel_chain.values():
             _link(chain)
