@@ -52,11 +52,9 @@ def main(argv=None):
         results[name] = module.run(args)
         results[name]["benchmark_wall_s"] = round(time.perf_counter() - start, 2)
         print(json.dumps(results[name], indent=2, default=str), flush=True)
-    os.makedirs(os.path.dirname(os.path.abspath(args.output)), exist_ok=True)
-    tmp = args.output + ".tmp"
-    with open(tmp, "w") as f:
-        json.dump(results, f, indent=2, default=str)
-    os.replace(tmp, args.output)
+    from voxelsplat.utils.io import atomic_write_text
+
+    atomic_write_text(args.output, json.dumps(results, indent=2, default=str))
     print(f"results written to {args.output}")
     return results
 

@@ -161,9 +161,7 @@ def ensure_dataset(args):
                    "--scenes", str(args.scenes), "--samples-per-scene", str(args.samples_per_scene),
                    "--image-size", str(args.image_size[0]), str(args.image_size[1]),
                    "--seed", str(args.seed), "--overwrite"])
-    with open(marker + ".tmp", "w") as f:
-        json.dump(wanted, f)
-    os.replace(marker + ".tmp", marker)
+    write_json(marker, wanted)
     return seconds
 
 
@@ -217,9 +215,9 @@ def _plain(value):
 
 
 def write_json(path, payload):
-    with open(path + ".tmp", "w") as f:
-        json.dump(payload, f, indent=2)
-    os.replace(path + ".tmp", path)
+    from voxelsplat.utils.io import atomic_write_text
+
+    atomic_write_text(path, json.dumps(payload, indent=2))
 
 
 def floor_results(args):

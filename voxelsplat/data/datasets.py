@@ -41,12 +41,12 @@ import hashlib
 import logging
 import os
 import pickle
-import tempfile
 from typing import Dict, List, Optional, Sequence
 
 import numpy as np
 
 from voxelsplat.utils.geometry import pose_to_transform, select_lidar_origins
+from voxelsplat.utils.io import atomic_write
 
 from .loading import DEFAULT_VISIBLE_MASK_KEY
 from .occupancy_meta import LABEL_SETS, occupancy_metadata
@@ -184,16 +184,8 @@ def _cache_path(cache_dir: str, dataroot: str, version: str, split: str, gt_form
 
 
 def _write_pickle_atomically(obj, path: str) -> None:
-    os.makedirs(os.path.dirname(path), exist_ok=True)
-    handle, temp_path = tempfile.mkstemp(prefix=".tmp_", suffix=".pkl", dir=os.path.dirname(path))
-    try:
-        with os.fdopen(handle, "wb") as f:
-            pickle.dump(obj, f, protocol=pickle.HIGHEST_PROTOCOL)
-        os.replace(temp_path, path)
-    except BaseException:
-        if os.path.exists(temp_path):
-            os.remove(temp_path)
-        raise
+    with atomic_write(path, "wb", suffix=".pkl") as f:
+        pickle.dump(obj, f, protocol=pickle.HIGHEST_PROTOCOL)
 
 
 def _sample_data_pose(nusc, sample_data_token: str):

@@ -4,42 +4,19 @@ from __future__ import annotations
 import logging
 import os
 import pickle
-import tempfile
 
 import torch
 from detectron2.checkpoint import DetectionCheckpointer
+
+from voxelsplat.utils.io import atomic_write, atomic_write_text
 
 logger = logging.getLogger(__name__)
 
 
 def atomic_torch_save(obj, path: str) -> None:
     """``torch.save`` to a temporary file in the same folder, then rename over ``path``."""
-    folder = os.path.dirname(os.path.abspath(path))
-    os.makedirs(folder, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=".pth", dir=folder)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            torch.save(obj, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise
-
-
-def atomic_write_text(path: str, text: str) -> None:
-    folder = os.path.dirname(os.path.abspath(path))
-    fd, tmp = tempfile.mkstemp(prefix=".tmp-", dir=folder)
-    try:
-        with os.fdopen(fd, "w") as f:
-            f.write(text)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise
+    with atomic_write(path, "wb", suffix=".pth") as f:
+        torch.save(obj, f)
 
 
 class OccupancyCheckpointer(DetectionCheckpointer):

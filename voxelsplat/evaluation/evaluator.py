@@ -55,6 +55,7 @@ from detectron2.evaluation import DatasetEvaluator
 from detectron2.utils import comm
 
 from voxelsplat.data.occupancy_meta import OccupancyGrid, grid_from_metadata, occupancy_metadata
+from voxelsplat.utils.io import atomic_write
 
 from .ray_casting import RAY_PRECISIONS
 from .statistics import SAMPLE_STATS_FILE, sample_stats_to_arrays
@@ -481,13 +482,5 @@ class _StreamedDict:
 
 def _atomic_write(path: str, write) -> None:
     """Write a file through ``write(fileobj)`` to a temporary name, then rename it into place."""
-    folder = os.path.dirname(os.path.abspath(path))
-    fd, tmp = tempfile.mkstemp(prefix=".tmp-", dir=folder)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            write(f)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
+    with atomic_write(path, "wb") as f:
+        write(f)

@@ -1,6 +1,6 @@
 """Pictures of a multi-seed experiment (``tools/run_experiment.py``): learning curves, per-class
 bars and the paired differences with their intervals. Each function writes one PNG and returns
-its path; nothing is written when it fails (the image goes to a temporary name first).
+its path; nothing is written when it fails (:func:`voxelsplat.utils.io.atomic_write`).
 
 Inputs are plain data, so the pictures can be redrawn from ``experiment.json``:
 
@@ -11,10 +11,11 @@ Inputs are plain data, so the pictures can be redrawn from ``experiment.json``:
 from __future__ import annotations
 
 import math
-import os
 from typing import Dict, List, Mapping, Sequence, Tuple
 
 import numpy as np
+
+from voxelsplat.utils.io import atomic_write
 
 __all__ = ["curve_band", "plot_learning_curves", "plot_per_class", "plot_paired_differences", "read_eval_curves"]
 
@@ -36,17 +37,12 @@ def _figure(width: float, height: float):
 
 
 def _save(plt, figure, path: str) -> str:
-    folder = os.path.dirname(os.path.abspath(path))
-    os.makedirs(folder, exist_ok=True)
-    partial = f"{path}.partial.png"
     try:
         figure.tight_layout()
-        figure.savefig(partial)
-        os.replace(partial, path)
+        with atomic_write(path, "wb", suffix=".png") as f:
+            figure.savefig(f, format="png")
     finally:
         plt.close(figure)
-        if os.path.exists(partial):
-            os.remove(partial)
     return path
 
 

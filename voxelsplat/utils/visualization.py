@@ -6,10 +6,11 @@ PNG (``save_png``) or logged to TensorBoard (``to_chw_float``).
 from __future__ import annotations
 
 import os
-import tempfile
 from typing import Dict, Optional, Sequence
 
 import numpy as np
+
+from voxelsplat.utils.io import atomic_write_bytes
 
 # Colours by class *name*, so both label sets (OpenOcc v2, Occ3D) share them.
 CLASS_COLORS: Dict[str, tuple] = {
@@ -258,10 +259,7 @@ def save_png(path: str, image: np.ndarray) -> None:
     ok, encoded = cv2.imencode(".png", image[..., ::-1])
     if not ok:
         raise RuntimeError(f"could not encode {path}")
-    fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=".png", dir=folder)
-    with os.fdopen(fd, "wb") as f:
-        f.write(encoded.tobytes())
-    os.replace(tmp, path)
+    atomic_write_bytes(path, encoded.tobytes())
 
 
 def to_chw_float(image: np.ndarray) -> np.ndarray:
