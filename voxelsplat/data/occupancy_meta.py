@@ -7,7 +7,7 @@ this module is where those values are defined, once.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Dict, List, Sequence, Tuple
+from typing import Dict, List, Tuple
 
 import numpy as np
 
@@ -60,24 +60,6 @@ def nuscenes_voxel_counts(gt_format: str) -> List[int]:
     counts = NUSCENES_VOXEL_COUNTS[gt_format]
     return [counts[name] for name in LABEL_SETS[gt_format]]
 
-# nuScenes detection category -> occupancy class name (shared by every label set).
-NUSCENES_CATEGORY_TO_CLASS: Dict[str, str] = {
-    "vehicle.car": "car",
-    "vehicle.truck": "truck",
-    "vehicle.trailer": "trailer",
-    "vehicle.bus.rigid": "bus",
-    "vehicle.bus.bendy": "bus",
-    "vehicle.construction": "construction_vehicle",
-    "vehicle.bicycle": "bicycle",
-    "vehicle.motorcycle": "motorcycle",
-    "human.pedestrian.adult": "pedestrian",
-    "human.pedestrian.child": "pedestrian",
-    "human.pedestrian.construction_worker": "pedestrian",
-    "human.pedestrian.police_officer": "pedestrian",
-    "movable_object.trafficcone": "traffic_cone",
-    "movable_object.barrier": "barrier",
-}
-
 
 @dataclass(frozen=True)
 class OccupancyGrid:
@@ -124,16 +106,8 @@ class OccupancyGrid:
         index = np.asarray(index)
         return np.all((index >= 0) & (index < np.asarray(self.shape)), axis=-1)
 
-    def scaled(self, factor: int) -> "OccupancyGrid":
-        """The same range with voxels ``factor`` times larger (e.g. the model's internal 0.8 m grid)."""
-        return OccupancyGrid(self.point_cloud_range, self.voxel_size * factor)
-
 
 DEFAULT_GRID = OccupancyGrid()
-
-
-def class_index(names: Sequence[str], name: str) -> int:
-    return list(names).index(name)
 
 
 def openocc_to_occ3d_lut() -> np.ndarray:

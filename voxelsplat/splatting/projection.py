@@ -41,12 +41,6 @@ def quaternion_to_rotation(quats: torch.Tensor) -> torch.Tensor:
     return torch.stack(rows, dim=-1).reshape(quats.shape[:-1] + (3, 3))
 
 
-def gaussian_covariances(quats: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
-    """World-frame 3D covariances (N, 3, 3) from quaternions (N, 4) and scales (N, 3) in metres."""
-    rs = quaternion_to_rotation(quats) * scales[:, None, :]
-    return rs @ rs.transpose(-1, -2)
-
-
 @dataclass
 class Projections:
     """The (camera, Gaussian) pairs that survive culling, sorted by camera then depth.
