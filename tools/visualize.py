@@ -26,6 +26,7 @@ from omegaconf import OmegaConf  # noqa: E402
 
 from voxelsplat.data.occupancy_meta import grid_from_metadata  # noqa: E402
 from voxelsplat.engine import OccupancyCheckpointer, load_config  # noqa: E402
+from voxelsplat.engine.render_image_hook import render_comparison_image  # noqa: E402
 from voxelsplat.utils import visualization as vis  # noqa: E402
 
 
@@ -88,29 +89,23 @@ def sample_pictures(sample, output, class_names, free_index, grid):
 
 def regularizer_pictures(model, cfg, class_names, num_views=3):
     """Rendered semantics of the regularizer (prediction vs GT) on one training sample, if the
-    model has a regularizer that exposes its renders; {} otherwise."""
+    model has a regularizer that exposes its renders; {} otherwise. The model stays in eval
+    mode (batch-norm statistics untouched): the regularizer is called on its head outputs."""
     regularizer = getattr(model, "regularizer", None)
     if regularizer is None or not hasattr(regularizer, "last_renders"):
         return {}
     loader = instantiate(cfg.dataloader.train)
     batch = next(iter(loader))
-    model.train()
     with torch.no_grad():
-        model(batch)
-    model.eval()
+        levels, _ = model.extract_volume(batch)
+        head_outputs = model.head(levels, return_features=bool(getattr(regularizer, "needs_voxel_features", True)))
+        regularizer(batch, head_outputs, flow_loss_enabled=model.flow_loss_enabled)
     renders = regularizer.last_renders
     if not renders:
         return {}
-    rows = []
-    for view in range(min(num_views, renders["pred_features"].shape[0])):
-        pred = vis.render_to_color(renders["pred_features"][view].numpy(), renders["pred_alphas"][view].numpy(),
-                                   class_names)
-        gt = vis.render_to_color(renders["gt_features"][view].numpy(), renders["gt_alphas"][view].numpy(),
-                                 class_names)
-        factor = max(1, -(-RENDER_MIN_WIDTH // pred.shape[1]))
-        rows += [vis.caption(vis.upscale(pred, factor), f"view {view}: rendered prediction"),
-                 vis.caption(vis.upscale(gt, factor), f"view {view}: rendered GT")]
-    return {"regularizer_renders": vis.tile_images(rows, columns=2)}
+    image = render_comparison_image(renders, class_names, max_views=num_views)
+    factor = max(1, -(-RENDER_MIN_WIDTH // (image.shape[1] // 2)))
+    return {"regularizer_renders": vis.upscale(image, factor)}
 
 
 def main(argv=None):
