@@ -196,3 +196,20 @@ def test_unwrap_model_opens_data_parallel_wrappers_only():
     assert unwrap_model(inner) is inner
     assert unwrap_model(nn.DataParallel(inner)) is inner
     assert unwrap_model(nn.DataParallel(nn.DataParallel(inner))) is inner
+
+
+def test_train_net_accepts_resume_and_eval_only_after_the_overrides():
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location(
+        "lazyconfig_train_net", os.path.join(os.path.dirname(os.path.dirname(__file__)), "tools",
+                                             "lazyconfig_train_net.py"))
+    tool = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(tool)
+    args = tool.parse_args(["--config-file", "c.py", "train.max_iter=4", "--resume", "train.seed=1"])
+    assert args.resume and not args.eval_only and args.opts == ["train.max_iter=4", "train.seed=1"]
+    args = tool.parse_args(["--config-file", "c.py", "--eval-only", "train.init_checkpoint=x.pth"])
+    assert args.eval_only and args.opts == ["train.init_checkpoint=x.pth"]
+    assert tool.parse_args(["--config-file", "c.py", "a=1", "--eval-only"]).eval_only
+    with pytest.raises(SystemExit):
+        tool.parse_args(["--config-file", "c.py", "a=1", "--num-gpus", "2"])

@@ -36,8 +36,30 @@ def main(args):
     do_train(cfg, resume=args.resume)
 
 
+# flags a user may write after the KEY=VALUE overrides (argparse hands them to the overrides)
+_LATE_FLAGS = {"--resume": "resume", "--eval-only": "eval_only"}
+
+
+def parse_args(argv=None):
+    """detectron2's arguments, with ``--resume`` / ``--eval-only`` also accepted after the
+    overrides (``... train.max_iter=400 --resume``); any other ``--option`` there is an error."""
+    parser = default_argument_parser()
+    args = parser.parse_args(argv)
+    overrides = []
+    for item in args.opts:
+        if item in _LATE_FLAGS:
+            setattr(args, _LATE_FLAGS[item], True)
+        elif item.startswith("--") and item != "--":
+            parser.error(f"unrecognized option {item!r} among the KEY=VALUE overrides "
+                         f"(options go before them; only {sorted(_LATE_FLAGS)} may follow)")
+        else:
+            overrides.append(item)
+    args.opts = overrides
+    return args
+
+
 def cli(argv=None):
-    args = default_argument_parser().parse_args(argv)
+    args = parse_args(argv)
     launch(main, args.num_gpus, num_machines=args.num_machines, machine_rank=args.machine_rank,
            dist_url=args.dist_url, args=(args,))
 
