@@ -153,12 +153,17 @@ def main(argv=None):
 CURVE_METRICS = ("RayIoU", "mAVE")
 
 
-def per_class_lines(names, per_model):
-    """A markdown table of RayIoU per class (mean over seeds), one column per model."""
+def occupied_class_names():
+    """The benchmark label set's classes except free (OpenOcc v2)."""
     from voxelsplat.data.occupancy_meta import occupancy_metadata
 
     meta = occupancy_metadata("openocc_v2")
-    classes = [c for i, c in enumerate(meta["class_names"]) if i != meta["free_index"]]
+    return [name for index, name in enumerate(meta["class_names"]) if index != meta["free_index"]]
+
+
+def per_class_lines(names, per_model):
+    """A markdown table of RayIoU per class (mean over seeds), one column per model."""
+    classes = occupied_class_names()
     lines = ["RayIoU per class (mean over seeds):", "", "| class | " + " | ".join(names) + " |",
              "|---" * (len(names) + 1) + "|"]
     for name in classes:
@@ -171,7 +176,6 @@ def write_pictures(args, names, per_model, floors, comparisons):
     """PNGs under ``<output-dir>/pictures/``: learning curves of RayIoU and mAVE on val (each
     model's mean over seeds with its band; the floors dashed), per-class RayIoU bars and, when the
     gate let comparisons through, the paired differences with their intervals. Returns the paths."""
-    from voxelsplat.data.occupancy_meta import occupancy_metadata
     from voxelsplat.evaluation.plots import (
         plot_learning_curves, plot_paired_differences, plot_per_class, read_eval_curves,
     )
@@ -192,8 +196,7 @@ def write_pictures(args, names, per_model, floors, comparisons):
             written.append(plot_learning_curves(
                 per_title, metric, os.path.join(folder, f"learning_curve_{metric}.png"),
                 floors={name: floors.get(name, {}).get(metric, float("nan")) for name in floor_lines[metric]}))
-    class_names = [n for i, n in enumerate(occupancy_metadata("openocc_v2")["class_names"])
-                   if i != occupancy_metadata("openocc_v2")["free_index"]]
+    class_names = occupied_class_names()
     per_class = {title: {c: [run.get(f"RayIoU/{c}", float("nan")) for run in per_model[title]] for c in class_names}
                  for title in names}
     written.append(plot_per_class(per_class, class_names, os.path.join(folder, "per_class_RayIoU.png")))

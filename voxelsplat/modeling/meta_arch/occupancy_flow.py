@@ -226,9 +226,7 @@ class OccupancyFlowModel(nn.Module):
             if not self.training:
                 raise RuntimeError("OccupancyFlowModel: a depth_only model (depth pretraining) predicts no "
                                    "occupancy; evaluate the model that starts from its weights")
-            depth_logits = self.extract_depth(batched_inputs)[0]
-            lidar_depth = self._stack(batched_inputs, "lidar_depth").flatten(0, 1)
-            return {"loss_depth": self.depth_loss_weight * self.depth_net.loss(depth_logits, lidar_depth)}
+            return {"loss_depth": self.depth_loss(batched_inputs, self.extract_depth(batched_inputs)[0])}
         levels, depth_logits = self.extract_volume(batched_inputs)
         # Full-resolution features are only needed by a training-time regularizer that asks for them.
         needs_features = self.training and self.regularizer is not None \
@@ -248,11 +246,15 @@ class OccupancyFlowModel(nn.Module):
         losses = self.loss(head_outputs["occ_logits"], head_outputs["flow"], occ_target, flow_target, valid_mask,
                            flow_loss_enabled=self.flow_loss_enabled)
         if self.depth_loss_weight:
-            lidar_depth = self._stack(batched_inputs, "lidar_depth").flatten(0, 1)
-            losses["loss_depth"] = self.depth_loss_weight * self.depth_net.loss(depth_logits, lidar_depth)
+            losses["loss_depth"] = self.depth_loss(batched_inputs, depth_logits)
         if self.regularizer is not None:
             losses.update(self.regularizer(batched_inputs, head_outputs, flow_loss_enabled=self.flow_loss_enabled))
         return losses
+
+    def depth_loss(self, batched_inputs: List[dict], depth_logits: torch.Tensor) -> torch.Tensor:
+        """The weighted LiDAR depth BCE of the depth net's logits (B*N, D, h, w)."""
+        lidar_depth = self._stack(batched_inputs, "lidar_depth").flatten(0, 1)
+        return self.depth_loss_weight * self.depth_net.loss(depth_logits, lidar_depth)
 
     @torch.no_grad()
     def postprocess(self, head_outputs: Dict[str, torch.Tensor]) -> List[Dict[str, torch.Tensor]]:
