@@ -3,6 +3,7 @@ window layout), the forward pass against a reference assembled from timm's EVA-0
 weights from a released-format file, the layer-wise learning-rate decay of the release's
 optimizer, and one training step of the config's model on CPU."""
 import math
+import os
 import sys
 from functools import partial
 from pathlib import Path
@@ -176,6 +177,39 @@ def test_init_checkpoint_reads_the_released_names(tmp_path):
         EVA02ViT(**{**SMALL, "pretrain_img_size": 64}, global_window_size=0, init_checkpoint=str(path))
     with pytest.raises(FileNotFoundError, match="EVA02ViT"):
         EVA02ViT(**SMALL, init_checkpoint=str(tmp_path / "absent.pth"))
+
+
+class _CreatesFolderWhenUnpickled:
+    def __init__(self, path):
+        self.path = path
+
+    def __reduce__(self):
+        return os.mkdir, (self.path,)
+
+
+def test_init_checkpoint_needing_full_unpickling_is_refused_unless_trusted(tmp_path):
+    torch.manual_seed(3)
+    source = EVA02ViT(**SMALL, global_window_size=0)
+    marker = tmp_path / "code_ran"
+    path = tmp_path / "eva_with_objects.pth"
+    # mmcv checkpoints carry Python objects in "meta"; this one runs code when unpickled
+    torch.save({"meta": {"hook": _CreatesFolderWhenUnpickled(str(marker))},
+                "state_dict": {f"img_backbone.{k}": v for k, v in source.state_dict().items()}}, path)
+
+    with pytest.raises(RuntimeError, match="trust_checkpoint") as refused:
+        EVA02ViT(**SMALL, global_window_size=0, init_checkpoint=str(path))
+    assert str(path) in str(refused.value) and "mkdir" in str(refused.value)
+    assert not marker.exists()
+
+    loaded = EVA02ViT(**SMALL, global_window_size=0, init_checkpoint=str(path), trust_checkpoint=True)
+    assert marker.is_dir()  # trusted: the file was fully unpickled
+    for key, value in source.state_dict().items():
+        torch.testing.assert_close(loaded.state_dict()[key], value, rtol=0, atol=0, msg=key)
+
+    garbage = tmp_path / "garbage.pth"
+    garbage.write_bytes(b"not a checkpoint")
+    with pytest.raises(RuntimeError, match="garbage.pth.*trust_checkpoint"):
+        EVA02ViT(**SMALL, global_window_size=0, init_checkpoint=str(garbage))
 
 
 def test_bad_arguments_name_the_module_and_argument():

@@ -9,8 +9,8 @@ from voxelsplat.data import mapper as mapper_module
 from voxelsplat.data.datasets import register_nuscenes_occupancy
 from voxelsplat.data.lidar_depth import lidar_depth_maps
 from voxelsplat.data.mapper import TemporalDatasetMapper
-from voxelsplat.data.occupancy_meta import DEFAULT_GRID, OPENOCC_V2_CLASSES
-from voxelsplat.data.sample_fields import check_sample
+from voxelsplat.structures import DEFAULT_GRID, OPENOCC_V2_CLASSES
+from voxelsplat.structures.sample_fields import check_sample
 from voxelsplat.data.transforms import ImageAugParams, resample_voxel_grid, warp_image
 from voxelsplat.utils.geometry import bda_matrix
 

@@ -1,8 +1,10 @@
 """Which voxels become Gaussians: speed-bin rules, dataset-wide counts and weights, the law of
 the draws, the candidate domain and the separate ray-visibility mask."""
 import itertools
+import json
 import logging
 import os
+import pickle
 import uuid
 
 import numpy as np
@@ -24,7 +26,7 @@ from voxelsplat.data.gaussian_sampling import (
 )
 from voxelsplat.data.loading import OccupancyLabelError
 from voxelsplat.data.mapper import TemporalDatasetMapper
-from voxelsplat.data.occupancy_meta import OPENOCC_V2_CLASSES, occupancy_metadata
+from voxelsplat.structures import DEFAULT_GRID, OPENOCC_V2_CLASSES, occupancy_metadata
 
 NUM_CLASSES = len(OPENOCC_V2_CLASSES)
 CAR, PEDESTRIAN, DRIVEABLE, FREE = (OPENOCC_V2_CLASSES.index(n) for n in
@@ -154,7 +156,7 @@ def test_dataset_counts_are_cached_atomically_and_keyed_by_the_label_files(tmp_p
     cache = tmp_path / "cache"
     first = count_dataset_voxels(records, TOY_SHAPE, NUM_CLASSES, cache_dir=str(cache))
     files = os.listdir(cache)
-    assert len(files) == 1 and files[0].startswith("voxel_counts_") and files[0].endswith(".pkl")
+    assert len(files) == 1 and files[0].startswith("voxel_counts_") and files[0].endswith(".json")
 
     def no_reading(*args, **kwargs):
         raise AssertionError("labels read although the counts are cached")
@@ -171,10 +173,51 @@ def test_dataset_counts_are_cached_atomically_and_keyed_by_the_label_files(tmp_p
     np.savez(records[-1]["gt_path"], semantics=semantics, flow=flow, extra=np.zeros(3))
     third = count_dataset_voxels(records, TOY_SHAPE, NUM_CLASSES, cache_dir=str(cache))
     assert third.class_counts[CAR] == 4 and third.class_counts[FREE] == 31
-    assert len(os.listdir(cache)) == 2 and not [f for f in os.listdir(cache) if f.startswith(".tmp")]
+    assert len(os.listdir(cache)) == 2 and not [f for f in os.listdir(cache) if ".tmp-" in f]
     os.remove(records[1]["gt_path"])
     with pytest.raises(FileNotFoundError, match=records[1]["sample_token"]):
         count_dataset_voxels(records, TOY_SHAPE, NUM_CLASSES, cache_dir=str(cache))
+
+
+class _CreatesFolderWhenUnpickled:
+    def __init__(self, path):
+        self.path = path
+
+    def __reduce__(self):
+        return os.mkdir, (self.path,)
+
+
+@pytest.mark.parametrize("tampering", ["pickle", "cut_json", "wrong_lengths", "negative_count"])
+def test_tampered_count_cache_is_counted_again_never_executed(tmp_path, caplog, tampering):
+    records = _toy_records(str(tmp_path / "gt"))
+    cache = tmp_path / "cache"
+    count_dataset_voxels(records, TOY_SHAPE, NUM_CLASSES, cache_dir=str(cache))
+    (cache_file,) = cache.iterdir()
+    good = cache_file.read_text()
+    marker = tmp_path / "code_ran"
+    if tampering == "pickle":
+        cache_file.write_bytes(pickle.dumps({"class_counts": _CreatesFolderWhenUnpickled(str(marker))}))
+    elif tampering == "cut_json":
+        cache_file.write_text(good[: len(good) // 2])
+    elif tampering == "wrong_lengths":
+        cache_file.write_text(json.dumps({"class_counts": [1, 2], "speed_bin_counts": [3]}))
+    else:
+        cached = json.loads(good)
+        cached["class_counts"][CAR] = -5
+        cache_file.write_text(json.dumps(cached))
+
+    with caplog.at_level(logging.WARNING, logger=gaussian_sampling.__name__):
+        counts = count_dataset_voxels(records, TOY_SHAPE, NUM_CLASSES, cache_dir=str(cache))
+    assert not marker.exists()
+    assert str(cache_file) in caplog.text and "counting again" in caplog.text
+    expected_classes = np.zeros(NUM_CLASSES, np.int64)
+    for cls, n in TOY_CLASS_COUNTS.items():
+        expected_classes[cls] = n
+    assert counts.class_counts.tolist() == expected_classes.tolist()
+    assert counts.speed_bin_counts.tolist() == TOY_SPEED_BIN_COUNTS
+    # rewritten: the next start reads the counts again
+    assert json.loads(cache_file.read_text())["class_counts"] == expected_classes.tolist()
+    assert [f.name for f in cache.iterdir()] == [cache_file.name]
 
 
 def test_loader_counts_the_training_split_once_in_the_main_process(tmp_path, monkeypatch):
@@ -376,7 +419,7 @@ def test_missing_or_damaged_ray_mask_is_reported_naming_the_file_and_sample(ray_
         if damage == "corrupt":
             path.write_bytes(b"not a zip archive")
         elif damage == "missing_key":
-            np.savez(path, ray_mask=np.ones((200, 200, 16), bool))
+            np.savez(path, ray_mask=np.ones(DEFAULT_GRID.shape, bool))
         record["visible_mask_path"] = str(path)
         expected = FileNotFoundError if damage == "missing" else OccupancyLabelError
         with pytest.raises(expected) as error:

@@ -10,7 +10,7 @@ from detectron2.data import DatasetCatalog
 from voxelsplat.data.build import build_test_loader, build_train_loader
 from voxelsplat.data.datasets import register_nuscenes_occupancy
 from voxelsplat.data.mapper import TemporalDatasetMapper
-from voxelsplat.data.sample_fields import MAPPER_FIELDS, OPTIONAL_FIELDS, REGULARIZER_FIELDS, check_sample
+from voxelsplat.structures.sample_fields import MAPPER_FIELDS, OPTIONAL_FIELDS, REGULARIZER_FIELDS, check_sample
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 

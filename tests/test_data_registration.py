@@ -11,7 +11,7 @@ from detectron2.data import DatasetCatalog, MetadataCatalog
 from voxelsplat.data import datasets as occ_datasets
 from voxelsplat.data.datasets import CAMERA_CHANNELS, register_nuscenes_occupancy, split_scene_names
 from voxelsplat.data.mapper import TemporalDatasetMapper
-from voxelsplat.data.occupancy_meta import OPENOCC_V2_CLASSES, DEFAULT_GRID
+from voxelsplat.structures import OPENOCC_V2_CLASSES, DEFAULT_GRID
 from voxelsplat.utils.geometry import pose_to_transform, select_lidar_origins
 
 
@@ -114,7 +114,7 @@ def test_deterministic_split_for_scenes_outside_the_official_lists():
 
 def test_second_registration_reads_the_cache_without_the_devkit(synthetic_dataset, tmp_path, monkeypatch):
     first = DatasetCatalog.get(_register(synthetic_dataset, "all", tmp_path))
-    cached = [f for f in os.listdir(tmp_path) if f.endswith(".pkl")]
+    cached = [f for f in os.listdir(tmp_path) if f.endswith(".json")]
     assert len(cached) == 1
 
     import nuscenes.nuscenes
@@ -202,8 +202,8 @@ def test_missing_or_corrupt_labels_are_errors_naming_the_file_and_the_sample(all
 
 def test_occ3d_labels_give_masks_zero_flow_and_camera_mask_sampling(synthetic_dataset, tmp_path):
     from voxelsplat.data.build import SceneSequenceDataset
-    from voxelsplat.data.occupancy_meta import OCC3D_CLASSES
-    from voxelsplat.data.sample_fields import check_sample
+    from voxelsplat.structures import OCC3D_CLASSES
+    from voxelsplat.structures.sample_fields import check_sample
 
     name = _register(synthetic_dataset, "all", tmp_path, gt_format="occ3d")
     records = DatasetCatalog.get(name)

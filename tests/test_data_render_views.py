@@ -11,8 +11,8 @@ from detectron2.data import DatasetCatalog
 from voxelsplat.data.build import SceneSequenceDataset
 from voxelsplat.data.datasets import register_nuscenes_occupancy
 from voxelsplat.data.mapper import TemporalDatasetMapper
-from voxelsplat.data.occupancy_meta import DEFAULT_GRID, occupancy_metadata
-from voxelsplat.data.sample_fields import check_sample
+from voxelsplat.structures import DEFAULT_GRID, occupancy_metadata
+from voxelsplat.structures.sample_fields import check_sample
 
 OFFSETS = (-2, -1, 0, 1, 2, 3)
 
@@ -178,7 +178,7 @@ def test_adjacent_gt_points_land_on_their_own_keyframes_occupied_visible_voxels(
     sits on an occupied, ray-visible voxel centre of that keyframe's labels with the same
     class, and its flow rotates back to that voxel's flow; BEV rotation, scale and flips
     included. Without a limit every candidate inside the current grid's x-y range is there."""
-    from voxelsplat.data.sample_fields import ADJACENT_GT_FIELDS
+    from voxelsplat.structures.sample_fields import ADJACENT_GT_FIELDS
 
     name, records = masked_records
     dataset = _adjacent_gt_dataset(records, name, limit)
@@ -234,7 +234,7 @@ def test_adjacent_gt_points_land_on_their_own_keyframes_occupied_visible_voxels(
 
 def test_adjacent_gt_points_are_off_by_default_and_reproducible(dataset, masked_records):
     from voxelsplat.data.mapper import DEFAULT_REGULARIZER_OPTIONS
-    from voxelsplat.data.sample_fields import ADJACENT_GT_FIELDS
+    from voxelsplat.structures.sample_fields import ADJACENT_GT_FIELDS
 
     assert DEFAULT_REGULARIZER_OPTIONS["adjacent_gt_gaussians"] == 0
     np.random.seed(3)

@@ -71,25 +71,6 @@ def test_warmup_step_schedule_values():
     assert warmup_step_schedule(max_iter=1, steps=(0.5,), warmup_iters=0)(0.0) == 1.0
 
 
-def test_registries_build_by_name_and_from_modules():
-    from voxelsplat.modeling.registry import BACKBONE_REGISTRY, build_backbone
-
-    @BACKBONE_REGISTRY.register()
-    class _TestOnlyBackbone(nn.Module):
-        def __init__(self, width=3):
-            super().__init__()
-            self.width = width
-
-    built = build_backbone({"name": "_TestOnlyBackbone", "width": 7})
-    assert isinstance(built, _TestOnlyBackbone) and built.width == 7
-    module = nn.Identity()
-    assert build_backbone(module) is module
-    with pytest.raises(KeyError):
-        build_backbone({"name": "NoSuchBackbone"})
-    with pytest.raises(KeyError, match="name"):
-        build_backbone({"width": 3})
-
-
 def test_model_zoo_finds_shipped_configs():
     from voxelsplat import model_zoo
 

@@ -8,6 +8,8 @@ import sys
 import pytest
 import torch
 
+from voxelsplat.utils.io import atomic_write
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TOY_CONFIG = os.path.join(ROOT, "tests", "toy", "toy_config.py")
 TRAIN_NET = os.path.join(ROOT, "tools", "lazyconfig_train_net.py")
@@ -34,7 +36,12 @@ def test_toy_training_writes_checkpoints_metrics_and_tensorboard(tmp_path):
     assert os.path.isfile(os.path.join(out, "model_0000009.pth"))
     with open(os.path.join(out, "last_checkpoint")) as f:
         assert f.read().strip() == "model_final.pth"
-    assert not glob.glob(os.path.join(out, ".tmp-*")), "temporary checkpoint files left behind"
+    # the library's temporaries are ".<name>.tmp-XXXXXXXX<suffix>"; the pattern finds one while a write is open
+    temporaries = ".*.tmp-*"
+    probe = str(tmp_path / "probe")
+    with atomic_write(os.path.join(probe, "model_final.pth"), "wb", suffix=".pth"):
+        assert len(glob.glob(os.path.join(probe, temporaries))) == 1
+    assert not glob.glob(os.path.join(out, temporaries)), "temporary checkpoint files left behind"
 
     with open(os.path.join(out, "metrics.json")) as f:
         records = [json.loads(line) for line in f if line.strip()]
@@ -122,7 +129,7 @@ def test_eval_only_loads_checkpoint_and_evaluates(tmp_path):
 def test_non_finite_loss_names_iteration_and_term(tmp_path):
     from voxelsplat.engine import do_train, load_config
 
-    cfg = load_config(TOY_CONFIG, [f"train.output_dir={tmp_path}", "+model.spec.nan_at_call=7"])
+    cfg = load_config(TOY_CONFIG, [f"train.output_dir={tmp_path}", "+model.nan_at_call=7"])
     with pytest.raises(FloatingPointError, match=r"loss term 'loss_weight_l2' is \[?nan\]? at iteration 7"):
         do_train(cfg)
 

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 import torch
 
-from voxelsplat.data.occupancy_meta import DEFAULT_GRID, OPENOCC_V2_CLASSES, occupancy_metadata
+from voxelsplat.structures import DEFAULT_GRID, OPENOCC_V2_CLASSES, occupancy_metadata
 from voxelsplat.evaluation import (
     OccupancyEvaluator,
     cast_sample_rays,
@@ -20,12 +20,12 @@ from voxelsplat.evaluation import (
 )
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-FREE = 16
+FREE = OPENOCC_V2_CLASSES.index("free")
 FEW_RAYS = lidar_ray_directions(num_azimuths=24)  # 39 x 24 rays: the pattern's pitches, fewer azimuths
 
 
 def make_sample(seed, *, with_gt=True, num_origins=None):
-    """A mapped sample (voxelsplat.data.sample_fields) on the benchmark grid and a model output
+    """A mapped sample (voxelsplat.structures.sample_fields) on the benchmark grid and a model output
     that gets most of it right: ground, blocks, flows, origins, camera mask."""
     rng = np.random.default_rng(seed)
     X, Y, Z = DEFAULT_GRID.shape
@@ -194,7 +194,7 @@ def test_submission_holds_every_ray_of_every_sample(tmp_path):
         assert arrays["pcd_cls"].dtype == np.uint8 and arrays["pcd_cls"].shape == (num_rays,)
         assert arrays["pcd_dist"].dtype == np.float16 and arrays["pcd_dist"].shape == (num_rays,)
         assert arrays["pcd_flow"].dtype == np.float16 and arrays["pcd_flow"].shape == (num_rays, 2)
-        rays = cast_sample_rays(output["occ"], sample["lidar_origins"], pred_flow=output["flow"], num_classes=17,
+        rays = cast_sample_rays(output["occ"], sample["lidar_origins"], pred_flow=output["flow"], num_classes=len(OPENOCC_V2_CLASSES),
                                 free_index=FREE)
         np.testing.assert_array_equal(arrays["pcd_cls"], rays.pred_class.numpy())
         np.testing.assert_array_equal(arrays["pcd_dist"], rays.pred_depth.numpy().astype(np.float16))

@@ -1,4 +1,4 @@
-"""Floors (voxelsplat.evaluation.floors): the per-voxel class prior, the previous keyframe's
+"""Floors (voxelsplat.engine.floors): the per-voxel class prior, the previous keyframe's
 ground truth, all free - built from records and labels alone and scored by the evaluator as a
 model is scored."""
 import math
@@ -10,16 +10,16 @@ import torch
 from detectron2.data import DatasetCatalog, MetadataCatalog
 
 from voxelsplat.data.datasets import register_nuscenes_occupancy
-from voxelsplat.data.occupancy_meta import OccupancyGrid, grid_from_metadata, occupancy_metadata
+from voxelsplat.structures import OPENOCC_V2_CLASSES, OccupancyGrid, grid_from_metadata, occupancy_metadata
 from voxelsplat.evaluation import (
-    FLOOR_NAMES,
     OccupancyEvaluator,
     compute_occ3d_miou,
     compute_ray_metrics,
-    evaluate_floors,
 )
-from voxelsplat.evaluation.floors import (
+from voxelsplat.engine.floors import (
+    FLOOR_NAMES,
     all_free_prediction,
+    evaluate_floors,
     evaluation_sample,
     load_record_labels,
     per_voxel_class_mode,
@@ -27,7 +27,7 @@ from voxelsplat.evaluation.floors import (
     previous_keyframes,
 )
 
-FREE = 16
+FREE = OPENOCC_V2_CLASSES.index("free")
 
 
 def reference_mode(volumes, num_classes):
@@ -195,7 +195,7 @@ def test_all_free_prediction_is_free_with_zero_flow():
 
 def test_motion_statistics_count_the_moving_voxels_of_the_flow_classes(synthetic_splits):
     from voxelsplat.data.loading import load_record_labels
-    from voxelsplat.evaluation.floors import motion_statistics
+    from voxelsplat.engine.floors import motion_statistics
 
     train, _ = synthetic_splits
     stats = motion_statistics(train)

@@ -10,10 +10,10 @@ import numpy as np
 import pytest
 import torch
 
-from voxelsplat.data.occupancy_meta import DEFAULT_GRID, OPENOCC_V2_CLASSES, OccupancyGrid
+from voxelsplat.structures import DEFAULT_GRID, OPENOCC_V2_CLASSES, OccupancyGrid, OccupancySpec
 from voxelsplat.evaluation import cast_sample_rays, compute_occ3d_miou, compute_ray_metrics, lidar_ray_directions
 
-FREE = 16
+FREE = OPENOCC_V2_CLASSES.index("free")
 CAR, TRUCK, PEDESTRIAN, BARRIER, MANMADE, VEGETATION = 0, 1, 7, 9, 14, 15
 NAMES = list(OPENOCC_V2_CLASSES)
 # 22 x 20 x 8 voxels of 0.4 m: depths of a few metres, so the 1/2/4 m thresholds all matter
@@ -327,7 +327,7 @@ EXACT = dict(ray_precision="float64")  # exact geometry: an error of exactly t i
                                         (9, (4,)), (10, ()), (11, ()), (-1, (1, 2, 4)), (-2, (1, 2, 4))])
 def test_wall_shifted_by_k_voxels_changes_depth_by_0_4k_and_crosses_thresholds(k, true_at):
     gt, pred, origin = shifted_room(k)
-    rays = cast_sample_rays(pred, origin[None], gt, num_classes=17, free_index=FREE, grid=SMALL_GRID,
+    rays = cast_sample_rays(pred, origin[None], gt, num_classes=len(OPENOCC_V2_CLASSES), free_index=FREE, grid=SMALL_GRID,
                             ray_directions=torch.tensor(AXIS_RAYS), **EXACT)
     # the walls at -x/-y exist in the prediction only while they stay inside the grid
     inside = [True, 4 - (3 + k) >= 0, True, 4 - (3 + k) >= 0]
@@ -370,7 +370,7 @@ def test_float32_rounding_decides_a_true_positive_at_the_threshold():
     start = (f32(-3.78) - f32(-4.0)) / f32(0.4)
     gt_depth, pred_depth = (f32(f32(float(exit_x) - float(start)) * f32(0.4)) for exit_x in (4, 9))
     assert abs(pred_depth - gt_depth) < f32(2.0) and abs((9 - 4) * 0.4 - 2.0) == 0
-    rays = cast_sample_rays(pred, origin, gt, num_classes=17, free_index=FREE, grid=SMALL_GRID, ray_directions=ray)
+    rays = cast_sample_rays(pred, origin, gt, num_classes=len(OPENOCC_V2_CLASSES), free_index=FREE, grid=SMALL_GRID, ray_directions=ray)
     assert (rays.gt_depth.item(), rays.pred_depth.item()) == (gt_depth, pred_depth)
     official = compute_ray_metrics([pred], [gt], [origin], grid=SMALL_GRID, ray_directions=ray)
     exact = compute_ray_metrics([pred], [gt], [origin], grid=SMALL_GRID, ray_directions=ray, **EXACT)
@@ -432,7 +432,7 @@ def test_mave_counts_every_ray_of_a_sample_and_mave_tp_only_true_positives(preci
     directions = torch.tensor(AXIS_RAYS)
     kwargs = dict(grid=SMALL_GRID, ray_directions=directions, ray_precision=precision)
     gt, pred, gt_flow, pred_flow = flow_room()
-    rays = cast_sample_rays(pred, origin, gt, pred_flow, gt_flow, num_classes=17, free_index=FREE, **kwargs)
+    rays = cast_sample_rays(pred, origin, gt, pred_flow, gt_flow, num_classes=len(OPENOCC_V2_CLASSES), free_index=FREE, **kwargs)
     assert rays.gt_class.tolist() == [CAR, CAR, PEDESTRIAN, BARRIER]
     assert rays.pred_class.tolist() == [CAR, CAR, PEDESTRIAN, CAR]
     assert (rays.pred_depth - rays.gt_depth).tolist() == pytest.approx([0.0, 2.4, 0.0, 0.0], abs=1e-5)
@@ -581,7 +581,7 @@ def test_occ3d_miou_matches_a_confusion_matrix_reference():
         gt, _ = random_scene(rng)
         pred, _ = perturb(rng, gt, np.zeros(gt.shape + (2,), np.float32))
         preds.append(pred), gts.append(gt), masks.append(rng.random(gt.shape) < 0.6)
-    got = compute_occ3d_miou(preds, gts, masks)
+    got = compute_occ3d_miou(preds, gts, masks, grid=SMALL_GRID)
     confusion = np.zeros((17, 17), np.int64)
     for pred, gt, mask in zip(preds, gts, masks):
         for g, p in zip(gt[mask], pred[mask]):
@@ -596,7 +596,7 @@ def test_occ3d_miou_matches_a_confusion_matrix_reference():
     assert got["mIoU"] == pytest.approx(100 * np.nanmean(ious))
     assert "IoU/free" not in got
     # the mask matters: all voxels give another answer
-    assert compute_occ3d_miou(preds, gts, [None] * 3)["mIoU"] != pytest.approx(got["mIoU"])
+    assert compute_occ3d_miou(preds, gts, [None] * 3, grid=SMALL_GRID)["mIoU"] != pytest.approx(got["mIoU"])
 
 
 # ----------------------------------------------------------------------------- bad input
@@ -632,5 +632,33 @@ def test_bad_input_names_what_and_the_sample():
         compute_ray_metrics([gt, gt], [gt], [origins], **kwargs)
     with pytest.raises(ValueError, match="both pred_flows and gt_flows"):
         compute_ray_metrics([gt], [gt], [origins], [flow], None, **kwargs)
-    with pytest.raises(ValueError, match="sample #0: .*mask_camera has 10 voxels"):
-        compute_occ3d_miou([gt], [gt], [np.ones(10, bool)])
+    with pytest.raises(ValueError, match=r"sample #0: mask_camera has shape \(10,\)"):
+        compute_occ3d_miou([gt], [gt], [np.ones(10, bool)], grid=SMALL_GRID)
+
+
+def test_every_array_must_have_the_grid_shape_exactly():
+    """A transposed volume (Z, X, Y) holds as many voxels as the grid, and used to be accepted
+    (reshaped) with a wrong RayIoU / mAVE: now it is an error giving both shapes."""
+    rng = np.random.default_rng(3)
+    x, y, z = SMALL_GRID.shape
+    gt = rng.integers(0, len(OPENOCC_V2_CLASSES), (x, y, z))
+    flow = rng.normal(size=(x, y, z, 2)).astype(np.float32)
+    origin = [np.zeros((1, 3))]
+    common = dict(grid=SMALL_GRID, ray_directions=torch.tensor([[1.0, 0.0, 0.0]], dtype=torch.float64))
+    compute_ray_metrics([gt], [gt], origin, [flow], [flow], **common)  # the right shapes work
+    transposed = np.ascontiguousarray(gt.transpose(2, 0, 1))
+    with pytest.raises(ValueError, match=rf"prediction has shape \({z}, {x}, {y}\), expected .*\({x}, {y}, {z}\)"):
+        compute_ray_metrics([transposed], [gt], origin, **common)
+    with pytest.raises(ValueError, match=r"ground truth has shape"):
+        compute_ray_metrics([gt], [gt.reshape(-1)], origin, **common)
+    with pytest.raises(ValueError, match=rf"predicted flow has shape \({z}, {x}, {y}, 2\)"):
+        compute_ray_metrics([gt], [gt], origin, [np.ascontiguousarray(flow.transpose(2, 0, 1, 3))], [flow], **common)
+    with pytest.raises(ValueError, match=r"ground-truth flow has shape .*expected the grid's \(X, Y, Z, 2\)"):
+        compute_ray_metrics([gt], [gt], origin, [flow], [flow[..., :1].repeat(2, -1).reshape(x, y, z * 2, 1)],
+                            **common)
+    with pytest.raises(ValueError, match=r"mask_camera has shape"):
+        compute_occ3d_miou([gt], [gt], [np.ones((z, x, y), bool)],
+                           spec=OccupancySpec.for_label_set("openocc_v2", SMALL_GRID))
+    mask = rng.random((x, y, z)) < 0.5
+    miou = compute_occ3d_miou([gt], [gt], [mask], spec=OccupancySpec.for_label_set("openocc_v2", SMALL_GRID))
+    assert miou["mIoU"] == pytest.approx(100.0)

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import torch
 
-from voxelsplat.data.occupancy_meta import DEFAULT_GRID, OccupancyGrid
+from voxelsplat.structures import DEFAULT_GRID, OccupancyGrid
 from voxelsplat.evaluation import native, ray_casting
 from voxelsplat.evaluation.native import native_ray_walk
 from voxelsplat.evaluation.ray_casting import cast_rays, lidar_pitch_angles, lidar_ray_directions

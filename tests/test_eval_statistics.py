@@ -7,7 +7,7 @@ import math
 import numpy as np
 import pytest
 
-from voxelsplat.data.occupancy_meta import OPENOCC_V2_CLASSES
+from voxelsplat.structures import OPENOCC_V2_CLASSES
 from voxelsplat.evaluation.ray_metrics import RAY_IOU_THRESHOLDS, SampleStats, summarize
 from voxelsplat.evaluation.statistics import (
     NO_EFFECT,

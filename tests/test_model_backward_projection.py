@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from voxelsplat.data.occupancy_meta import OccupancyGrid
+from voxelsplat.structures import DEFAULT_GRID, OccupancyGrid
 from voxelsplat.modeling.lifting.backward_projection import (
     RELEASE_PARAMETER_NAMES, BEVDeformableSelfAttention, DepthAwareBackwardProjection,
     DepthAwareSpatialCrossAttention, depth_weight_at_reference, multi_scale_deformable_attention,
@@ -216,7 +216,7 @@ _RELEASE_PARAMETERS_WITHOUT_CAMS_EMBEDS = 909328
 
 def test_parameters_match_the_release_one_to_one_at_released_widths():
     assert sum(math.prod(s) for s in _RELEASE_SHAPES.values()) == _RELEASE_PARAMETERS_WITHOUT_CAMS_EMBEDS
-    layer = DepthAwareBackwardProjection(80, (-40.0, -40.0, -1.0, 40.0, 40.0, 5.4), 0.8)  # defaults = release
+    layer = DepthAwareBackwardProjection(80, DEFAULT_GRID.coarsened(2))  # defaults = release (100 x 100 BEV)
     ours = {name: tuple(p.shape) for name, p in layer.named_parameters()}
     assert sum(p.numel() for p in layer.parameters()) == _RELEASE_PARAMETERS_WITHOUT_CAMS_EMBEDS
     assert set(RELEASE_PARAMETER_NAMES) == set(_RELEASE_SHAPES)
@@ -226,8 +226,8 @@ def test_parameters_match_the_release_one_to_one_at_released_widths():
 
 
 def test_positional_encoding_and_anchors_follow_the_release_query_layout():
-    grid = OccupancyGrid((-8.0, -4.0, -1.0, 8.0, 8.0, 5.4), 1.6)  # X = 10, Y = 7: a transpose cannot hide
-    layer = DepthAwareBackwardProjection(8, grid.point_cloud_range, grid.voxel_size, num_heads=2,
+    grid = OccupancyGrid((-8.0, -4.0, -1.0, 8.0, 7.2, 5.4), 1.6)  # X = 10, Y = 7: a transpose cannot hide
+    layer = DepthAwareBackwardProjection(8, grid, num_heads=2,
                                          num_points_in_pillar=4)
     x_size, y_size, _ = grid.shape
     assert layer.bev_shape == (y_size, x_size)
@@ -261,7 +261,7 @@ def _cameras(rng, num_cams, height, width):
 def _tiny_layer_and_inputs(rng, grid, channels=32):
     height, width, stride = 48, 96, 16
     bins = (2.0, 42.0, 2.0)
-    layer = DepthAwareBackwardProjection(channels, grid.point_cloud_range, grid.voxel_size, bins, num_heads=4,
+    layer = DepthAwareBackwardProjection(channels, grid, bins, num_heads=4,
                                          num_offsets=1, ffn_channels=64)  # the tiny config's widths
     intrinsics, cam2ego = _cameras(rng, 3, height, width)
     h, w = height // stride, width // stride
@@ -293,7 +293,7 @@ def test_refined_cell_comes_from_its_own_query():
     """With both attentions' output projections zeroed, each cell's output depends only on
     its own query: cell (x, y) must read embedding row y * X + x and the volume's pillar (x, y)."""
     torch.manual_seed(5)
-    grid = OccupancyGrid((-8.0, -4.0, -1.0, 8.0, 8.0, 5.4), 1.6)  # X = 10, Y = 7
+    grid = OccupancyGrid((-8.0, -4.0, -1.0, 8.0, 7.2, 5.4), 1.6)  # X = 10, Y = 7
     layer, (volume, context, depth_logits, *geometry) = _tiny_layer_and_inputs(np.random.default_rng(5), grid)
     with torch.no_grad():
         for projection in (layer.self_attn.output_proj, layer.cross_attn.output_proj):
@@ -311,14 +311,14 @@ def test_refined_cell_comes_from_its_own_query():
 
 
 def test_bad_arguments_name_the_module_and_argument():
-    grid = (-8.0, -8.0, -1.0, 8.0, 8.0, 5.4)
+    grid = OccupancyGrid((-8.0, -8.0, -1.0, 8.0, 8.0, 5.4), 1.6)  # 10 x 10 x 4
     with pytest.raises(ValueError, match="DepthAwareBackwardProjection: embed_dims 30 not divisible by num_heads"):
-        DepthAwareBackwardProjection(30, grid, 1.6, num_heads=4)
+        DepthAwareBackwardProjection(30, grid, num_heads=4)
     with pytest.raises(ValueError, match="DepthAwareBackwardProjection: embed_dims must be even"):
-        DepthAwareBackwardProjection(9, grid, 1.6, num_heads=3)
+        DepthAwareBackwardProjection(9, grid, num_heads=3)
     with pytest.raises(ValueError, match="DepthAwareBackwardProjection: num_offsets"):
-        DepthAwareBackwardProjection(8, grid, 1.6, num_heads=2, num_offsets=0)
-    layer = DepthAwareBackwardProjection(8, grid, 1.6, num_heads=2)
+        DepthAwareBackwardProjection(8, grid, num_heads=2, num_offsets=0)
+    layer = DepthAwareBackwardProjection(8, grid, num_heads=2)
     volume = torch.zeros(1, 8, 10, 10, 4)
     with pytest.raises(ValueError, match="DepthAwareBackwardProjection: depth_probs"):
         layer(volume, torch.zeros(1, 2, 8, 3, 4), torch.zeros(1, 2, 5, 3, 4), torch.eye(3).expand(1, 2, 3, 3),

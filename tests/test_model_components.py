@@ -12,8 +12,8 @@ from torch import nn
 
 from voxelsplat.engine.warmup_hook import WarmupSwitchHook
 from voxelsplat.modeling.backbone import TimmBackbone
+from voxelsplat.structures import OccupancySpec
 from voxelsplat.modeling.neck import FusionFPN
-from voxelsplat.modeling.registry import build_backbone
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -38,8 +38,7 @@ def test_timm_backbone_frozen_bn_stages_and_local_checkpoint(tmp_path):
     neck = FusionFPN(backbone.out_channels, backbone.out_strides, out_channels=32)
     assert neck(features).shape == (2, 32, 4, 6)
 
-    trainable = build_backbone({"name": "TimmBackbone", "model_name": "resnet18", "norm": "BN",
-                                "grad_checkpointing": True})
+    trainable = TimmBackbone("resnet18", norm="BN", grad_checkpointing=True)
     assert any(isinstance(m, nn.BatchNorm2d) for m in trainable.modules())
     trainable(torch.randn(1, 3, 64, 64, requires_grad=True))["stride32"].sum().backward()
     with pytest.raises(FileNotFoundError, match="local file"):
@@ -92,7 +91,8 @@ def test_published_config_instantiates_with_its_settings():
     model = instantiate(cfg.model)
     assert model.forward_projection.volume_shape == (100, 100, 8)
     assert model.depth_net.num_bins == 80
-    assert tuple(model.head.output_shape) == (200, 200, 16) and model.head.num_classes == 17
+    assert model.spec == OccupancySpec.for_label_set("openocc_v2")  # the dataset's gt_format
+    assert tuple(model.head.output_shape) == model.spec.grid.shape and model.head.num_classes == model.spec.num_classes
     assert 35e6 < sum(p.numel() for p in model.parameters()) < 90e6  # per module: test_release_parameter_counts
     cfg.optimizer.params.model = model
     optimizer = instantiate(cfg.optimizer)
@@ -108,40 +108,6 @@ def test_published_config_instantiates_with_its_settings():
     assert tuple(cfg.dataloader.train.mapper.bda_rotation_range) == (-22.5, 22.5)
     assert cfg.model.loss.flow_weight == 0.5 and cfg.model.loss.flow_voxels == "all"
     assert cfg.train.clip_grad.max_norm == 5.0
-
-
-def test_model_builds_from_registry_names():
-    from voxelsplat.data.occupancy_meta import occupancy_metadata
-    from voxelsplat.modeling.registry import build_model
-
-    meta = occupancy_metadata("occ3d")
-    pc_range, voxel = meta["point_cloud_range"], meta["voxel_size"] * 4
-    model = build_model({
-        "name": "OccupancyFlowModel",
-        "backbone": {"name": "TimmBackbone", "model_name": "resnet18", "norm": "FrozenBN"},
-        "neck": {"name": "FusionFPN", "in_channels": [256, 512], "in_strides": [16, 32], "out_channels": 16},
-        "depth_net": {"name": "CameraAwareDepthNet", "in_channels": 16, "mid_channels": 16, "context_channels": 8,
-                      "depth_bins": [2.0, 42.0, 4.0], "num_depth_blocks": 1},
-        "forward_projection": {"name": "LSSForwardProjection", "point_cloud_range": pc_range, "voxel_size": voxel,
-                               "depth_bins": [2.0, 42.0, 4.0]},
-        "backward_projection": {"name": "DepthAwareBackwardProjection", "embed_dims": 8, "point_cloud_range": pc_range,
-                                "voxel_size": voxel, "depth_bins": [2.0, 42.0, 4.0], "num_heads": 2},
-        "temporal_fusion": {"name": "TemporalVolumeFusion", "in_channels": 8, "out_channels": 8, "num_history": 1,
-                            "point_cloud_range": pc_range, "voxel_size": voxel},
-        "voxel_encoder": {"name": "ResNet3DFPN", "in_channels": 8, "stage_channels": [8, 8, 8],
-                          "stage_blocks": [1, 1, 1], "out_channels": 8},
-        "head": {"name": "OccFlowHead", "in_channels": 8, "mid_channels": 8, "num_classes": len(meta["class_names"]),
-                 "output_shape": meta["grid_shape"]},
-        "loss": {"name": "OccupancyFlowLoss", "num_classes": len(meta["class_names"]), "free_index": meta["free_index"],
-                 "flow_classes": meta["flow_classes"], "point_cloud_range": pc_range, "voxel_size": meta["voxel_size"]},
-        "class_names": meta["class_names"], "free_index": meta["free_index"], "flow_classes": meta["flow_classes"],
-        "grid_shape": meta["grid_shape"], "use_camera_mask": True,
-    })
-    assert model.head.num_classes == 18 and model.forward_projection.volume_shape == (50, 50, 4)
-    with pytest.raises(ValueError, match="class names"):
-        build_model({"name": "OccupancyFlowModel", **{k: getattr(model, k) for k in (
-            "backbone", "neck", "depth_net", "forward_projection", "voxel_encoder", "head", "loss")},
-            "class_names": meta["class_names"][:-1], "free_index": 0, "flow_classes": [], "grid_shape": meta["grid_shape"]})
 
 
 def test_released_neck_is_nearest_upsampling_and_a_plain_conv_against_a_direct_formula():

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from voxelsplat.data.occupancy_meta import OccupancyGrid
+from voxelsplat.structures import OccupancyGrid
 from voxelsplat.modeling.lifting.backward_projection import DepthAwareBackwardProjection
 from voxelsplat.modeling.lifting.depth_net import DepthBins, depth_bce_loss, lidar_depth_to_bins
 from voxelsplat.modeling.lifting.forward_projection import LSSForwardProjection, voxel_pooling
@@ -43,7 +43,7 @@ def test_lss_pooling_matches_dense_reference():
     intrinsics, cam2ego = _random_cameras(rng, batch, num_cams, height, width)
     context = torch.from_numpy(rng.normal(size=(batch, num_cams, channels, h, w)))
     depth = torch.from_numpy(rng.random((batch, num_cams, bins.num_bins, h, w))).softmax(2)
-    lss = LSSForwardProjection(grid.point_cloud_range, grid.voxel_size, (bins.start, bins.stop, bins.step))
+    lss = LSSForwardProjection(grid, (bins.start, bins.stop, bins.step))
     volume = lss(context, depth, intrinsics, cam2ego, (height, width))
 
     expected = np.zeros((batch, channels, *grid.shape))
@@ -85,7 +85,7 @@ def test_backward_projection_attends_only_where_cameras_see():
     rng = np.random.default_rng(3)
     height, width, stride = 32, 48, 8
     grid = OccupancyGrid((-8.0, -8.0, -2.0, 8.0, 8.0, 2.0), 2.0)
-    layer = DepthAwareBackwardProjection(8, grid.point_cloud_range, grid.voxel_size, (1.0, 13.0, 1.5),
+    layer = DepthAwareBackwardProjection(8, grid, (1.0, 13.0, 1.5),
                                          num_heads=2, num_points_in_pillar=3, num_offsets=2).double()
     intrinsics, cam2ego = _random_cameras(rng, 1, 1, height, width)  # one camera: part of the BEV unseen
     volume = torch.randn(1, 8, *grid.shape, dtype=torch.float64, requires_grad=True)
@@ -192,8 +192,8 @@ def test_temporal_warp_aligns_static_world(with_bda):
 def test_temporal_fusion_resets_per_slot_at_sequence_start():
     torch.manual_seed(7)
     grid = OccupancyGrid((-4.0, -4.0, -1.0, 4.0, 4.0, 1.0), 1.0)
-    fusion = TemporalVolumeFusion(3, 4, 2, grid.point_cloud_range, grid.voxel_size, time_channels=2).double().eval()
-    fresh = TemporalVolumeFusion(3, 4, 2, grid.point_cloud_range, grid.voxel_size, time_channels=2).double().eval()
+    fusion = TemporalVolumeFusion(3, 4, 2, grid, time_channels=2).double().eval()
+    fresh = TemporalVolumeFusion(3, 4, 2, grid, time_channels=2).double().eval()
     fresh.load_state_dict(fusion.state_dict())
     bda = torch.eye(4, dtype=torch.float64)[None].repeat(2, 1, 1)
 
@@ -209,11 +209,11 @@ def test_temporal_fusion_resets_per_slot_at_sequence_start():
     alone = step(fresh, frames[2][:1], 2, [True])
     torch.testing.assert_close(out[:1], alone)
     # Slot 1 used its history: the same input without history gives a different result.
-    fresh2 = TemporalVolumeFusion(3, 4, 2, grid.point_cloud_range, grid.voxel_size, 2).double().eval()
+    fresh2 = TemporalVolumeFusion(3, 4, 2, grid, 2).double().eval()
     fresh2.load_state_dict(fusion.state_dict())
     assert not torch.allclose(out[1:], step(fresh2, frames[2][1:], 2, [True]))
     # With history switched off every step behaves like a sequence start.
     fusion.history_enabled = False
-    fresh3 = TemporalVolumeFusion(3, 4, 2, grid.point_cloud_range, grid.voxel_size, 2).double().eval()
+    fresh3 = TemporalVolumeFusion(3, 4, 2, grid, 2).double().eval()
     fresh3.load_state_dict(fusion.state_dict())
     torch.testing.assert_close(step(fusion, frames[0], 3, [False, False]), step(fresh3, frames[0], 3, [True, True]))

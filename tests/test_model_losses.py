@@ -5,7 +5,14 @@ import numpy as np
 import pytest
 import torch
 
-from voxelsplat.data.occupancy_meta import OccupancyGrid
+from voxelsplat.structures import OccupancyGrid, OccupancySpec
+
+
+def _spec(num_classes, free_index, flow_classes, grid):
+    """A made-up label set of ``num_classes`` labels on ``grid``."""
+    names = [f"class_{i}" for i in range(num_classes)]
+    names[free_index] = "free"
+    return OccupancySpec("test", names, free_index, flow_classes, grid=grid)
 from voxelsplat.modeling.heads.losses import (
     OccupancyFlowLoss, class_weights_from_frequencies, flow_l1_loss, geo_scal_loss, lovasz_softmax, sem_scal_loss,
     sigmoid_focal_loss,
@@ -161,19 +168,19 @@ def test_flow_loss_released_normalisation_by_hand():
     assert flow_l1_loss(pred, gt, car, "voxel_count").item() == pytest.approx(7.65, rel=1e-6)
     # the module, released settings: 0.5 x the all-voxel value; 2 flow classes of 3 + free
     grid = OccupancyGrid((0.0, 0.0, 0.0, 1.5, 0.5, 0.5), 0.5)  # 3 x 1 x 1
-    module = OccupancyFlowLoss(4, 3, [0, 1], grid.point_cloud_range, grid.voxel_size, focal_weight=0.0,
+    module = OccupancyFlowLoss(_spec(4, 3, [0, 1], grid), focal_weight=0.0,
                                lovasz_weight=0.0, sem_scal_weight=0.0, geo_scal_weight=0.0)
     flow = pred.t().reshape(1, 2, 3, 1, 1)
     classes = torch.tensor([0, 2, 3]).reshape(1, 3, 1, 1)  # car, a static class, free
     out = module(torch.zeros(1, 4, 3, 1, 1), flow, classes, gt.reshape(1, 3, 1, 1, 2))
     assert out["loss_flow"].item() == pytest.approx(0.5 * expected_all, rel=1e-6)
-    old = OccupancyFlowLoss(4, 3, [0, 1], grid.point_cloud_range, grid.voxel_size, focal_weight=0.0,
+    old = OccupancyFlowLoss(_spec(4, 3, [0, 1], grid), focal_weight=0.0,
                             lovasz_weight=0.0, sem_scal_weight=0.0, geo_scal_weight=0.0, flow_weight=1.0,
                             flow_voxels="flow_classes", flow_normalization="voxel_count")
     out = old(torch.zeros(1, 4, 3, 1, 1), flow, classes, gt.reshape(1, 3, 1, 1, 2))
     assert out["loss_flow"].item() == pytest.approx(7.65, rel=1e-6)
     with pytest.raises(ValueError, match="flow_voxels"):
-        OccupancyFlowLoss(4, 3, [0, 1], grid.point_cloud_range, grid.voxel_size, flow_voxels="moving")
+        OccupancyFlowLoss(_spec(4, 3, [0, 1], grid), flow_voxels="moving")
 
 
 def test_occupancy_flow_loss_module_masks_and_weights():
@@ -181,7 +188,7 @@ def test_occupancy_flow_loss_module_masks_and_weights():
     grid = OccupancyGrid((-2.0, -2.0, -1.0, 2.0, 2.0, 1.0), 0.5)  # 8 x 8 x 4
     num_classes, free = 5, 4
     frequencies = [1e3, 5e3, 2e4, 1e5, 1e7]
-    loss = OccupancyFlowLoss(num_classes, free, [0, 1], grid.point_cloud_range, grid.voxel_size,
+    loss = OccupancyFlowLoss(_spec(num_classes, free, [0, 1], grid),
                              class_frequencies=frequencies, lovasz_weight=2.0, flow_weight=0.5)
     logits = torch.randn(2, num_classes, *grid.shape, dtype=torch.float64, requires_grad=True)
     flow = torch.randn(2, 2, *grid.shape, dtype=torch.float64, requires_grad=True)

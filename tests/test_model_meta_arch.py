@@ -1,5 +1,5 @@
 """OccupancyFlowModel end to end on samples built to the mapper contract
-(voxelsplat/data/sample_fields.py): eval outputs, the regularizer call site, and the
+(voxelsplat/structures/sample_fields.py): eval outputs, the regularizer call site, and the
 tiny synthetic config learning."""
 import math
 from pathlib import Path
@@ -9,8 +9,8 @@ import pytest
 import torch
 from detectron2.config import LazyConfig, instantiate
 
-from voxelsplat.data.occupancy_meta import occupancy_metadata
-from voxelsplat.data.sample_fields import check_sample
+from voxelsplat.structures import occupancy_metadata
+from voxelsplat.structures.sample_fields import check_sample
 
 ROOT = Path(__file__).resolve().parents[1]
 META = occupancy_metadata("openocc_v2")
@@ -53,7 +53,7 @@ def make_sample(seed, height, width, frame=0, num_cams=6):
         "intrinsics": intrinsics, "cam2ego": cam2ego, "ego2global": ego2global,
         "img_aug": torch.eye(3).repeat(num_cams, 1, 1), "bda": torch.eye(4),
         "lidar_depth": torch.rand(num_cams, height, width, generator=gen) * 45.0 * lidar_hit,
-        "occ_semantics": semantics, "occ_flow": flow,
+        "occ_semantics": semantics, "occ_flow": flow, "gt_format": "openocc_v2",
         "sample_token": f"sample{seed}", "scene_token": "scene", "timestamp": 1_000_000 + 500_000 * frame,
         "frame_index": frame, "sequence_start": frame == 0, "prev_sample_token": "" if frame == 0 else f"sample{seed - 1}",
         "lidar_origins": torch.zeros(1, 3),
@@ -186,4 +186,4 @@ def test_tiny_config_trains_on_the_synthetic_dataset(synthetic_dataset, tmp_path
     model.eval()
     with torch.no_grad():
         output = model(batches[0][:1])[0]
-    assert output["occ"].shape == (200, 200, 16) and output["flow"].shape == (200, 200, 16, 2)
+    assert output["occ"].shape == tuple(META["grid_shape"]) and output["flow"].shape == (*META["grid_shape"], 2)

@@ -9,7 +9,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from voxelsplat.data.occupancy_meta import OccupancyGrid
+from voxelsplat.structures import DEFAULT_GRID, OccupancyGrid, OccupancySpec
 from voxelsplat.modeling.heads import OccFlowHead
 from voxelsplat.modeling.lifting.temporal_fusion import TemporalVolumeFusion, current_to_past_transform, warp_volume
 from voxelsplat.modeling.voxel_encoder import FPN3D, ResNet3D, ResNet3DFPN
@@ -18,7 +18,8 @@ from voxelsplat.utils.geometry import bda_matrix, make_transform, quaternion_to_
 # Release files (ZZY816/VoxelSplat): VC = occupancy_configs/voxelsplat/voxelsplat-r50.py,
 # DET = mmdet3d/models/fbbev/detectors/fbocc.py, R3D = mmdet3d/models/fbbev/modules/resnet3d.py,
 # FPN = mmdet3d/models/fbbev/modules/fpn3d.py, HD = mmdet3d/models/fbbev/heads/occ_flow_head.py.
-PC_RANGE = (-40.0, -40.0, -1.0, 40.0, 40.0, 5.4)
+RELEASE_VOLUME = DEFAULT_GRID.coarsened(2)  # the release's 100 x 100 x 8 volume at 0.8 m
+OPENOCC = OccupancySpec.for_label_set("openocc_v2")
 
 
 def _count(module: nn.Module) -> int:
@@ -53,7 +54,7 @@ def _norm(x, bn: nn.BatchNorm3d, training: bool):
 # ---------------------------------------------------------------------------- parameter counts
 def test_release_widths_have_the_released_parameter_counts():
     c, frames = 80, 16 + 1  # VC:94 numC_Trans = 80; VC:33 history_cat_num = 16, plus the current frame
-    fusion = TemporalVolumeFusion(c, c, 16, PC_RANGE, 0.8)
+    fusion = TemporalVolumeFusion(c, c, 16, RELEASE_VOLUME)
     expected_fusion = (
         (c + 1) * c + c + _bn(c)          # DET:110-117 conv (bias: nn.Conv3d default) 81->80 + SyncBN (+ReLU)
         + frames * c * c + c + _bn(c)     # DET:119-126 conv 1360->80 (VC:111-118 never passes
@@ -81,7 +82,7 @@ def test_release_widths_have_the_released_parameter_counts():
     assert _count(fpn) == expected_fpn == 5_426_176
     assert _count(ResNet3DFPN(c)) == expected_backbone + expected_fpn
 
-    head = OccFlowHead(256, num_classes=17, output_shape=(200, 200, 16))  # VC:231-242: 3 levels of 256, 17 classes
+    head = OccFlowHead(256, spec=OPENOCC)  # VC:231-242: 3 levels of 256, 17 classes
     mid, hidden, parts = 128, 64, 3 + 1  # HD:81 in // 2; HD:93 mid // 2; HD:108 levels + the deconvolution
     expected_head = (
         256 * mid * 8 + _bn(mid)                     # HD:134-146 deconv 2x2x2 stride 2, bias=False + norm + ReLU
@@ -146,7 +147,7 @@ def test_temporal_fusion_matches_direct_recomputation_with_rewarping_each_step(t
     grid = OccupancyGrid((-4.0, -4.0, -2.0, 4.0, 4.0, 2.0), 1.0)
     gen = torch.Generator().manual_seed(3)
     rng = np.random.default_rng(3)
-    module = TemporalVolumeFusion(3, 5, 3, grid.point_cloud_range, grid.voxel_size,
+    module = TemporalVolumeFusion(3, 5, 3, grid,
                                   frame_interval=frame_interval).double()
     _randomize_norms(module, gen)
     module.train(training)
@@ -186,10 +187,10 @@ def test_temporal_fusion_matches_direct_recomputation_with_rewarping_each_step(t
 
 def test_temporal_fusion_rejects_bad_arguments():
     with pytest.raises(ValueError, match="TemporalVolumeFusion: num_history"):
-        TemporalVolumeFusion(8, 8, -1, PC_RANGE, 0.8)
+        TemporalVolumeFusion(8, 8, -1, RELEASE_VOLUME)
     with pytest.raises(ValueError, match="TemporalVolumeFusion: frame_interval"):
-        TemporalVolumeFusion(8, 8, 2, PC_RANGE, 0.8, frame_interval=0.0)
-    module = TemporalVolumeFusion(4, None, 1, (-2.0, -2.0, -1.0, 2.0, 2.0, 1.0), 1.0)
+        TemporalVolumeFusion(8, 8, 2, RELEASE_VOLUME, frame_interval=0.0)
+    module = TemporalVolumeFusion(4, None, 1, OccupancyGrid((-2.0, -2.0, -1.0, 2.0, 2.0, 1.0), 1.0))
     assert module.out_channels == 4
     with pytest.raises(ValueError, match="TemporalVolumeFusion: volume"):
         module(torch.zeros(1, 3, 4, 4, 2), torch.eye(4)[None].double(), torch.eye(4)[None], [0], [True])
@@ -332,7 +333,7 @@ def test_head_resamples_predictions_to_a_finer_gt_grid_and_keeps_single_layer_cl
 
 
 def test_flow_head_ends_in_softplus_then_linear_as_released():
-    head = OccFlowHead(256, num_classes=17, output_shape=(200, 200, 16))
+    head = OccFlowHead(256, spec=OPENOCC)
     kinds = lambda seq: [type(m) for m in seq]  # noqa: E731
     assert kinds(head.flow_mlp) == [nn.Conv3d, nn.BatchNorm3d, nn.Softplus, nn.Conv3d]
     assert kinds(head.occ_mlp) == [nn.Conv3d, nn.BatchNorm3d, nn.ReLU, nn.Conv3d]

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 
-from voxelsplat.data.occupancy_meta import OccupancyGrid, occupancy_metadata
+from voxelsplat.structures import OccupancyGrid, OccupancySpec, occupancy_metadata
 from voxelsplat.data.render_views import adjacent_render_views
 from voxelsplat.modeling.regularizers import GaussianSplatRegularizer
 from voxelsplat.modeling.regularizers.gaussian_splat import gather_voxels
@@ -43,8 +43,8 @@ def _single_thread():
 
 def make_regularizer(grid=SMALL_GRID, **kwargs):
     kwargs.setdefault("backend", "torch")
-    return GaussianSplatRegularizer(point_cloud_range=grid.point_cloud_range, voxel_size=grid.voxel_size,
-                                    free_index=FREE, num_classes=len(CLASSES), **kwargs)
+    spec = OccupancySpec.for_label_set("openocc_v2", grid)
+    return GaussianSplatRegularizer(spec=spec, **kwargs)
 
 
 def _record(frame, cameras, ego_x):
@@ -696,7 +696,7 @@ def test_adjacent_gt_targets_need_the_mapper_fields():
 def model_sample(seed, height=64, width=176, num_gaussians=1500):
     """A mapped training sample (sample_fields contract) on the full GT grid, with the
     regularizer's fields: 6 outward cameras, render views = the same cameras at 1/2 size."""
-    from voxelsplat.data.sample_fields import check_sample
+    from voxelsplat.structures.sample_fields import check_sample
 
     grid = OccupancyGrid()
     views = ring_views(6, dt=(0.0,) * 6, width=width // 2, height=height // 2)
@@ -712,6 +712,7 @@ def model_sample(seed, height=64, width=176, num_gaussians=1500):
         img_aug=torch.eye(3).repeat(6, 1, 1), bda=torch.eye(4),
         lidar_depth=torch.rand(6, height, width, generator=g) * 40 * (torch.rand(6, height, width, generator=g) < 0.05),
         scene_token="scene", timestamp=1_000_000, frame_index=0, sequence_start=True, prev_sample_token="",
+        gt_format="openocc_v2",
         lidar_origins=torch.zeros(1, 3),
     )
     check_sample(sample, with_regularizer=True)

@@ -6,7 +6,7 @@ import os
 import numpy as np
 import pytest
 
-from voxelsplat.data.occupancy_meta import DEFAULT_GRID, FLOW_CLASS_NAMES, OPENOCC_V2_CLASSES, openocc_to_occ3d_lut
+from voxelsplat.structures import DEFAULT_GRID, FLOW_CLASS_NAMES, OPENOCC_V2_CLASSES, openocc_to_occ3d_lut
 from voxelsplat.data.synthetic import generate_synthetic_dataset, synthetic_scene_names
 from voxelsplat.data.synthetic.render import render_camera
 from voxelsplat.data.synthetic.writer import scene_world_for
@@ -138,8 +138,8 @@ def test_lidar_points_occupied_voxels_flow_and_label_files(synthetic_dataset, nu
         labels = _labels(synthetic_dataset.root, "openocc_v2", scene["name"], sample["token"])
         occ3d = _labels(synthetic_dataset.root, "gts", scene["name"], sample["token"])
         semantics, flow, visible = labels["semantics"], labels["flow"], labels["visible"]
-        assert semantics.shape == (200, 200, 16) and semantics.dtype == np.uint8
-        assert flow.shape == (200, 200, 16, 2) and flow.dtype == np.float32
+        assert semantics.shape == DEFAULT_GRID.shape and semantics.dtype == np.uint8
+        assert flow.shape == (*DEFAULT_GRID.shape, 2) and flow.dtype == np.float32
         np.testing.assert_array_equal(occ3d["semantics"], openocc_to_occ3d_lut()[semantics])
         assert occ3d["mask_camera"].any() and occ3d["mask_lidar"].any()
         # static world has no flow; the classes of the world are all present over the scene

@@ -7,7 +7,7 @@ from types import SimpleNamespace
 import numpy as np
 import pytest
 
-from voxelsplat.data.occupancy_meta import occupancy_metadata
+from voxelsplat.structures import occupancy_metadata
 from voxelsplat.evaluation import SAMPLE_STATS_FILE, SampleStats, sample_stats_to_arrays, summarize
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))

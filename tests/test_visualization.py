@@ -2,7 +2,7 @@
 import numpy as np
 import pytest
 
-from voxelsplat.data.occupancy_meta import OPENOCC_V2_CLASSES, OccupancyGrid
+from voxelsplat.structures import OPENOCC_V2_CLASSES, OccupancyGrid
 from voxelsplat.utils import visualization as vis
 
 FREE = OPENOCC_V2_CLASSES.index("free")

@@ -20,13 +20,36 @@ from detectron2.utils import comm  # noqa: E402
 from detectron2.utils.logger import setup_logger  # noqa: E402
 
 from voxelsplat.engine import do_eval_only, do_train, launch, load_config  # noqa: E402
+from voxelsplat.utils.io import atomic_write_bytes  # noqa: E402
 
 logger = logging.getLogger("voxelsplat")
 
 
+def setup(cfg, args):
+    """detectron2's ``default_setup`` (logging, seeds, ``<output_dir>/config.yaml``). An
+    ``--eval-only`` run leaves the folder's ``config.yaml`` as it was, since it is often the
+    folder of the training run that config.yaml describes; ``do_eval_only`` saves the eval
+    config as config_eval.yaml once the checkpoint has loaded."""
+    if not args.eval_only:
+        default_setup(cfg, args)
+        return
+    config_yaml = os.path.join(cfg.train.output_dir, "config.yaml") if cfg.train.output_dir else None
+    previous = None
+    if config_yaml and os.path.isfile(config_yaml):
+        with open(config_yaml, "rb") as f:
+            previous = f.read()
+    default_setup(cfg, args)
+    if config_yaml and comm.is_main_process():
+        if previous is None:
+            if os.path.isfile(config_yaml):
+                os.remove(config_yaml)
+        else:
+            atomic_write_bytes(config_yaml, previous)
+
+
 def main(args):
     cfg = load_config(args.config_file, args.opts)
-    default_setup(cfg, args)
+    setup(cfg, args)
     # the library's own loggers (evaluation tables, data, hooks) go to the console and log.txt too
     setup_logger(cfg.train.output_dir, distributed_rank=comm.get_rank(), name="voxelsplat", abbrev_name="vs")
     if args.eval_only:

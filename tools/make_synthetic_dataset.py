@@ -4,10 +4,15 @@ occupancy labels) that every loader, mapper and evaluator of VoxelSplat reads li
 
     python tools/make_synthetic_dataset.py --output datasets/synthetic
     python tools/make_synthetic_dataset.py --output /tmp/syn --scenes 10 --samples-per-scene 40 --workers 2
+
+The dataset is built in OUTPUT.partial-<pid>-<random> and swapped into place when complete: an
+interrupted run leaves OUTPUT as it was (with --overwrite, the previous dataset), a killed one
+also leaves its staging folder, which the next run names. The worker processes end with this one.
 """
 import argparse
 import logging
 import os
+import signal
 import sys
 import time
 
@@ -28,8 +33,16 @@ def parse_args(argv=None):
     parser.add_argument("--sweeps", type=int, default=0, help="LiDAR sweeps between keyframes, 0-9 (default: 0)")
     parser.add_argument("--seed", type=int, default=0, help="world seed; the same seed gives the same bytes")
     parser.add_argument("--workers", type=int, default=os.cpu_count() or 1, help="parallel processes")
-    parser.add_argument("--overwrite", action="store_true", help="replace an existing output folder")
+    parser.add_argument("--overwrite", action="store_true",
+                        help="replace an existing output folder once the new dataset is complete")
     return parser.parse_args(argv)
+
+
+def _exit_on_signal(signum, frame):
+    # unwinds like Ctrl-C: the workers are ended and the staging folder removed; a second
+    # signal of the kind ends the process at once
+    signal.signal(signum, signal.SIG_DFL)
+    raise SystemExit(128 + signum)
 
 
 def main(argv=None) -> int:
@@ -44,6 +57,9 @@ def main(argv=None) -> int:
     except (FileExistsError, ValueError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
+    except (KeyboardInterrupt, SystemExit) as error:
+        print(f"interrupted; {args.output} was left as it was", file=sys.stderr)
+        return 130 if isinstance(error, KeyboardInterrupt) else error.code
     seconds = time.perf_counter() - start
     samples = args.scenes * args.samples_per_scene
     print(f"wrote {samples} keyframes of {len(info['scenes'])} scenes ({', '.join(info['scenes'])}) to {info['root']} "
@@ -52,4 +68,7 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
+    for _name in ("SIGTERM", "SIGHUP"):
+        if hasattr(signal, _name):
+            signal.signal(getattr(signal, _name), _exit_on_signal)
     sys.exit(main())

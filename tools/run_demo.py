@@ -3,7 +3,7 @@
 the tiny VoxelSplat model on it, evaluate both, print a comparison table and write
 TensorBoard logs and pictures.
 
-The table also holds the floors (``voxelsplat.evaluation.floors``): all free, the training
+The table also holds the floors (``voxelsplat.engine.floors``): all free, the training
 labels' per-voxel class prior and the previous keyframe's ground truth, scored on the same
 validation split by the same evaluator, and, next to each model's mAVE, the flow floors of
 its own predictions (``mAVE_zero_flow``: its occupancy with zero flow; ``mAVE_gt_occupancy``:
@@ -39,7 +39,7 @@ MODELS = (
 DEMO_MODELS = ("fbocc_tiny", "voxelsplat_tiny")
 METRICS = ("RayIoU", "RayIoU@1", "RayIoU@2", "RayIoU@4", "mAVE", "mAVE_zero_flow", "mAVE_gt_occupancy", "mAVE_TP",
            "mAVE_TP_zero_flow", "mAVE_TP_gt_occupancy", "OccScore", "mIoU")
-# (table row, floor name in voxelsplat.evaluation.floors)
+# (table row, floor name in voxelsplat.engine.floors)
 FLOORS = (
     ("floor: all free", "all_free"),
     ("floor: class prior", "class_prior"),
@@ -50,7 +50,7 @@ FLOORS = (
 PRETRAIN_CONFIG = "configs/synthetic/depth_pretrain_tiny.py"
 PRETRAIN_OVERRIDE_PREFIXES = ("model.backbone.", "model.neck.", "model.depth_net.", "model.pixel_", "model.input_",
                               "dataloader.train.mapper.")
-# floors.json entry with the splits' motion statistics (voxelsplat.evaluation.floors.motion_statistics)
+# floors.json entry with the splits' motion statistics (voxelsplat.engine.floors.motion_statistics)
 SPLIT_MOTION = "split_motion"
 # Bumped when the floors or their cache change, so an older floors.json is recomputed.
 FLOORS_CACHE_VERSION = 3
@@ -222,15 +222,15 @@ def write_json(path, payload):
 
 def floor_results(args):
     """The floors on the demo's validation split: ``{floor name: results}`` (see
-    ``voxelsplat.evaluation.floors``), scored by the evaluator of the models' data config.
+    ``voxelsplat.engine.floors``), scored by the evaluator of the models' data config.
 
     Read from ``args.floors_cache`` when it was computed for the same dataset and evaluator
     settings; otherwise computed (a few seconds) and written there."""
     from detectron2.config import LazyConfig, instantiate
     from omegaconf import OmegaConf
 
-    from voxelsplat.evaluation import evaluate_floors
-    from voxelsplat.evaluation.floors import motion_statistics
+    from voxelsplat.engine.floors import evaluate_floors
+    from voxelsplat.engine.floors import motion_statistics
 
     cfg = LazyConfig.load(os.path.join(ROOT, MODELS[0][2]))  # every model of the demo shares its data config
     overrides = dataset_overrides(args) + [o for o in args.opts if o.startswith(FLOOR_OVERRIDE_PREFIXES)]

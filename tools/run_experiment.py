@@ -155,7 +155,7 @@ CURVE_METRICS = ("RayIoU", "mAVE")
 
 def occupied_class_names():
     """The benchmark label set's classes except free (OpenOcc v2)."""
-    from voxelsplat.data.occupancy_meta import occupancy_metadata
+    from voxelsplat.structures import occupancy_metadata
 
     meta = occupancy_metadata("openocc_v2")
     return [name for index, name in enumerate(meta["class_names"]) if index != meta["free_index"]]
@@ -215,7 +215,7 @@ def paired_statistics(args, names, per_model, floors, motion=None):
     are missing (runs made before the evaluator wrote them)."""
     import numpy as np
 
-    from voxelsplat.data.occupancy_meta import occupancy_metadata
+    from voxelsplat.structures import occupancy_metadata
     from voxelsplat.evaluation import (
         SAMPLE_STATS_FILE, SampleStats, benchmark_gate, paired_bootstrap, sample_stats_from_arrays,
     )

@@ -24,7 +24,7 @@ from detectron2.config import instantiate  # noqa: E402
 from detectron2.data import MetadataCatalog  # noqa: E402
 from omegaconf import OmegaConf  # noqa: E402
 
-from voxelsplat.data.occupancy_meta import grid_from_metadata  # noqa: E402
+from voxelsplat.structures import grid_from_metadata  # noqa: E402
 from voxelsplat.engine import OccupancyCheckpointer, load_config  # noqa: E402
 from voxelsplat.engine.render_image_hook import render_comparison_image  # noqa: E402
 from voxelsplat.utils import visualization as vis  # noqa: E402

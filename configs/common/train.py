@@ -2,6 +2,7 @@
 train = dict(
     output_dir="./output",
     init_checkpoint="",       # weights to start from (or to evaluate with --eval-only)
+    trust_checkpoint=False,   # allow checkpoints that need full unpickling (runs code from the file)
     max_iter=90000,
     amp=dict(enabled=False),  # mixed precision (fp16 autocast, dynamic loss scale); CUDA only
     sync_bn=False,            # BatchNorm -> SyncBatchNorm across CUDA processes

@@ -1,13 +1,10 @@
-"""A tiny registered model, data and evaluator for exercising the training engine."""
+"""A tiny model, data and evaluator for exercising the training engine."""
 import torch
 from detectron2.evaluation import DatasetEvaluator
 from detectron2.utils import comm
 from torch import nn
 
-from voxelsplat.modeling.registry import META_ARCH_REGISTRY
 
-
-@META_ARCH_REGISTRY.register()
 class ToyRegressor(nn.Module):
     """Linear regression from ``x`` (D,) to ``y`` (1,) with detectron2 model I/O."""
 

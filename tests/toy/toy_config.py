@@ -1,4 +1,4 @@
-"""Toy LazyConfig: a registered linear model on random tensors, trained by the real engine."""
+"""Toy LazyConfig: a linear model on random tensors, trained by the real engine."""
 import os
 import sys
 
@@ -6,17 +6,16 @@ from detectron2.config import LazyCall as L
 from omegaconf import OmegaConf
 
 sys.path.insert(0, os.path.dirname(__file__))
-from toy_components import ToyEvaluator, ToyTrainLoader, toy_test_loader  # noqa: E402
+from toy_components import ToyEvaluator, ToyRegressor, ToyTrainLoader, toy_test_loader  # noqa: E402
 
 from voxelsplat.model_zoo import get_config  # noqa: E402
-from voxelsplat.modeling.registry import build_model  # noqa: E402
 
 # The shipped common pieces, loaded through the model zoo as a user outside the repo would.
 train = get_config("common/train.py").train
 optimizer = get_config("common/optim.py").AdamW
 lr_multiplier = get_config("common/schedule.py").step_lr_multiplier
 
-model = L(build_model)(spec={"name": "ToyRegressor", "in_features": 8})
+model = L(ToyRegressor)(in_features=8)
 
 dataloader = OmegaConf.create()
 dataloader.train = L(ToyTrainLoader)(total_batch_size=8, in_features=8, seed=0)

@@ -36,36 +36,41 @@ VAL_SAMPLES = 6019
 
 
 def street_scene(seed: int):
-    """(semantics int64 [200,200,16], flow float32 [...,2], origins float64 [8,3]) and a prediction of it."""
-    from voxelsplat.data.occupancy_meta import DEFAULT_GRID
+    """(semantics int64 (X, Y, Z) on the OpenOcc v2 spec's grid, flow float32 (..., 2), origins float64
+    (8, 3)) and a prediction of it."""
+    from voxelsplat.structures import occupancy_spec
 
+    spec = occupancy_spec("openocc_v2")
+    label = {name: i for i, name in enumerate(spec.class_names)}
+    free = spec.free_index
     rng = np.random.default_rng(seed)
-    X, Y, Z = DEFAULT_GRID.shape
-    sem = np.full((X, Y, Z), 16, np.int64)
-    ground = np.full((X, Y), 13)  # terrain
-    ground[:, 80:120] = 10  # driveable surface along x
-    ground[:, 70:80] = ground[:, 120:130] = 12  # sidewalks
+    X, Y, Z = spec.grid.shape
+    sem = np.full((X, Y, Z), free, np.int64)
+    ground = np.full((X, Y), label["terrain"])
+    ground[:, 80:120] = label["driveable_surface"]  # along x
+    ground[:, 70:80] = ground[:, 120:130] = label["sidewalk"]
     sem[:, :, 0:2] = ground[:, :, None]
     for side in (slice(40, 70), slice(130, 160)):
         x = 0
         while x < X:  # buildings and trees with gaps
             width = int(rng.integers(8, 30))
-            kind = rng.choice([14, 15, 16], p=[0.55, 0.3, 0.15])
-            if kind != 16:
+            kind = rng.choice([label["manmade"], label["vegetation"], free], p=[0.55, 0.3, 0.15])
+            if kind != free:
                 start = side.start + int(rng.integers(0, 10))
                 sem[x:x + width, start:side.stop, 2:int(rng.integers(6, Z))] = kind
             x += width + int(rng.integers(0, 6))
     flow = np.zeros((X, Y, Z, 2), np.float32)
+    sizes = {"car": (11, 5, 4), "truck": (20, 6, 8), "pedestrian": (2, 2, 5), "barrier": (6, 1, 3)}
     for _ in range(25):  # vehicles and pedestrians on and near the road
-        cls = int(rng.choice([0, 0, 0, 1, 7, 7, 9]))
-        length, width, height = {0: (11, 5, 4), 1: (20, 6, 8), 7: (2, 2, 5), 9: (6, 1, 3)}[cls]
+        name = str(rng.choice(["car", "car", "car", "truck", "pedestrian", "pedestrian", "barrier"]))
+        length, width, height = sizes[name]
         x0, y0 = int(rng.integers(0, X - length)), int(rng.integers(72, 128 - width))
-        sem[x0:x0 + length, y0:y0 + width, 2:2 + height] = cls
-        if cls < 8:
+        sem[x0:x0 + length, y0:y0 + width, 2:2 + height] = label[name]
+        if label[name] in spec.flow_classes:
             flow[x0:x0 + length, y0:y0 + width, 2:2 + height] = rng.normal(0, 4, 2)
     pred = np.roll(sem, int(rng.integers(-2, 3)), axis=0)
     relabel = rng.random(sem.shape) < 0.03
-    pred[relabel] = rng.integers(0, 17, int(relabel.sum()))
+    pred[relabel] = rng.integers(0, spec.num_classes, int(relabel.sum()))
     pred_flow = flow + rng.normal(0, 0.5, flow.shape).astype(np.float32)
     origins = np.stack([np.linspace(-24, 24, 8) + rng.normal(0, 0.5, 8), rng.normal(0, 1.0, 8),
                         np.full(8, 1.84)], 1)
@@ -76,6 +81,9 @@ def _time_samples(scenes, device, **walk) -> List[float]:
     """Seconds per sample; ``walk``: keyword arguments for ``cast_rays`` (backend, skip_empty_space)."""
     from voxelsplat.evaluation import ray_casting
     from voxelsplat.evaluation.ray_metrics import cast_sample_rays, sample_stats
+    from voxelsplat.structures import occupancy_spec
+
+    spec = occupancy_spec("openocc_v2")
 
     original = ray_casting.cast_rays
     times = []
@@ -89,9 +97,9 @@ def _time_samples(scenes, device, **walk) -> List[float]:
             if device.type == "cuda":
                 torch.cuda.synchronize()
             start = time.perf_counter()
-            rays = cast_sample_rays(tensors[0], origins, tensors[1], tensors[2], tensors[3], num_classes=17,
-                                    free_index=16)
-            sample_stats(rays, num_classes=17, voxel_size=0.4)
+            rays = cast_sample_rays(tensors[0], origins, tensors[1], tensors[2], tensors[3],
+                                    num_classes=spec.num_classes, free_index=spec.free_index, grid=spec.grid)
+            sample_stats(rays, num_classes=spec.num_classes, voxel_size=spec.grid.voxel_size)
             if device.type == "cuda":
                 torch.cuda.synchronize()
             times.append(time.perf_counter() - start)
@@ -124,7 +132,7 @@ def _python_walk(occupied, shape, origin_vox, direction) -> float:
 
 
 def _python_seconds_per_sample(scene, num_rays: int, seed: int = 0) -> float:
-    from voxelsplat.data.occupancy_meta import DEFAULT_GRID
+    from voxelsplat.structures import DEFAULT_GRID
     from voxelsplat.evaluation import lidar_ray_directions
 
     sem, _, pred, _, origins = scene

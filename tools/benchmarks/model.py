@@ -28,10 +28,10 @@ CONFIG = os.path.join(ROOT, "configs", "synthetic", "fbocc_tiny.py")
 
 
 def _contract_samples(image_size, count: int) -> List[dict]:
-    """Samples built to voxelsplat/data/sample_fields.py: a road, moving cars, free space."""
+    """Samples built to voxelsplat/structures/sample_fields.py: a road, moving cars, free space."""
     import torch
 
-    from voxelsplat.data.occupancy_meta import occupancy_metadata
+    from voxelsplat.structures import occupancy_metadata
 
     meta = occupancy_metadata("openocc_v2")
     width, height = image_size

@@ -17,7 +17,7 @@ the regularizer (the tiny FB-Occ baseline), as ``step_time_ratio`` and ``peak_me
 (peak RSS of a fresh process per variant; step times interleaved in one process), with the
 config's backend ("auto": native on CPU) and, as a baseline, the torch backend
 (``step_time_ratio_torch_backend``). Samples are built to the mapper contract
-(``voxelsplat/data/sample_fields.py``) at the tiny config's sizes: a street scene on the GT
+(``voxelsplat/structures/sample_fields.py``) at the tiny config's sizes: a street scene on the GT
 grid, 6 cameras, 3 keyframes of render views, the config's Gaussian count.
 
 When CUDA is available, the published workload (100k Gaussians, 36 views, 400x225,
@@ -242,7 +242,7 @@ def _camera_rig(num_cams: int, position_x: float = 0.0):
 
 def tiny_training_sample(cfg, seed: int) -> dict:
     """A mapped training sample at the tiny config's sizes, with the regularizer's fields."""
-    from voxelsplat.data.occupancy_meta import OPENOCC_V2_CLASSES, OccupancyGrid
+    from voxelsplat.structures import OPENOCC_V2_CLASSES, OccupancyGrid
 
     g = torch.Generator().manual_seed(seed)
     grid = OccupancyGrid()

@@ -8,9 +8,16 @@ from __future__ import annotations
 from typing import Callable, List, Optional, Sequence, Tuple, Union
 
 import numpy as np
+import torch
 from torch.utils.data import DataLoader, Dataset
 
-from .samplers import InferenceSequenceSampler, SequentialSceneBatchSampler, ShuffledBatchSampler, scene_sequences
+from .samplers import (
+    BatchItem,
+    InferenceSequenceSampler,
+    SequentialSceneBatchSampler,
+    ShuffledBatchSampler,
+    scene_sequences,
+)
 
 __all__ = ["SceneSequenceDataset", "get_records", "build_train_loader", "build_test_loader"]
 
@@ -43,8 +50,10 @@ def get_records(dataset: DatasetSpec) -> List[dict]:
 class SceneSequenceDataset(Dataset):
     """Map-style dataset over records that also knows each record's scene.
 
-    Indexed by ``(index, sequence_start)`` pairs (from the samplers) or plain ints. The record
-    is handed to the mapper with ``sequence_start`` set and, when the mapper says it
+    Indexed by :class:`~voxelsplat.data.samplers.BatchItem` ``(index, sequence_start, seed)``
+    (from the samplers; ``seed`` optional) or plain ints. The record is handed to the mapper
+    with ``sequence_start`` set, ``sample_seed`` set to the item's seed when it has one (the
+    entropy of the mapper's random draws) and, when the mapper says it
     ``needs_scene_records``, with ``scene_records`` (the records of its scene, in time order).
     Records are held serialized (detectron2's ``DatasetFromList``) so data-loader workers
     share the parent's memory.
@@ -70,18 +79,24 @@ class SceneSequenceDataset(Dataset):
     def __len__(self) -> int:
         return len(self._records)
 
-    def record(self, index: int, sequence_start: Optional[bool] = None) -> dict:
+    def record(self, index: int, sequence_start: Optional[bool] = None,
+               seed: Optional[Sequence[int]] = None) -> dict:
         """The record at ``index`` prepared for the mapper (see the class docstring)."""
         record = self._records[int(index)]
         if sequence_start is not None:
             record["sequence_start"] = bool(sequence_start)
+        if seed is not None:
+            record["sample_seed"] = tuple(int(s) for s in seed)
         if getattr(self.mapper, "needs_scene_records", False):
             record["scene_records"] = [self._records[int(i)] for i in self._scenes[self._scene_of[int(index)]]]
         return record
 
-    def __getitem__(self, item: Union[int, Tuple[int, bool]]) -> dict:
-        index, sequence_start = item if isinstance(item, (tuple, list)) else (item, None)
-        return self.mapper(self.record(index, sequence_start))
+    def __getitem__(self, item: Union[int, Tuple[int, bool], BatchItem]) -> dict:
+        if not isinstance(item, (tuple, list)):
+            return self.mapper(self.record(item))
+        if not 2 <= len(item) <= 3:
+            raise ValueError(f"SceneSequenceDataset: an item is an index or (index, sequence_start[, seed]); got {item!r}")
+        return self.mapper(self.record(*item))
 
 
 def _cache_dir_of(dataset: DatasetSpec) -> str:
@@ -95,6 +110,24 @@ def _cache_dir_of(dataset: DatasetSpec) -> str:
     return cache_dir or default_cache_dir()
 
 
+def _keeping_global_rng(function: Callable) -> Callable:
+    """``function`` run with the global random generators (Python, numpy, torch) put back
+    afterwards: preparation work that is cached (done by the first run only, e.g. a data
+    loader that draws its workers' seed) must not shift what the training draws next."""
+    import random
+
+    def run(*args, **kwargs):
+        python_state, numpy_state = random.getstate(), np.random.get_state()
+        try:
+            with torch.random.fork_rng(devices=[]):
+                return function(*args, **kwargs)
+        finally:
+            random.setstate(python_state)
+            np.random.set_state(numpy_state)
+
+    return run
+
+
 def _prepare_mapper(mapper, records: Sequence[dict], dataset: DatasetSpec, num_workers: int) -> None:
     """Let the mapper do its once-per-run work (e.g. dataset-wide voxel counts) in this
     process, before the workers copy it. With several processes per machine, local rank 0
@@ -103,6 +136,8 @@ def _prepare_mapper(mapper, records: Sequence[dict], dataset: DatasetSpec, num_w
     if prepare is None:
         return
     from detectron2.utils import comm
+
+    prepare = _keeping_global_rng(prepare)
 
     cache_dir = _cache_dir_of(dataset)
     if not getattr(mapper, "needs_dataset_voxel_counts", False) or comm.get_world_size() == 1:
@@ -116,12 +151,14 @@ def _prepare_mapper(mapper, records: Sequence[dict], dataset: DatasetSpec, num_w
         prepare(records, cache_dir=cache_dir, num_workers=num_workers)
 
 
-def _data_loader(dataset: Dataset, batch_sampler, num_workers: int) -> DataLoader:
+def _data_loader(dataset: Dataset, batch_sampler, num_workers: int, seed: int = 0) -> DataLoader:
     from detectron2.data.build import trivial_batch_collator, worker_init_reset_seed
 
+    # The loader's own generator seeds the workers: starting an iterator (e.g. when a resumed
+    # run starts) does not draw from the global torch RNG that the model's sampling uses.
     return DataLoader(dataset, batch_sampler=batch_sampler, num_workers=int(num_workers),
                       collate_fn=trivial_batch_collator, worker_init_fn=worker_init_reset_seed,
-                      persistent_workers=False)
+                      persistent_workers=False, generator=torch.Generator().manual_seed(int(seed)))
 
 
 def build_train_loader(dataset: DatasetSpec, mapper: Callable[[dict], dict], total_batch_size: int,
@@ -155,13 +192,13 @@ def build_train_loader(dataset: DatasetSpec, mapper: Callable[[dict], dict], tot
         sampler = SequentialSceneBatchSampler(scene_sequences(records, split_scenes_in_half), batch_size, seed=seed)
     else:
         sampler = ShuffledBatchSampler(len(records), batch_size, seed=seed)
-    return _data_loader(SceneSequenceDataset(records, mapper), sampler, num_workers)
+    return _data_loader(SceneSequenceDataset(records, mapper), sampler, num_workers, seed=sampler.seed)
 
 
 def build_test_loader(dataset: DatasetSpec, mapper: Callable[[dict], dict], num_workers: int = 0,
                       batch_size: int = 1) -> DataLoader:
-    """Finite loader over the dataset in order (scenes in time order), each rank taking one
-    contiguous shard, ``batch_size`` samples per batch (per rank)."""
+    """Finite loader over the dataset's scenes, each in time order, each rank taking a shard
+    of whole scenes (:class:`InferenceSequenceSampler`), ``batch_size`` samples per batch (per rank)."""
     records = get_records(dataset)
     sampler = InferenceSequenceSampler(records, batch_size)
     return _data_loader(SceneSequenceDataset(records, mapper), sampler, num_workers)

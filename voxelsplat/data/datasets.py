@@ -31,8 +31,9 @@ to them ("train"/"val" mean "mini_train"/"mini_val" for a mini version); otherwi
 deterministic split by scene name (every scene sorted by name; 20 % of them, at least one,
 picked at evenly spaced positions, form "val"; the rest "train").
 
-Records are cached on disk as a pickle keyed by the version, split, label format, paths and
-a content hash of the version's JSON tables, so a second start does not load the devkit.
+Records are cached on disk as JSON (arrays exact; reading a cache never runs code) keyed by the
+version, split, label format, paths and a content hash of the version's JSON tables, so a second
+start does not load the devkit.
 """
 from __future__ import annotations
 
@@ -40,16 +41,15 @@ import glob
 import hashlib
 import logging
 import os
-import pickle
 from typing import Dict, List, Optional, Sequence
 
 import numpy as np
 
 from voxelsplat.utils.geometry import pose_to_transform, select_lidar_origins
-from voxelsplat.utils.io import atomic_write
+from voxelsplat.utils.io import atomic_write_json, read_json
 
 from .loading import DEFAULT_VISIBLE_MASK_KEY
-from .occupancy_meta import LABEL_SETS, occupancy_metadata
+from ..structures import LABEL_SETS, occupancy_metadata
 
 logger = logging.getLogger(__name__)
 
@@ -180,12 +180,27 @@ def _cache_path(cache_dir: str, dataroot: str, version: str, split: str, gt_form
     for part in (RECORD_FORMAT_VERSION, os.path.realpath(dataroot), version, split, gt_format,
                  os.path.realpath(gt_root), _tables_digest(os.path.join(dataroot, version))):
         key.update(str(part).encode() + b"\0")
-    return os.path.join(cache_dir, f"{version}_{split}_{gt_format}_{key.hexdigest()}.pkl")
+    return os.path.join(cache_dir, f"{version}_{split}_{gt_format}_{key.hexdigest()}.json")
 
 
-def _write_pickle_atomically(obj, path: str) -> None:
-    with atomic_write(path, "wb", suffix=".pkl") as f:
-        pickle.dump(obj, f, protocol=pickle.HIGHEST_PROTOCOL)
+def _write_record_cache(records: List[dict], path: str) -> None:
+    """The records as JSON (arrays exact), written atomically: reading a cache never runs code,
+    whoever wrote the file."""
+    atomic_write_json(path, records)
+
+
+def _read_record_cache(path: str) -> Optional[List[dict]]:
+    """The records of a cache file of :func:`_write_record_cache`; None (with a warning naming the
+    file, which is then rebuilt) when it is unreadable or not a list of records."""
+    try:
+        records = read_json(path)
+    except (OSError, ValueError) as error:
+        logger.warning("ignoring unreadable record cache %s (%s); rebuilding it", path, error)
+        return None
+    if not isinstance(records, list) or not all(isinstance(r, dict) and "sample_token" in r for r in records):
+        logger.warning("ignoring record cache %s: it does not hold a list of keyframe records; rebuilding it", path)
+        return None
+    return records
 
 
 def _sample_data_pose(nusc, sample_data_token: str):
@@ -297,17 +312,13 @@ def load_nuscenes_occupancy_records(dataroot: str, version: str, split: str, gt_
     gt_root = _resolve_gt_root(dataroot, gt_format, gt_root)
     cache_path = _cache_path(cache_dir or default_cache_dir(), dataroot, version, split, gt_format, gt_root)
     visible_mask_root = os.path.abspath(visible_mask_root) if visible_mask_root is not None else None
-    if os.path.isfile(cache_path):
-        try:
-            with open(cache_path, "rb") as f:
-                records = pickle.load(f)
-            logger.info("loaded %d %s/%s records from cache %s", len(records), version, split, cache_path)
-            _attach_visible_mask_paths(records, visible_mask_root, visible_mask_key)
-            return records
-        except (OSError, EOFError, pickle.UnpicklingError) as error:
-            logger.warning("ignoring unreadable record cache %s (%s); rebuilding it", cache_path, error)
+    records = _read_record_cache(cache_path) if os.path.isfile(cache_path) else None
+    if records is not None:
+        logger.info("loaded %d %s/%s records from cache %s", len(records), version, split, cache_path)
+        _attach_visible_mask_paths(records, visible_mask_root, visible_mask_key)
+        return records
     records = _build_records(dataroot, version, split, gt_format, gt_root)
-    _write_pickle_atomically(records, cache_path)
+    _write_record_cache(records, cache_path)
     logger.info("built %d %s/%s records through the nuScenes devkit; cached in %s", len(records), version, split,
                 cache_path)
     _attach_visible_mask_paths(records, visible_mask_root, visible_mask_key)

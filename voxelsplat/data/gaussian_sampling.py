@@ -40,14 +40,13 @@ from __future__ import annotations
 import hashlib
 import logging
 import os
-import pickle
 from typing import Mapping, NamedTuple, Optional, Sequence, Union
 
 import numpy as np
 
-from .datasets import _write_pickle_atomically
+from ..utils.io import atomic_write_json, read_json
 from .loading import load_occupancy_labels
-from .occupancy_meta import IGNORE_LABEL, NUSCENES_VOXEL_COUNTS
+from ..structures import IGNORE_LABEL, NUSCENES_VOXEL_COUNTS
 
 logger = logging.getLogger(__name__)
 
@@ -306,7 +305,34 @@ def _counts_cache_path(cache_dir: str, records: Sequence[dict], grid_shape, num_
         entries.append((os.path.realpath(path), record["gt_format"], stat.st_size, stat.st_mtime_ns))
     for entry in sorted(entries):
         key.update(repr(entry).encode() + b"\0")
-    return os.path.join(cache_dir, f"voxel_counts_{len(records)}_{key.hexdigest()}.pkl")
+    return os.path.join(cache_dir, f"voxel_counts_{len(records)}_{key.hexdigest()}.json")
+
+
+def _count_list(value, length: int) -> Optional[np.ndarray]:
+    """``value`` as int64 counts if it is a list of ``length`` non-negative integers, else None."""
+    if not isinstance(value, list) or len(value) != length:
+        return None
+    if not all(isinstance(v, int) and not isinstance(v, bool) and v >= 0 for v in value):
+        return None
+    return np.asarray(value, np.int64)
+
+
+def _read_counts_cache(path: str, num_classes: int, num_bins: int) -> Optional[VoxelCounts]:
+    """The counts of a cache file of :func:`count_dataset_voxels`; None (with a warning naming the
+    file, which is then counted again and rewritten) when it is unreadable or does not hold
+    ``num_classes`` class counts and ``num_bins`` speed-bin counts."""
+    try:
+        cached = read_json(path)
+    except (OSError, ValueError) as error:
+        logger.warning("ignoring unreadable voxel-count cache %s (%s); counting again", path, error)
+        return None
+    class_counts = _count_list(cached.get("class_counts"), num_classes) if isinstance(cached, dict) else None
+    bin_counts = _count_list(cached.get("speed_bin_counts"), num_bins) if isinstance(cached, dict) else None
+    if class_counts is None or bin_counts is None:
+        logger.warning("ignoring voxel-count cache %s: it does not hold %d class counts and %d speed-bin counts "
+                       "(non-negative integers); counting again", path, num_classes, num_bins)
+        return None
+    return VoxelCounts(class_counts, bin_counts)
 
 
 def count_dataset_voxels(records: Sequence[dict], grid_shape: Sequence[int], num_classes: int,
@@ -320,9 +346,10 @@ def count_dataset_voxels(records: Sequence[dict], grid_shape: Sequence[int], num
         records: dataset records (``gt_path``, ``gt_format``, ``sample_token`` are read).
         grid_shape: (X, Y, Z) of the labels.
         num_classes: size of the label set.
-        cache_dir: where the result is cached (a pickle keyed by every label file's path,
+        cache_dir: where the result is cached (a JSON file keyed by every label file's path,
             size and modification time, the grid, the label set size and the edges; written
-            atomically); None: no cache.
+            atomically; an unreadable or malformed one is counted again and rewritten); None: no
+            cache.
         num_workers: processes reading label files (0: this process).
     Raises:
         FileNotFoundError / OccupancyLabelError: a label file is missing or unusable (named).
@@ -331,15 +358,10 @@ def count_dataset_voxels(records: Sequence[dict], grid_shape: Sequence[int], num
         raise ValueError("count_dataset_voxels: no records")
     cache_path = _counts_cache_path(cache_dir, records, grid_shape, num_classes, edges) if cache_dir else None
     if cache_path and os.path.isfile(cache_path):
-        try:
-            with open(cache_path, "rb") as f:
-                cached = pickle.load(f)
-            counts = VoxelCounts(np.asarray(cached["class_counts"], np.int64),
-                                 np.asarray(cached["speed_bin_counts"], np.int64))
+        counts = _read_counts_cache(cache_path, num_classes, len(edges) + 1)
+        if counts is not None:
             logger.info("voxel counts of %d samples read from %s", len(records), cache_path)
             return counts
-        except (OSError, EOFError, KeyError, TypeError, pickle.UnpicklingError) as error:
-            logger.warning("ignoring unreadable voxel-count cache %s (%s); counting again", cache_path, error)
 
     per_sample = _LabelCounts(records, grid_shape, num_classes, edges)
     class_counts = np.zeros(int(num_classes), np.int64)
@@ -356,8 +378,8 @@ def count_dataset_voxels(records: Sequence[dict], grid_shape: Sequence[int], num
         bin_counts += np.asarray(sample_bins, np.int64)
     counts = VoxelCounts(class_counts, bin_counts)
     if cache_path:
-        _write_pickle_atomically(dict(class_counts=class_counts.tolist(), speed_bin_counts=bin_counts.tolist(),
-                                      num_samples=len(records), grid_shape=list(grid_shape),
-                                      speed_bin_edges=list(edges)), cache_path)
+        atomic_write_json(cache_path, dict(class_counts=class_counts.tolist(), speed_bin_counts=bin_counts.tolist(),
+                                           num_samples=len(records), grid_shape=[int(s) for s in grid_shape],
+                                           speed_bin_edges=[float(e) for e in edges]))
     logger.info("counted the voxels of %d samples%s", len(records), f"; cached in {cache_path}" if cache_path else "")
     return counts

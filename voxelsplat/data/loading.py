@@ -21,21 +21,47 @@ MASK_KEYS = {"visible": "visible", "mask_camera": "mask_camera", "mask_lidar": "
 # Key of the ray-visibility mask in the separate files of the released code
 # (``<root>/<scene_name>/<sample_token>/labels.npz``, e.g. ``openocc_v2_ray_mask``).
 DEFAULT_VISIBLE_MASK_KEY = "ray_mask2"
+# How JPEG and PNG files start and end (a file that does not end so was cut short).
+_JPEG_START, _JPEG_END, _JPEG_PADDING = b"\xff\xd8", b"\xff\xd9", b"\x00\r\n\t "
+_PNG_SIGNATURE, _PNG_END = b"\x89PNG\r\n\x1a\n", b"IEND\xaeB`\x82"
 
 
 class OccupancyLabelError(ValueError):
     """A labels.npz that exists but cannot be used (corrupt, missing key, wrong shape)."""
 
 
+def _image_truncation(data: bytes) -> Optional[str]:
+    """Why the JPEG or PNG file ``data`` is cut short, or None. libjpeg decodes a truncated JPEG
+    without an error, filling the missing rows with grey, so its end is checked here: a JPEG
+    ends with the end-of-image marker (padding bytes may follow), a PNG with its IEND chunk."""
+    if data.startswith(_JPEG_START):
+        if not data.rstrip(_JPEG_PADDING).endswith(_JPEG_END):
+            return "is truncated (no JPEG end-of-image marker at its end)"
+    elif data.startswith(_PNG_SIGNATURE) and not data.endswith(_PNG_END):
+        return "is truncated (no PNG IEND chunk at its end)"
+    return None
+
+
 def load_image(path: str, sample_token: str) -> np.ndarray:
-    """Read a camera image as an RGB uint8 array of shape (H, W, 3)."""
+    """Read a camera image as an RGB uint8 array of shape (H, W, 3).
+
+    Raises:
+        FileNotFoundError: missing file. ValueError: a file that is empty, truncated (a JPEG or
+        PNG that does not end as the format ends) or that cannot be decoded; the message names
+        the sample and the file.
+    """
     import cv2
 
     if not os.path.isfile(path):
         raise FileNotFoundError(f"sample {sample_token}: camera image {path!r} does not exist")
-    image = cv2.imread(path, cv2.IMREAD_COLOR)
-    if image is None:
-        raise ValueError(f"sample {sample_token}: camera image {path!r} could not be decoded")
+    with open(path, "rb") as f:
+        data = f.read()
+    problem = "is empty" if not data else _image_truncation(data)
+    if problem is None:
+        image = cv2.imdecode(np.frombuffer(data, dtype=np.uint8), cv2.IMREAD_COLOR)
+        problem = "could not be decoded" if image is None else None
+    if problem is not None:
+        raise ValueError(f"sample {sample_token}: camera image {path!r} {problem}")
     return cv2.cvtColor(image, cv2.COLOR_BGR2RGB)
 
 

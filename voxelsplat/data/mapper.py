@@ -1,5 +1,5 @@
 """``TemporalDatasetMapper``: a dataset record -> one model input sample (the contract of
-:mod:`voxelsplat.data.sample_fields`)."""
+:mod:`voxelsplat.structures.sample_fields`)."""
 from __future__ import annotations
 
 import copy
@@ -30,7 +30,7 @@ from .loading import (
     load_lidar_points,
     load_record_labels,
 )
-from .occupancy_meta import IGNORE_LABEL, OccupancyGrid, grid_from_metadata, occupancy_metadata
+from ..structures import IGNORE_LABEL, OccupancyGrid, OccupancySpec
 from .render_views import OUT_OF_SCENE_RULES, adjacent_render_views, cameras_to_reference_ego
 from .transforms import (
     ImageAugParams,
@@ -76,11 +76,12 @@ class TemporalDatasetMapper:
     Output: a dict with exactly the fields of ``MAPPER_FIELDS`` (plus ``OPTIONAL_FIELDS`` the
     GT provides, plus ``REGULARIZER_FIELDS`` in training when ``regularizer`` is set, plus
     ``ADJACENT_GT_FIELDS`` when its ``adjacent_gt_gaussians`` is above 0); see
-    :mod:`voxelsplat.data.sample_fields` for shapes and frames. Cameras are expressed in the
+    :mod:`voxelsplat.structures.sample_fields` for shapes and frames. Cameras are expressed in the
     LiDAR keyframe's ego frame (per-camera ego poses applied), then BEV-augmented.
 
-    Randomness comes from a generator seeded from numpy's global RNG, which detectron2 seeds
-    per data-loader worker, so runs are reproducible for a fixed seed.
+    Randomness comes from a generator seeded with the record's ``sample_seed`` (a tuple of
+    ints the training samplers derive from their seed, the epoch and the frame), else from
+    numpy's global RNG, which detectron2 seeds per data-loader worker.
 
     Args:
         is_train: draw augmentations and attach regularizer inputs. At test time images only
@@ -123,9 +124,11 @@ class TemporalDatasetMapper:
               as above), drawn uniformly without replacement among those whose centre lands
               inside the current grid's x-y range once expressed in the current augmented ego
               frame. They become the ``ADJACENT_GT_FIELDS`` of
-              :mod:`voxelsplat.data.sample_fields`, the propagated-state targets of
+              :mod:`voxelsplat.structures.sample_fields`, the propagated-state targets of
               ``GaussianSplatRegularizer(propagated_targets="adjacent_gt")``.
-        dataset_name: a registered dataset, for the grid and label set (``MetadataCatalog``).
+        dataset_name: a registered dataset, for its :class:`~voxelsplat.structures.OccupancySpec`
+            (``MetadataCatalog``; read here when the dataset is registered already, so loader
+            worker processes need no registration).
         metadata: the same entries as a dict, instead of ``dataset_name``. With neither, the
             default grid and the label set named by each record's ``gt_format``.
     """
@@ -167,7 +170,12 @@ class TemporalDatasetMapper:
         self.load_lidar_depth = bool(load_lidar_depth)
         self.regularizer = self._regularizer_options(regularizer)
         self.dataset_name = dataset_name
-        self._metadata = dict(metadata) if metadata is not None else None
+        self._spec: Optional[OccupancySpec] = OccupancySpec.from_metadata(metadata) if metadata is not None else None
+        if self._spec is None and dataset_name is not None:
+            from detectron2.data import MetadataCatalog
+
+            if dataset_name in MetadataCatalog.list():
+                self._spec = OccupancySpec.from_metadata(MetadataCatalog.get(dataset_name))
         self._dataset_voxel_counts: Optional[VoxelCounts] = None
         self._warned_no_visibility = False
 
@@ -273,27 +281,32 @@ class TemporalDatasetMapper:
                            self.dataset_name or "(records given to the mapper directly)")
             self._warned_no_visibility = True
 
-    def _label_space(self, gt_format: str) -> Tuple[OccupancyGrid, Tuple[str, ...], int]:
-        """(grid, class names, free index) for records of ``gt_format``."""
-        metadata = self._metadata
-        if metadata is None and self.dataset_name is not None:
+    def spec_for(self, gt_format: str) -> OccupancySpec:
+        """The occupancy spec of records of ``gt_format``: the dataset's, which must be of that
+        label set (without a dataset: the label set's spec on the default grid)."""
+        if self._spec is None and self.dataset_name is not None:
             from detectron2.data import MetadataCatalog
 
-            metadata = MetadataCatalog.get(self.dataset_name).as_dict()
-            self._metadata = metadata
-        if metadata is None:
-            metadata = occupancy_metadata(gt_format)
-        if metadata.get("gt_format", gt_format) != gt_format:
-            raise ValueError(f"record has gt_format {gt_format!r} but the mapper's metadata is for "
-                             f"{metadata['gt_format']!r}")
-        # detectron2's Metadata stores "class_names" under its renamed key "thing_classes"
-        class_names = metadata.get("thing_classes") or metadata.get("class_names")
-        return grid_from_metadata(metadata), tuple(class_names), int(metadata["free_index"])
+            self._spec = OccupancySpec.from_metadata(MetadataCatalog.get(self.dataset_name))
+        if self._spec is None:
+            return OccupancySpec.for_label_set(gt_format)
+        if self._spec.label_set != gt_format:
+            raise ValueError(f"record has gt_format {gt_format!r} but the mapper's dataset "
+                             f"{self.dataset_name or '(metadata)'} is {self._spec.describe()}")
+        return self._spec
+
+    def _label_space(self, gt_format: str) -> Tuple[OccupancyGrid, Tuple[str, ...], int]:
+        """(grid, class names, free index) for records of ``gt_format``."""
+        spec = self.spec_for(gt_format)
+        return spec.grid, spec.class_names, spec.free_index
 
     def __call__(self, record: dict) -> Dict[str, object]:
         record = copy.copy(record)
         token = record["sample_token"]
-        rng = np.random.default_rng(np.random.randint(0, 2**31 - 1, size=4))
+        # Training samplers give each item its own seed, so the draws do not depend on which
+        # loader worker maps the item or on what it mapped before (a resumed run redraws them).
+        seed = record.get("sample_seed")
+        rng = np.random.default_rng(np.random.randint(0, 2**31 - 1, size=4) if seed is None else list(seed))
         grid, class_names, free_index = self._label_space(record["gt_format"])
         num_classes = len(class_names)
 
@@ -335,6 +348,7 @@ class TemporalDatasetMapper:
             lidar_depth=torch.from_numpy(self._lidar_depth(record, cam2ego, intrinsics)),
             occ_semantics=torch.from_numpy(labels["semantics"].astype(np.int64)),
             occ_flow=torch.from_numpy(labels["flow"]),
+            gt_format=record["gt_format"],
             sample_token=token,
             scene_token=record["scene_token"],
             timestamp=int(record["timestamp"]),

@@ -21,7 +21,7 @@ from typing import Optional, Sequence, Tuple
 
 import numpy as np
 
-from voxelsplat.data.occupancy_meta import OccupancyGrid
+from voxelsplat.structures import OccupancyGrid
 from voxelsplat.utils.geometry import bda_matrix, image_aug_matrix
 
 __all__ = [

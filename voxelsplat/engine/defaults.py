@@ -18,7 +18,7 @@ from detectron2.utils import comm
 from omegaconf import OmegaConf
 
 from .checkpoint import OccupancyCheckpointer
-from .hooks import PeakMemoryHook
+from .hooks import PeakMemoryHook, TrainingStateHook
 from .trainer import OccupancyTrainer
 
 logger = logging.getLogger("voxelsplat")
@@ -144,6 +144,11 @@ def build_hooks(cfg, model, trainer, checkpointer) -> list:
 def do_train(cfg, resume: bool = False, extra_hooks: list = ()):
     """Train the configured model. ``extra_hooks`` are appended after the configured ones.
 
+    With ``resume``, training continues from the last checkpoint of ``train.output_dir`` as
+    the uninterrupted run would have: the checkpoint carries the data position, every
+    process's random generators and temporal history, and the recent metrics
+    (:class:`~voxelsplat.engine.trainer.OccupancyTrainer`, :class:`~.hooks.TrainingStateHook`).
+
     Returns the trainer (its ``model`` holds the final weights)."""
     model = convert_sync_batchnorm(build_model(cfg), bool(cfg.train.get("sync_bn", False)))
     logger.info("Model:\n%s", model)
@@ -159,8 +164,11 @@ def do_train(cfg, resume: bool = False, extra_hooks: list = ()):
         amp=cfg.train.amp.enabled,
     )
     trainer.output_dir = cfg.train.output_dir  # for hooks that write files of their own (EMA weights)
-    checkpointer = OccupancyCheckpointer(model, cfg.train.output_dir, optimizer=optimizer, trainer=trainer)
-    trainer.register_hooks(build_hooks(cfg, model, trainer, checkpointer) + list(extra_hooks))
+    checkpointer = OccupancyCheckpointer(model, cfg.train.output_dir, optimizer=optimizer, trainer=trainer,
+                                         trust_checkpoint=cfg.train.get("trust_checkpoint", False))
+    # first, so that it has gathered the per-process state when the checkpointer saves
+    state_hook = TrainingStateHook(checkpoint_period=cfg.train.checkpointer.period)
+    trainer.register_hooks([state_hook] + build_hooks(cfg, model, trainer, checkpointer) + list(extra_hooks))
 
     checkpointer.resume_or_load(cfg.train.init_checkpoint, resume=resume)
     start_iter = trainer.iter + 1 if resume and checkpointer.has_checkpoint() else 0
@@ -168,11 +176,25 @@ def do_train(cfg, resume: bool = False, extra_hooks: list = ()):
     return trainer
 
 
+# Where an --eval-only run saves its config (a training run's folder keeps its config.yaml).
+EVAL_CONFIG_FILE = "config_eval.yaml"
+
+
 def do_eval_only(cfg):
-    """Load ``train.init_checkpoint`` into the configured model and evaluate it."""
+    """Load ``train.init_checkpoint`` into the configured model and evaluate it.
+
+    Every parameter and buffer of the model must be in the checkpoint with its shape (an
+    :class:`IncompatibleCheckpointError` lists those that are not). Once it has loaded, the
+    run's config is saved as ``<train.output_dir>/config_eval.yaml``, beside (never over) the
+    ``config.yaml`` of a training run in the same folder.
+    """
     if not cfg.train.init_checkpoint:
         raise ValueError("--eval-only needs train.init_checkpoint=PATH (a checkpoint to evaluate)")
     model = build_model(cfg)
     model = create_ddp_model(model)
-    OccupancyCheckpointer(model).load(cfg.train.init_checkpoint)
+    OccupancyCheckpointer(model, strict=True, trust_checkpoint=cfg.train.get("trust_checkpoint", False)).load(
+        cfg.train.init_checkpoint)
+    if comm.is_main_process() and cfg.train.output_dir:
+        os.makedirs(cfg.train.output_dir, exist_ok=True)
+        LazyConfig.save(cfg, os.path.join(cfg.train.output_dir, EVAL_CONFIG_FILE))
     return do_test(cfg, model)

@@ -1,12 +1,15 @@
 """The training step: detectron2's SimpleTrainer with finite-loss checks, gradient
-clipping and automatic mixed precision on CUDA."""
+clipping, automatic mixed precision on CUDA, and a data position that a checkpoint carries."""
 from __future__ import annotations
 
+import logging
 import time
 from typing import Optional
 
 import torch
 from detectron2.engine import SimpleTrainer
+
+logger = logging.getLogger(__name__)
 
 
 class OccupancyTrainer(SimpleTrainer):
@@ -16,11 +19,21 @@ class OccupancyTrainer(SimpleTrainer):
         model, data_loader, optimizer: as in ``SimpleTrainer``.
         clip_grad_norm: max gradient norm (``None`` or <= 0: no clipping).
         amp: use ``torch.autocast`` + a ``GradScaler``; requires CUDA.
+
+    The loader's iterator starts at the first step, not here, so that a checkpoint loaded in
+    between can set where the data resumes: when the loader's batch sampler is resumable
+    (``state_at(next_batch)`` / ``load_state_dict``, as the samplers of
+    :mod:`voxelsplat.data.samplers`), the trainer's state holds the sampler's state at the
+    number of batches taken so far (``data_batches``), and a resumed run takes the batches
+    the uninterrupted run would have taken next.
     """
 
     def __init__(self, model, data_loader, optimizer, clip_grad_norm: Optional[float] = None,
                  clip_grad_norm_type: float = 2.0, amp: bool = False):
-        super().__init__(model, data_loader, optimizer)
+        super().__init__(model, (), optimizer)
+        self.data_loader = data_loader
+        self._data_loader_iter_obj = None
+        self.data_batches = 0  # batches taken from the loader so far
         self.clip_grad_norm = clip_grad_norm if clip_grad_norm and clip_grad_norm > 0 else None
         self.clip_grad_norm_type = clip_grad_norm_type
         self.amp = amp
@@ -32,6 +45,7 @@ class OccupancyTrainer(SimpleTrainer):
         assert self.model.training, "[OccupancyTrainer] model was changed to eval mode!"
         start = time.perf_counter()
         data = next(self._data_loader_iter)
+        self.data_batches += 1
         data_time = time.perf_counter() - start
 
         with torch.autocast("cuda", enabled=self.amp):
@@ -58,6 +72,23 @@ class OccupancyTrainer(SimpleTrainer):
         else:
             self.optimizer.step()
 
+    @property
+    def _data_loader_iter(self):
+        if self._data_loader_iter_obj is None:
+            self._data_loader_iter_obj = iter(self.data_loader)
+        return self._data_loader_iter_obj
+
+    @_data_loader_iter.setter
+    def _data_loader_iter(self, iterator) -> None:
+        self._data_loader_iter_obj = iterator
+
+    @property
+    def batch_sampler(self):
+        """The loader's batch sampler when it can be resumed (else None)."""
+        sampler = getattr(self.data_loader, "batch_sampler", None)
+        resumable = callable(getattr(sampler, "state_at", None)) and callable(getattr(sampler, "load_state_dict", None))
+        return sampler if resumable else None
+
     def _check_finite(self, loss_dict) -> None:
         for name, value in loss_dict.items():
             if not torch.isfinite(value).all():
@@ -70,9 +101,19 @@ class OccupancyTrainer(SimpleTrainer):
         state = super().state_dict()
         if self.grad_scaler is not None:
             state["grad_scaler"] = self.grad_scaler.state_dict()
+        if self.batch_sampler is not None:
+            state["data"] = self.batch_sampler.state_at(self.data_batches)
         return state
 
     def load_state_dict(self, state_dict):
         super().load_state_dict(state_dict)
         if self.grad_scaler is not None and "grad_scaler" in state_dict:
             self.grad_scaler.load_state_dict(state_dict["grad_scaler"])
+        if self.batch_sampler is None:
+            return
+        if "data" not in state_dict:
+            logger.warning("the checkpoint holds no data position: the data order restarts from its beginning")
+            return
+        self.batch_sampler.load_state_dict(state_dict["data"])
+        self.data_batches = int(state_dict["data"]["next_batch"])
+        self._data_loader_iter_obj = None  # a new iterator starts where the sampler now starts

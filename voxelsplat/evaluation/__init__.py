@@ -1,7 +1,6 @@
-"""Evaluation: ray casting, RayIoU / mAVE / OccScore, Occ3D mIoU, the detectron2 evaluator, and
-the floors (predictors that need no model) it scores."""
+"""Evaluation: ray casting, RayIoU / mAVE / OccScore, Occ3D mIoU and the detectron2 evaluator.
+The floors (predictors that need no model) are scored by :mod:`voxelsplat.engine.floors`."""
 from .evaluator import OccupancyEvaluator
-from .floors import FLOOR_NAMES, evaluate_floors
 from .ray_casting import (
     RAY_PRECISIONS,
     RayCastResult,
@@ -42,8 +41,6 @@ __all__ = [
     "paired_bootstrap",
     "sample_stats_from_arrays",
     "sample_stats_to_arrays",
-    "FLOOR_NAMES",
-    "evaluate_floors",
     "RAY_PRECISIONS",
     "RayCastResult",
     "cast_rays",

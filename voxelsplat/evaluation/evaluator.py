@@ -26,7 +26,7 @@ others, which tell what the predicted flow adds:
   score zero flow on it, whatever its flow head predicts.
 
 Floors that need no model at all (all free, the training class prior, the previous
-keyframe's ground truth) are in :mod:`voxelsplat.evaluation.floors`.
+keyframe's ground truth) are in :mod:`voxelsplat.engine.floors`.
 
 Submission export (``export_submission=True``): for every sample token the predicted
 class (``pcd_cls``, uint8), depth (``pcd_dist``, float16, metres) and flow (``pcd_flow``,
@@ -54,7 +54,7 @@ import torch
 from detectron2.evaluation import DatasetEvaluator
 from detectron2.utils import comm
 
-from voxelsplat.data.occupancy_meta import OccupancyGrid, grid_from_metadata, occupancy_metadata
+from voxelsplat.structures import OccupancyGrid, OccupancySpec
 from voxelsplat.utils.io import atomic_write
 
 from .ray_casting import RAY_PRECISIONS
@@ -86,7 +86,7 @@ SUBMISSION_INFO_KEYS = ("method", "team", "authors", "e-mail", "institution / co
 class OccupancyEvaluator(DatasetEvaluator):
     """Evaluate occupancy (+ flow) predictions with the ray-based benchmark metrics.
 
-    Inputs of :meth:`process` are mapped samples (see ``voxelsplat.data.sample_fields``):
+    Inputs of :meth:`process` are mapped samples (see ``voxelsplat.structures.sample_fields``):
     ``sample_token``, ``occ_semantics`` (X, Y, Z), ``lidar_origins`` (K, 3), for flow
     metrics ``occ_flow`` (X, Y, Z, 2), for mIoU ``occ_mask_camera`` (X, Y, Z), and
     optionally ``bda`` (4, 4) (origins are moved into the augmented frame). Outputs are the
@@ -97,6 +97,7 @@ class OccupancyEvaluator(DatasetEvaluator):
         self,
         dataset_name: Optional[str] = None,
         *,
+        spec: Optional[OccupancySpec] = None,
         class_names: Optional[Sequence[str]] = None,
         free_index: Optional[int] = None,
         flow_classes: Optional[Sequence[int]] = None,
@@ -105,7 +106,7 @@ class OccupancyEvaluator(DatasetEvaluator):
         distributed: bool = True,
         compute_flow: Optional[bool] = None,
         compute_miou: bool = False,
-        miou_mask: str = "occ_mask_camera",
+        miou_mask: Optional[str] = None,
         export_submission: bool = False,
         submission_info: Optional[Dict[str, object]] = None,
         ray_directions: Optional[torch.Tensor] = None,
@@ -120,7 +121,9 @@ class OccupancyEvaluator(DatasetEvaluator):
                 evaluator is first used if the dataset is not registered yet, e.g. before
                 the test loader is built). Without it, the OpenOcc v2 label set and the
                 default grid are the defaults.
-            class_names, free_index, flow_classes, grid: override the label set / grid.
+            spec: the label set and grid without a dataset (default: OpenOcc v2 on the default
+                grid); the dataset's metadata wins when ``dataset_name`` is given.
+            class_names, free_index, flow_classes, grid: override parts of the spec.
             output_dir: where ``inference/occupancy_results.json`` (and the submission) go;
                 None writes nothing (``voxelsplat.engine.do_test`` sets it to
                 ``train.output_dir`` when the config leaves it None).
@@ -130,8 +133,9 @@ class OccupancyEvaluator(DatasetEvaluator):
             compute_miou: also report the voxel mIoU (Occ3D's metric: confusion over the voxels
                 of ``miou_mask``, free excluded).
             miou_mask: the sample field that selects the voxels of the mIoU:
-                ``occ_mask_camera`` (Occ3D, the default) or ``occ_visible`` (ray-visible voxels
-                of OpenOcc v2 labels that carry a ``visible`` mask, e.g. the synthetic dataset).
+                ``occ_mask_camera`` (Occ3D), ``occ_mask_lidar`` or ``occ_visible`` (ray-visible
+                voxels of OpenOcc v2 labels that carry a ``visible`` mask, e.g. the synthetic
+                dataset). None: each sample's ``occ_mask_camera``, else its ``occ_visible``.
             export_submission: write the challenge submission (needs ``output_dir``).
             submission_info: the submission's method/team/authors/... fields.
             ray_directions: (R, 3) override of the LiDAR ray pattern (tests, ablations).
@@ -144,15 +148,15 @@ class OccupancyEvaluator(DatasetEvaluator):
                 occupancy); see the module docstring.
         """
         self.dataset_name = dataset_name
-        self._overrides = dict(class_names=class_names, free_index=free_index, flow_classes=flow_classes, grid=grid,
-                               compute_flow=compute_flow)
+        self._overrides = dict(spec=spec, class_names=class_names, free_index=free_index, flow_classes=flow_classes,
+                               grid=grid, compute_flow=compute_flow)
         self._resolved = False
         if dataset_name is None or not _metadata_missing(dataset_name):
             self._resolve_label_set()
         # else: the dataset is registered later (e.g. when the test loader is built) and the
         # label set is read from its metadata on first use
         self.compute_miou = bool(compute_miou)
-        if miou_mask not in ("occ_mask_camera", "occ_mask_lidar", "occ_visible"):
+        if miou_mask not in (None, "occ_mask_camera", "occ_mask_lidar", "occ_visible"):
             raise KeyError(f"OccupancyEvaluator: unknown miou_mask {miou_mask!r}; expected 'occ_mask_camera', "
                            "'occ_mask_lidar' or 'occ_visible'")
         self.miou_mask = miou_mask
@@ -175,62 +179,53 @@ class OccupancyEvaluator(DatasetEvaluator):
         self.reset()
 
     def _resolve_label_set(self) -> None:
-        """Class names, free index, flow classes and grid: the constructor's arguments, else
-        the dataset's ``MetadataCatalog`` entry, else OpenOcc v2 on the default grid."""
+        """The occupancy spec: the dataset's ``MetadataCatalog`` entry (or ``spec``, or OpenOcc v2
+        on the default grid), with the constructor's class names / free index / flow classes /
+        grid in place of its own where given."""
         if self._resolved:
             return
+        given = self._overrides
         if self.dataset_name is not None:
             from detectron2.data import MetadataCatalog
 
             missing = _metadata_missing(self.dataset_name)
             if missing:
                 raise KeyError(f"OccupancyEvaluator: MetadataCatalog entry {self.dataset_name!r} lacks {missing} "
-                               "(register the dataset with voxelsplat.data.datasets.register_nuscenes_occupancy "
-                               "or set the entries of voxelsplat.data.occupancy_meta.occupancy_metadata())")
-            meta = MetadataCatalog.get(self.dataset_name)
-            defaults = dict(class_names=list(meta.thing_classes), free_index=int(meta.free_index),
-                            flow_classes=list(getattr(meta, "flow_classes", [])), grid=grid_from_metadata(meta),
-                            gt_format=getattr(meta, "gt_format", None))
+                               "(register the dataset with voxelsplat.data.register_nuscenes_occupancy or set the "
+                               "entries of voxelsplat.structures.OccupancySpec.metadata())")
+            spec = OccupancySpec.from_metadata(MetadataCatalog.get(self.dataset_name))
         else:
-            base = occupancy_metadata("openocc_v2")
-            defaults = dict(class_names=base["class_names"], free_index=base["free_index"],
-                            flow_classes=base["flow_classes"], grid=grid_from_metadata(base), gt_format="openocc_v2")
-        given = self._overrides
-        class_names = list(given["class_names"] if given["class_names"] is not None else defaults["class_names"])
-        free_index = int(given["free_index"] if given["free_index"] is not None else defaults["free_index"])
-        flow_classes = [int(c) for c in (given["flow_classes"] if given["flow_classes"] is not None
-                                         else defaults["flow_classes"])]
-        if not 0 <= free_index < len(class_names):
-            raise ValueError(f"OccupancyEvaluator: free_index {free_index} is not a class index of {class_names}")
-        bad = [c for c in flow_classes if not 0 <= c < len(class_names) or c == free_index]
-        if bad:
-            raise ValueError(f"OccupancyEvaluator: flow classes {bad} are not non-free classes of {class_names}")
-        self._class_names, self._free_index, self._flow_classes = class_names, free_index, flow_classes
-        self._grid = given["grid"] if given["grid"] is not None else defaults["grid"]
+            spec = given["spec"] if given["spec"] is not None else OccupancySpec.for_label_set("openocc_v2")
+        changes = {key: given[key] for key in ("class_names", "free_index", "flow_classes", "grid")
+                   if given[key] is not None}
+        try:
+            self.spec = replace(spec, **changes)
+        except (TypeError, ValueError) as error:
+            raise ValueError(f"OccupancyEvaluator: {error}") from error
         compute_flow = given["compute_flow"]
-        self._compute_flow = (defaults["gt_format"] in (None, "openocc_v2") and bool(flow_classes)) \
-            if compute_flow is None else bool(compute_flow)
+        self._compute_flow = (self.spec.has_flow and bool(self.spec.flow_classes)) if compute_flow is None \
+            else bool(compute_flow)
         self._resolved = True
 
     @property
     def class_names(self) -> List[str]:
         self._resolve_label_set()
-        return self._class_names
+        return list(self.spec.class_names)
 
     @property
     def free_index(self) -> int:
         self._resolve_label_set()
-        return self._free_index
+        return self.spec.free_index
 
     @property
     def flow_classes(self) -> List[int]:
         self._resolve_label_set()
-        return self._flow_classes
+        return list(self.spec.flow_classes)
 
     @property
     def grid(self) -> OccupancyGrid:
         self._resolve_label_set()
-        return self._grid
+        return self.spec.grid
 
     @property
     def compute_flow(self) -> bool:
@@ -254,7 +249,7 @@ class OccupancyEvaluator(DatasetEvaluator):
                                f"(keys: {sorted(output)})")
             if "lidar_origins" not in sample:
                 raise KeyError(f"OccupancyEvaluator: sample {token} has no 'lidar_origins' (the RayIoU ray origins, "
-                               "see voxelsplat.data.sample_fields)")
+                               "see voxelsplat.structures.sample_fields)")
             has_gt = "occ_semantics" in sample
             if not has_gt and not self.export_submission:
                 raise KeyError(f"OccupancyEvaluator: sample {token} has no 'occ_semantics' ground truth")
@@ -278,12 +273,15 @@ class OccupancyEvaluator(DatasetEvaluator):
                 if has_gt:
                     stats = sample_stats(rays, num_classes=len(self.class_names), voxel_size=self.grid.voxel_size)
                     if self.compute_miou:
-                        if self.miou_mask not in sample:
-                            raise KeyError(f"OccupancyEvaluator: sample {token} has no {self.miou_mask!r} (needed "
+                        mask_field = self.miou_mask or next(
+                            (f for f in ("occ_mask_camera", "occ_visible") if f in sample), "occ_mask_camera")
+                        if mask_field not in sample:
+                            raise KeyError(f"OccupancyEvaluator: sample {token} has no {mask_field!r} (needed "
                                            "for the voxel mIoU; set compute_miou=False or another miou_mask)")
                         stats.confusion = occ3d_confusion(output["occ"], sample["occ_semantics"],
-                                                          sample[self.miou_mask],
-                                                          num_classes=len(self.class_names), token=token)
+                                                          sample[mask_field],
+                                                          num_classes=len(self.class_names), token=token,
+                                                          grid=self.grid)
                     if token in self._stats:
                         logger.warning("OccupancyEvaluator: sample %s seen twice; counting it once", token)
                     self._stats[token] = stats

@@ -66,7 +66,7 @@ from typing import List, Optional, Sequence, Tuple, Union
 import numpy as np
 import torch
 
-from voxelsplat.data.occupancy_meta import DEFAULT_GRID, OccupancyGrid
+from voxelsplat.structures import DEFAULT_GRID, OccupancyGrid
 
 from .native import native_ray_walk, ray_walk_library
 

@@ -53,13 +53,13 @@ across samples and processes; :func:`summarize` turns a sum into the numbers abo
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Dict, Iterable, List, Optional, Sequence, Union
 
 import numpy as np
 import torch
 
-from voxelsplat.data.occupancy_meta import DEFAULT_GRID, FLOW_CLASS_NAMES, OPENOCC_V2_CLASSES, OccupancyGrid
+from voxelsplat.structures import DEFAULT_GRID, OccupancyGrid, OccupancySpec
 
 from .ray_casting import RAY_PRECISIONS, RayCastResult, cast_rays, lidar_ray_directions
 
@@ -179,11 +179,12 @@ def _as_tensor(value: ArrayLike, name: str, token: str, device=None) -> torch.Te
 
 
 def _check_semantics(value: torch.Tensor, name: str, token: str, grid: OccupancyGrid, num_classes: int) -> torch.Tensor:
-    if value.numel() != math.prod(grid.shape) or value.dim() not in (1, 3):
-        raise ValueError(f"sample {token}: {name} has shape {tuple(value.shape)}, expected {tuple(grid.shape)}")
+    if tuple(value.shape) != tuple(grid.shape):
+        raise ValueError(f"sample {token}: {name} has shape {tuple(value.shape)}, expected the grid's (X, Y, Z) = "
+                         f"{tuple(grid.shape)}")
     if value.is_floating_point() or value.dtype == torch.bool:
         raise ValueError(f"sample {token}: {name} must hold integer class indices, got {value.dtype}")
-    value = value.reshape(grid.shape).long()
+    value = value.long()
     low, high = int(value.min()), int(value.max())
     if low < 0 or high >= num_classes:
         raise ValueError(f"sample {token}: {name} holds class indices in [{low}, {high}], expected [0, "
@@ -193,9 +194,9 @@ def _check_semantics(value: torch.Tensor, name: str, token: str, grid: Occupancy
 
 def _check_flow(value: torch.Tensor, name: str, token: str, grid: OccupancyGrid) -> torch.Tensor:
     expected = tuple(grid.shape) + (2,)
-    if value.numel() != math.prod(expected) or value.shape[-1] != 2:
-        raise ValueError(f"sample {token}: {name} has shape {tuple(value.shape)}, expected {expected}")
-    value = value.reshape(expected)
+    if tuple(value.shape) != expected:
+        raise ValueError(f"sample {token}: {name} has shape {tuple(value.shape)}, expected the grid's (X, Y, Z, 2) = "
+                         f"{expected}")
     if not value.is_floating_point():
         value = value.to(torch.float64)
     if not bool(torch.isfinite(value).all()):
@@ -344,17 +345,19 @@ def sample_stats(
 
 
 def occ3d_confusion(pred_semantics: ArrayLike, gt_semantics: ArrayLike, mask_camera: Optional[ArrayLike], *,
-                    num_classes: int, token: str = "<unknown>") -> np.ndarray:
-    """(C, C) int64 voxel confusion matrix [gt, pred] over the voxels where ``mask_camera`` is set."""
-    pred = _as_tensor(pred_semantics, "prediction", token).reshape(-1).long()
-    gt = _as_tensor(gt_semantics, "ground truth", token, pred.device).reshape(-1).long()
-    if pred.shape != gt.shape:
-        raise ValueError(f"sample {token}: prediction has {pred.numel()} voxels, ground truth {gt.numel()}")
+                    num_classes: int, token: str = "<unknown>", grid: OccupancyGrid = DEFAULT_GRID) -> np.ndarray:
+    """(C, C) int64 voxel confusion matrix [gt, pred] over the voxels where ``mask_camera`` is set;
+    every array of ``grid``'s (X, Y, Z) shape."""
+    pred = _check_semantics(_as_tensor(pred_semantics, "prediction", token), "prediction", token, grid, num_classes)
+    gt = _check_semantics(_as_tensor(gt_semantics, "ground truth", token, pred.device), "ground truth", token, grid,
+                          num_classes)
+    pred, gt = pred.reshape(-1), gt.reshape(-1)
     if mask_camera is not None:
-        mask = _as_tensor(mask_camera, "mask_camera", token, pred.device).reshape(-1)
-        if mask.numel() != gt.numel():
-            raise ValueError(f"sample {token}: mask_camera has {mask.numel()} voxels, expected {gt.numel()}")
-        mask = mask.bool()
+        mask = _as_tensor(mask_camera, "mask_camera", token, pred.device)
+        if tuple(mask.shape) != tuple(grid.shape):
+            raise ValueError(f"sample {token}: mask_camera has shape {tuple(mask.shape)}, expected the grid's "
+                             f"(X, Y, Z) = {tuple(grid.shape)}")
+        mask = mask.reshape(-1).bool()
         pred, gt = pred[mask], gt[mask]
     counts = torch.bincount(gt * num_classes + pred, minlength=num_classes * num_classes)
     return counts.reshape(num_classes, num_classes).cpu().numpy().astype(np.int64)
@@ -437,6 +440,15 @@ def miou_from_confusion(confusion: np.ndarray, class_names: Sequence[str], free_
     return results
 
 
+def _label_set(spec: Optional[OccupancySpec], class_names, free_index, flow_classes, grid):
+    """(class names, free index, flow classes, grid): the spec's (default OpenOcc v2 on the default
+    grid) with the given parts in their place, checked together."""
+    spec = OccupancySpec.for_label_set("openocc_v2") if spec is None else spec
+    changes = dict(class_names=class_names, free_index=free_index, flow_classes=flow_classes, grid=grid)
+    spec = replace(spec, **{k: v for k, v in changes.items() if v is not None})
+    return list(spec.class_names), spec.free_index, list(spec.flow_classes), spec.grid
+
+
 def compute_ray_metrics(
     pred_semantics: Sequence[ArrayLike],
     gt_semantics: Sequence[ArrayLike],
@@ -444,10 +456,11 @@ def compute_ray_metrics(
     pred_flows: Optional[Sequence[ArrayLike]] = None,
     gt_flows: Optional[Sequence[ArrayLike]] = None,
     *,
-    class_names: Sequence[str] = OPENOCC_V2_CLASSES,
-    free_index: int = 16,
-    flow_classes: Optional[Sequence[int]] = tuple(range(len(FLOW_CLASS_NAMES))),
-    grid: OccupancyGrid = DEFAULT_GRID,
+    spec: Optional[OccupancySpec] = None,
+    class_names: Optional[Sequence[str]] = None,
+    free_index: Optional[int] = None,
+    flow_classes: Optional[Sequence[int]] = None,
+    grid: Optional[OccupancyGrid] = None,
     ray_directions: Optional[torch.Tensor] = None,
     ray_precision: str = "official",
 ) -> Dict[str, float]:
@@ -458,8 +471,8 @@ def compute_ray_metrics(
         lidar_origins: per sample a (K, 3) array of ray origins (metres, ego frame).
         pred_flows, gt_flows: per sample an (X, Y, Z, 2) flow array (m/s), or None for
             RayIoU only.
-        class_names, free_index, flow_classes: the label set (default OpenOcc v2).
-        grid: the voxel grid the arrays live on.
+        spec: label set and grid of the arrays (default: OpenOcc v2 on the default grid).
+        class_names, free_index, flow_classes, grid: override parts of the spec.
         ray_directions: (R, 3) override of the LiDAR pattern (tests, ablations).
         ray_precision: ``"official"`` (default: the benchmark's float32 rays, depths and
             depth comparison) or ``"float64"`` (exact geometry, see the module docstring).
@@ -476,6 +489,7 @@ def compute_ray_metrics(
         raise ValueError("compute_ray_metrics: expected one predicted and one ground-truth flow per sample")
     if not len(pred_semantics):
         raise ValueError("compute_ray_metrics: no samples")
+    class_names, free_index, flow_classes, grid = _label_set(spec, class_names, free_index, flow_classes, grid)
     per_sample: List[SampleStats] = []
     for i in range(len(pred_semantics)):
         rays = cast_sample_rays(
@@ -492,13 +506,19 @@ def compute_occ3d_miou(
     gt_semantics: Sequence[ArrayLike],
     masks_camera: Sequence[Optional[ArrayLike]],
     *,
-    class_names: Sequence[str] = OPENOCC_V2_CLASSES,
-    free_index: int = 16,
+    spec: Optional[OccupancySpec] = None,
+    class_names: Optional[Sequence[str]] = None,
+    free_index: Optional[int] = None,
+    grid: Optional[OccupancyGrid] = None,
 ) -> Dict[str, float]:
-    """Occ3D mIoU of a list of samples (confusion over camera-visible voxels; None = all voxels)."""
+    """Occ3D mIoU of a list of samples (confusion over camera-visible voxels; None = all voxels).
+    ``spec``: label set and grid (default OpenOcc v2 on the default grid); ``class_names`` /
+    ``free_index`` / ``grid`` override parts of it."""
+    class_names, free_index, _, grid = _label_set(spec, class_names, free_index, None, grid)
     if not (len(pred_semantics) == len(gt_semantics) == len(masks_camera)):
         raise ValueError("compute_occ3d_miou: expected one prediction, ground truth and mask per sample")
     confusion = np.zeros((len(class_names), len(class_names)), np.int64)
     for i, (pred, gt, mask) in enumerate(zip(pred_semantics, gt_semantics, masks_camera)):
-        confusion += occ3d_confusion(pred, gt, mask, num_classes=len(class_names), token=f"#{i}")
+        confusion += occ3d_confusion(pred, gt, mask, num_classes=len(class_names), token=f"#{i}",
+                                    grid=grid)
     return miou_from_confusion(confusion, class_names, free_index)

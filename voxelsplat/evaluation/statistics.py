@@ -568,7 +568,7 @@ def benchmark_gate(
       predicted occupancy) may be passed per seed instead.
     - ``split_motion_match`` (d, only with ``moving_shares``): the training and validation
       splits move alike: their shares of moving flow-class voxels
-      (:func:`voxelsplat.evaluation.floors.motion_statistics`) differ by at most
+      (:func:`voxelsplat.engine.floors.motion_statistics`) differ by at most
       ``max_moving_share_gap`` (0.10: ten points). A validation split that barely moves
       rewards predicting no motion.
 

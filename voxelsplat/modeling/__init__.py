@@ -1,6 +1,6 @@
-"""Model components; importing this package registers them (see ``registry``)."""
-from . import backbone, heads, lifting, meta_arch, neck, voxel_encoder  # noqa: F401  (registration)
-from . import regularizers  # noqa: F401  (registration; after the components it may build on)
+"""Model components, each an ``nn.Module`` built by a LazyConfig (``LazyCall(Class)(...)``); see
+docs/configs.md."""
+from . import backbone, heads, lifting, meta_arch, neck, regularizers, voxel_encoder  # noqa: F401
 from .meta_arch import OccupancyFlowModel
 
 __all__ = ["OccupancyFlowModel"]

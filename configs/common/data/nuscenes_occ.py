@@ -3,9 +3,9 @@ the layout): 704x256 inputs, the released augmentation (image: resize, crop, fli
 +-5.4 deg; BEV: rotation +-22.5 deg, x/y flips), 8 GPUs x 2 samples, scenes split in half
 and walked in time order for temporal fusion.
 
-Occ3D instead: set ``dataloader.{train,test}.dataset.gt_format = "occ3d"`` (labels under
-``datasets/nuscenes/gts``). Switch the VoxelSplat inputs on with
-``dataloader.train.mapper.regularizer = dict(...)``.
+Occ3D instead: ``dataloader.train.dataset.gt_format=occ3d`` (labels under
+``datasets/nuscenes/gts``); the test dataset and the model's ``spec`` follow that key. Switch the
+VoxelSplat inputs on with ``dataloader.train.mapper.regularizer = dict(...)``.
 """
 from detectron2.config import LazyCall as L
 from omegaconf import OmegaConf
@@ -50,8 +50,8 @@ dataloader.train = L(build_train_loader)(
 
 dataloader.test = L(build_test_loader)(
     dataset=L(register_nuscenes_occupancy)(
-        name="nuscenes_occ_val", dataroot="datasets/nuscenes", version="v1.0-trainval", split="val",
-        gt_format="openocc_v2", gt_root=None, cache_dir=None,
+        name="nuscenes_occ_val", dataroot="${...train.dataset.dataroot}", version="${...train.dataset.version}",
+        split="val", gt_format="${...train.dataset.gt_format}", gt_root=None, cache_dir=None,
     ),
     mapper=L(TemporalDatasetMapper)(
         is_train=False,

@@ -26,4 +26,4 @@ dataloader.train.split_scenes_in_half = False
 
 # RayIoU / mAVE / OccScore, and the voxel mIoU over the ray-visible voxels of the labels
 dataloader.evaluator.compute_miou = True
-dataloader.evaluator.miou_mask = "occ_visible"
+# miou_mask None: each sample's occ_mask_camera (Occ3D labels), else its occ_visible

@@ -5,8 +5,8 @@ states, the released loss formulas with weights semantic 0.5 / depth 1.0 / flow 
 the release's two quirks: the render cameras look backwards (``flip_render_cameras``) and
 the propagated state moves every view by flow x 1 s (``propagation_seconds``). The
 published numbers came from these; ``configs/r50_corrected.py`` fixes both. Grid and label
-set come from the dataset metadata (``occupancy_metadata``). docs/reproducing.md lists
-every setting.
+set are the model's ``spec`` (the training dataset's). docs/reproducing.md lists every
+setting.
 
 Attach it to a model config and switch the mapper's regularizer inputs on:
 
@@ -20,16 +20,10 @@ as the paper describes) also needs ``feature_channels`` = the head's voxel featu
 """
 from detectron2.config import LazyCall as L
 
-from voxelsplat.data.occupancy_meta import occupancy_metadata
 from voxelsplat.modeling.regularizers import GaussianSplatRegularizer
 
-_meta = occupancy_metadata("openocc_v2")
-
 regularizer = L(GaussianSplatRegularizer)(
-    point_cloud_range=_meta["point_cloud_range"],
-    voxel_size=_meta["voxel_size"],
-    free_index=_meta["free_index"],
-    num_classes=len(_meta["class_names"]),
+    spec="${..spec}",  # the model's (as model.regularizer)
     mode="release",
     scale=0.12,
     loss_weights=dict(semantic=0.5, depth=1.0, flow=0.5),

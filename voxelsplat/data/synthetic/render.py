@@ -12,7 +12,7 @@ from typing import Callable, Dict, Optional, Tuple
 
 import numpy as np
 
-from voxelsplat.data.occupancy_meta import OccupancyGrid
+from voxelsplat.structures import OccupancyGrid
 
 from .world import CLASS, FREE, BoxSet, World
 

@@ -19,7 +19,7 @@ from typing import Dict, List, Optional, Tuple
 
 import numpy as np
 
-from voxelsplat.data.occupancy_meta import OPENOCC_V2_CLASSES
+from voxelsplat.structures import OPENOCC_V2_CLASSES
 
 __all__ = ["Path", "Agent", "BoxSet", "World", "build_world", "AGENT_TYPES", "GROUND_CELL"]
 

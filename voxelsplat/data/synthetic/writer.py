@@ -10,9 +10,11 @@ Layout under the output folder (the same as real data, see datasets/README.md)::
     openocc_v2/<scene>/<sample>/labels.npz   semantics, flow, visible
     gts/<scene>/<sample>/labels.npz          Occ3D: semantics, mask_lidar, mask_camera
 
-The dataset is built in a staging folder beside the output and renamed into place at the
-end, so an interrupted run leaves nothing half-written behind. Output is a function of the
-arguments only (the same seed gives the same bytes, whatever the number of workers).
+The dataset is built in a staging folder of its own beside the output and swapped into place
+at the end (:mod:`.staging`), so that the output folder is always either the previous complete
+dataset or the new one, and no other folder is touched. Worker processes end with the process
+that started them (:mod:`.workers`). Output is a function of the arguments only (the same seed
+gives the same bytes, whatever the number of workers).
 """
 from __future__ import annotations
 
@@ -22,20 +24,20 @@ import io
 import json
 import logging
 import os
-import shutil
 import zipfile
-from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass
 from typing import Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 
 from voxelsplat.data.datasets import CAMERA_CHANNELS
-from voxelsplat.data.occupancy_meta import DEFAULT_GRID, OPENOCC_V2_CLASSES, openocc_to_occ3d_lut
+from voxelsplat.structures import DEFAULT_GRID, OPENOCC_V2_CLASSES, openocc_to_occ3d_lut
 from voxelsplat.utils.geometry import matrix_to_quaternion, yaw_to_quaternion
 
 from .render import lidar_scan, occupancy_labels, points_in_boxes, ray_visibility, render_camera, camera_rays
 from .sensors import CAMERA_TIME_OFFSETS_US, LIDAR2EGO, LIDAR_MAX_RANGE, camera_rig, lidar_beam_directions
+from .staging import staged_folder
+from .workers import ordered_map
 from .world import AGENT_TYPES, CLASS, STATIC_CATEGORIES, World, build_world
 
 logger = logging.getLogger(__name__)
@@ -279,13 +281,15 @@ def generate_synthetic_dataset(output: str, version: str = "v1.0-mini", scenes: 
     """Generate the dataset into ``output`` (see the module docstring for the layout).
 
     Args:
-        output: folder to create; an existing non-empty folder is refused unless ``overwrite``.
+        output: folder to create; an existing non-empty folder is refused unless ``overwrite``,
+            which replaces it only once the new dataset is complete. Staging folders that a
+            killed run left beside it (``<output>.partial-*``) are reported, not removed.
         version: nuScenes version folder name ("v1.0-mini" uses official mini scene names).
         scenes, samples_per_scene: number of scenes and keyframes (2 Hz) per scene.
         image_size: (width, height) of the camera images.
         sweeps: LiDAR sweeps between consecutive keyframes (0-9; 20 Hz).
         seed: world seed; the same seed gives the same bytes.
-        workers: processes rendering frames in parallel.
+        workers: processes rendering frames in parallel; they end with this process.
     Returns:
         dict with ``root``, ``version``, ``scenes`` (names), ``samples_per_scene``, ``bytes`` (size on disk).
     """
@@ -298,15 +302,8 @@ def generate_synthetic_dataset(output: str, version: str = "v1.0-mini", scenes: 
     if width < 16 or height < 16:
         raise ValueError(f"image_size must be at least 16x16 pixels, got {width}x{height}")
     output = os.path.abspath(output)
-    if os.path.exists(output) and not (os.path.isdir(output) and not os.listdir(output)) and not overwrite:
-        raise FileExistsError(f"output folder {output!r} exists and is not empty; pass overwrite=True "
-                              f"(--overwrite) to replace it")
     names = synthetic_scene_names(version, scenes)
-    stage = output.rstrip(os.sep) + ".partial"
-    if os.path.exists(stage):
-        shutil.rmtree(stage)
-    os.makedirs(stage)
-    try:
+    with staged_folder(output, overwrite) as stage:
         tables, tasks = _plan(stage, version, names, samples_per_scene, (width, height), sweeps, seed)
         results = _run_tasks(tasks, workers, progress)
         _add_annotations(tables, tasks, results, seed)
@@ -316,18 +313,6 @@ def generate_synthetic_dataset(output: str, version: str = "v1.0-mini", scenes: 
             with open(os.path.join(table_dir, f"{name}.json"), "w") as f:
                 json.dump(records, f, indent=1)
         size = sum(os.path.getsize(os.path.join(d, f)) for d, _, files in os.walk(stage) for f in files)
-        if os.path.exists(output):
-            old = output.rstrip(os.sep) + ".old"
-            if os.path.exists(old):
-                shutil.rmtree(old)
-            os.replace(output, old)
-            os.replace(stage, output)
-            shutil.rmtree(old)
-        else:
-            os.replace(stage, output)
-    except BaseException:
-        shutil.rmtree(stage, ignore_errors=True)
-        raise
     return dict(root=output, version=version, scenes=names, samples_per_scene=samples_per_scene, bytes=size)
 
 
@@ -426,25 +411,15 @@ def _plan(root: str, version: str, names: List[str], num_keyframes: int, image_s
 def _run_tasks(tasks: List[_FrameTask], workers: int, progress: bool) -> List[dict]:
     from tqdm import tqdm
 
-    bar = tqdm(total=len(tasks), desc="synthetic frames", unit="frame", disable=not progress, dynamic_ncols=True)
-    try:
-        if workers <= 1:
-            results = []
-            for task in tasks:
-                results.append(_render_frame(task))
-                bar.update(1)
-            return results
-        import multiprocessing
-
-        context = multiprocessing.get_context("fork" if "fork" in multiprocessing.get_all_start_methods() else None)
-        with ProcessPoolExecutor(max_workers=workers, mp_context=context) as pool:
-            results = []
-            for result in pool.map(_render_frame, tasks, chunksize=1):
-                results.append(result)
-                bar.update(1)
-            return results
-    finally:
-        bar.close()
+    with tqdm(total=len(tasks), desc="synthetic frames", unit="frame", disable=not progress,
+              dynamic_ncols=True) as bar:
+        if workers > 1:
+            return ordered_map(_render_frame, tasks, workers, on_result=lambda _: bar.update(1))
+        results = []
+        for task in tasks:
+            results.append(_render_frame(task))
+            bar.update(1)
+        return results
 
 
 def _add_annotations(tables: Dict[str, List[dict]], tasks: List[_FrameTask], results: List[dict], seed: int) -> None:

@@ -20,7 +20,6 @@ import torch
 from detectron2.layers import FrozenBatchNorm2d
 from torch import nn
 
-from ..registry import BACKBONE_REGISTRY
 
 __all__ = ["TimmBackbone", "check_local_checkpoint"]
 
@@ -51,7 +50,6 @@ def _freeze_module(module: nn.Module) -> None:
         param.requires_grad_(False)
 
 
-@BACKBONE_REGISTRY.register()
 class TimmBackbone(nn.Module):
     """A timm CNN (e.g. ``resnet18``/``resnet50``) as a multi-stage feature extractor.
 

@@ -17,7 +17,9 @@ checkpoint loads with its ``img_backbone.`` prefix stripped.
 """
 from __future__ import annotations
 
+import logging
 import pickle
+import re
 from typing import Dict, List, Optional, Sequence, Tuple
 
 import torch
@@ -26,13 +28,14 @@ from timm.layers import DropPath
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from ..registry import BACKBONE_REGISTRY
 from .timm_backbone import check_local_checkpoint
 
 __all__ = [
     "EVA02ViT", "rope_angles", "window_partition", "window_unpartition",
     "vit_layer_decay_lr_multipliers", "release_window_block_indexes",
 ]
+
+logger = logging.getLogger(__name__)
 
 # Prefixes under which released / detectron2 checkpoints store the ViT's weights.
 _CHECKPOINT_PREFIXES = ("img_backbone.", "backbone.net.", "backbone.", "module.img_backbone.", "")
@@ -182,7 +185,6 @@ class _Block(nn.Module):
         return x + self.drop_path(self.mlp(self.norm2(x)))
 
 
-@BACKBONE_REGISTRY.register()
 class EVA02ViT(nn.Module):
     """EVA-02 ViT with ViTDet window attention, returning one stride-``patch_size`` map.
 
@@ -215,7 +217,12 @@ class EVA02ViT(nn.Module):
         init_checkpoint: local weights file ("" = random init): a state dict (or one under
             ``"state_dict"``/``"model"``) with the released names, optionally under a prefix
             (``img_backbone.`` as in the released ``eva02_L_coco_det_sys_o365_remapped.pth``,
-            ``backbone.net.`` as in detectron2 ViTDet checkpoints).
+            ``backbone.net.`` as in detectron2 ViTDet checkpoints). Read with
+            ``torch.load(weights_only=True)`` (or as ``.safetensors``).
+        trust_checkpoint: read an ``init_checkpoint`` that needs full unpickling (an mmcv /
+            detectron2 file holding Python objects besides tensors). Unpickling runs whatever
+            code the file names, so only for a file from a trusted source; without it such a
+            file is refused with an error naming it.
         grad_checkpointing: recompute each block's activations in the backward pass.
 
     Forward: ``images`` (B, 3, H, W) normalised float, H and W multiples of ``patch_size``
@@ -241,6 +248,7 @@ class EVA02ViT(nn.Module):
         rope_theta: float = 10000.0,
         layer_norm_eps: float = 1e-6,
         init_checkpoint: str = "",
+        trust_checkpoint: bool = False,
         grad_checkpointing: bool = True,
     ):
         super().__init__()
@@ -275,6 +283,7 @@ class EVA02ViT(nn.Module):
         self.pretrain_grid = pretrain_img_size // patch_size
         self.window_block_indexes = window_block_indexes
         self.grad_checkpointing = bool(grad_checkpointing)
+        self.trust_checkpoint = bool(trust_checkpoint)
 
         self.patch_embed = _PatchEmbed(in_channels, embed_dim, patch_size)
         num_positions = self.pretrain_grid ** 2 + int(self.pretrain_use_cls_token)
@@ -311,7 +320,7 @@ class EVA02ViT(nn.Module):
     def load_checkpoint(self, path: str) -> None:
         """Load the ViT's weights from a local file (see ``init_checkpoint``); entries outside
         the ViT (other model parts, RoPE tables, a class token) are ignored."""
-        state = _read_state_dict(path)
+        state = _read_state_dict(path, self.trust_checkpoint)
         own = self.state_dict()
         prefix = next((p for p in _CHECKPOINT_PREFIXES if f"{p}patch_embed.proj.weight" in state), None)
         if prefix is None:
@@ -373,16 +382,28 @@ class EVA02ViT(nn.Module):
         return {self.out_names[0]: x.permute(0, 3, 1, 2).contiguous()}
 
 
-def _read_state_dict(path: str) -> Dict[str, torch.Tensor]:
+def _read_state_dict(path: str, trust_checkpoint: bool = False) -> Dict[str, torch.Tensor]:
+    """The tensors of a weights file (see ``EVA02ViT``'s ``init_checkpoint``); full unpickling
+    only with ``trust_checkpoint``."""
     if path.endswith(".safetensors"):
         from safetensors.torch import load_file
 
         return load_file(path)
     try:
         loaded = torch.load(path, map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError:
-        # mmcv / detectron2 checkpoints may carry plain Python metadata beside the weights;
-        # the file is a local one the user chose.
+    except pickle.UnpicklingError as error:
+        if not str(error).startswith("Weights only load failed"):
+            raise RuntimeError(f"EVA02ViT: {path} is not a readable torch checkpoint: {error}") from error
+        if not trust_checkpoint:
+            found = re.search(r"Unsupported global: GLOBAL (\S+)", str(error))
+            what = (f"holds Python objects besides tensors and plain containers ({found.group(1)})" if found
+                    else "is not a plain weights file (torch.load(weights_only=True) refuses it)")
+            raise RuntimeError(
+                f"EVA02ViT: init_checkpoint {path} {what}; loading it means full unpickling, which runs code named "
+                f"by the file. Pass trust_checkpoint=True (config: model.backbone.trust_checkpoint=True) only for "
+                f"a file from a source you trust") from None
+        # mmcv / detectron2 checkpoints may carry Python metadata beside the weights.
+        logger.warning("EVA02ViT: loading %s with full unpickling (trust_checkpoint=True)", path)
         loaded = torch.load(path, map_location="cpu", weights_only=False)
     if not isinstance(loaded, dict):
         raise ValueError(f"EVA02ViT: {path} holds a {type(loaded).__name__}, expected a state dict")

@@ -21,8 +21,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from ...data.occupancy_meta import OccupancyGrid
-from ..registry import HEAD_REGISTRY
+from ...structures import OccupancyGrid, OccupancySpec
 
 __all__ = [
     "class_weights_from_frequencies", "distance_weights", "sigmoid_focal_loss", "lovasz_softmax", "sem_scal_loss",
@@ -307,13 +306,12 @@ def flow_l1_loss(pred: torch.Tensor, target: torch.Tensor, mask: Optional[torch.
     return numerator / target.shape[0]
 
 
-@HEAD_REGISTRY.register()
 class OccupancyFlowLoss(nn.Module):
     """All occupancy and flow losses with their weights.
 
     Args:
-        num_classes, free_index, flow_classes: the label set (from dataset metadata).
-        point_cloud_range, voxel_size: the GT grid (for the distance weights).
+        spec: the dataset's :class:`~voxelsplat.structures.OccupancySpec`: the label set
+            (classes, free index, flow classes) and the GT grid (for the distance weights).
         class_frequencies: per-class voxel counts for the focal class weights (None: 1).
         focal_gamma, focal_alpha: focal loss parameters.
         distance_weighting: use ``1 + r / r_max`` voxel weights in the focal loss.
@@ -335,11 +333,7 @@ class OccupancyFlowLoss(nn.Module):
 
     def __init__(
         self,
-        num_classes: int,
-        free_index: int,
-        flow_classes: Sequence[int],
-        point_cloud_range: Sequence[float],
-        voxel_size: float,
+        spec: OccupancySpec,
         class_frequencies: Optional[Sequence[float]] = None,
         focal_gamma: float = 2.0,
         focal_alpha: float = 0.25,
@@ -354,8 +348,9 @@ class OccupancyFlowLoss(nn.Module):
         flow_normalization: str = "weight_sum",
     ):
         super().__init__()
-        if not 0 <= free_index < num_classes:
-            raise ValueError(f"OccupancyFlowLoss: free_index {free_index} outside [0, {num_classes})")
+        if not isinstance(spec, OccupancySpec):
+            raise TypeError(f"OccupancyFlowLoss: spec must be an OccupancySpec, got {type(spec).__name__}")
+        num_classes, free_index, grid = spec.num_classes, spec.free_index, spec.grid
         if flow_voxels not in FLOW_VOXELS:
             raise ValueError(f"OccupancyFlowLoss: flow_voxels must be one of {FLOW_VOXELS}, got {flow_voxels!r}")
         if flow_normalization not in FLOW_NORMALIZATIONS:
@@ -363,15 +358,15 @@ class OccupancyFlowLoss(nn.Module):
                              f"{flow_normalization!r}")
         self.flow_voxels, self.flow_normalization = flow_voxels, flow_normalization
         self.num_classes, self.free_index, self.ignore_index = int(num_classes), int(free_index), int(ignore_index)
-        grid = OccupancyGrid(tuple(float(v) for v in point_cloud_range), float(voxel_size))
         if class_frequencies is not None and len(class_frequencies) != num_classes:
-            raise ValueError(f"OccupancyFlowLoss: {len(class_frequencies)} class_frequencies for {num_classes} classes")
+            raise ValueError(f"OccupancyFlowLoss: {len(class_frequencies)} class_frequencies for the {num_classes} "
+                             f"classes of {spec.describe()}")
         weights = class_weights_from_frequencies(class_frequencies) if class_frequencies is not None \
             else torch.ones(num_classes, dtype=torch.float64)
         self.register_buffer("class_weights", weights, persistent=False)
         self.register_buffer("distance_weight_map", distance_weights(grid), persistent=False)
         flow_lut = torch.zeros(max(num_classes, self.ignore_index + 1), dtype=torch.bool)
-        flow_lut[list(flow_classes)] = True
+        flow_lut[list(spec.flow_classes)] = True
         self.register_buffer("flow_class_lut", flow_lut, persistent=False)
         self.distance_weighting = distance_weighting
         self.focal_gamma, self.focal_alpha = float(focal_gamma), float(focal_alpha)

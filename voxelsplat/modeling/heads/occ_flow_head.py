@@ -5,13 +5,14 @@ from __future__ import annotations
 
 from typing import Dict, List, Optional, Sequence, Tuple, Union
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
+from ...structures import OccupancySpec
 from ..layers import maybe_checkpoint
-from ..registry import HEAD_REGISTRY
 
 __all__ = ["OccFlowHead"]
 
@@ -51,7 +52,6 @@ def _resample(volume: torch.Tensor, size: Tuple[int, ...]) -> torch.Tensor:
     return F.interpolate(volume, size=size, mode="trilinear", align_corners=False)
 
 
-@HEAD_REGISTRY.register()
 class OccFlowHead(nn.Module):
     """The released head, for L encoder levels (finest first):
 
@@ -69,8 +69,9 @@ class OccFlowHead(nn.Module):
     Args:
         in_channels: channels of each level (an int for all; released: 256).
         mid_channels: channels of D, c_i and f (released: in_channels // 2 = 128; None: that).
-        num_classes: class logits per voxel (17 for OpenOcc v2, 18 for Occ3D).
-        output_shape: (X, Y, Z) of the GT grid.
+        spec: the dataset's :class:`~voxelsplat.structures.OccupancySpec`: gives ``num_classes``
+            (17 for OpenOcc v2, 18 for Occ3D) and ``output_shape`` (its grid's X, Y, Z).
+        num_classes, output_shape: the same two parts given directly, without a spec.
         hidden_channels: hidden width of the three per-voxel MLPs (released: mid_channels // 2
             = 64; None: that; 0: each MLP is one 1x1x1 conv with a bias).
         flow_dims: velocity components (2: vx, vy).
@@ -85,9 +86,19 @@ class OccFlowHead(nn.Module):
     """
 
     def __init__(self, in_channels: Union[int, Sequence[int]], mid_channels: Optional[int] = None, *,
-                 num_classes: int, output_shape: Sequence[int], hidden_channels: Optional[int] = None,
+                 spec: Optional[OccupancySpec] = None, num_classes: Optional[int] = None,
+                 output_shape: Optional[Sequence[int]] = None, hidden_channels: Optional[int] = None,
                  flow_dims: int = 2, grad_checkpointing: bool = False, num_levels: Optional[int] = None):
         super().__init__()
+        if spec is not None:
+            for key, given, from_spec in (("num_classes", num_classes, spec.num_classes),
+                                          ("output_shape", output_shape, spec.grid.shape)):
+                if given is not None and tuple(np.atleast_1d(given)) != tuple(np.atleast_1d(from_spec)):
+                    raise ValueError(f"OccFlowHead: {key} {given} disagrees with the spec's {from_spec} "
+                                     f"({spec.describe()})")
+            num_classes, output_shape = spec.num_classes, spec.grid.shape
+        if num_classes is None or output_shape is None:
+            raise ValueError("OccFlowHead: needs spec (an OccupancySpec) or both num_classes and output_shape")
         if isinstance(in_channels, int):
             num_levels = 3 if num_levels is None else num_levels
             in_channels = [in_channels] * int(num_levels)

@@ -31,9 +31,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ...data.occupancy_meta import OccupancyGrid
+from ...structures import OccupancyGrid, check_grid
 from ...utils.geometry import invert_transform, transform_points
-from ..registry import LIFTING_REGISTRY
 from .depth_net import DepthBins
 
 __all__ = [
@@ -323,7 +322,6 @@ class DepthAwareSpatialCrossAttention(nn.Module):
         return query + self.dropout(self.output_proj(per_camera.sum(1) / cameras[..., None]))
 
 
-@LIFTING_REGISTRY.register()
 class DepthAwareBackwardProjection(nn.Module):
     """FB-Occ's backward projection: one BEV encoder layer (deformable self-attention ->
     norm -> depth-aware spatial cross-attention -> norm -> FFN -> norm) over learned queries
@@ -332,7 +330,7 @@ class DepthAwareBackwardProjection(nn.Module):
     Args:
         embed_dims: query/value width (= the volume's and the context's channels); even
             (the positional encoding gives half to x, half to y).
-        point_cloud_range, voxel_size: the volume's grid; its X x Y cells are the queries.
+        grid: the volume's grid (the forward projection's); its X x Y cells are the queries.
         depth_bins: (start, stop, step) of the depth net.
         num_heads: heads of the cross-attention (divide ``embed_dims``).
         num_points_in_pillar: reference heights per query (anchors), at the centres of
@@ -359,8 +357,7 @@ class DepthAwareBackwardProjection(nn.Module):
     def __init__(
         self,
         embed_dims: int,
-        point_cloud_range: Sequence[float],
-        voxel_size: float,
+        grid: OccupancyGrid,
         depth_bins: Sequence[float] = (2.0, 42.0, 0.5),
         num_heads: int = 8,
         num_points_in_pillar: int = 4,
@@ -387,13 +384,13 @@ class DepthAwareBackwardProjection(nn.Module):
                 raise ValueError(f"{name}: embed_dims {embed_dims} not divisible by {key} {heads}")
         if not 0.0 <= dropout < 1.0:
             raise ValueError(f"{name}: dropout must be in [0, 1), got {dropout}")
-        self.grid = OccupancyGrid(tuple(float(v) for v in point_cloud_range), float(voxel_size))
+        self.grid = check_grid(grid, name)
         self.bins = DepthBins.from_config(depth_bins)
         self.embed_dims = int(embed_dims)
         self.num_points_in_pillar = int(num_points_in_pillar)
         x_size, y_size, _ = self.grid.shape
         if x_size < 1 or y_size < 1:
-            raise ValueError(f"{name}: point_cloud_range / voxel_size give an empty BEV {self.grid.shape[:2]}")
+            raise ValueError(f"{name}: grid gives an empty BEV {self.grid.shape[:2]}")
 
         self.bev_embedding = nn.Embedding(y_size * x_size, embed_dims)
         self.positional_encoding = LearnedBEVPositionalEncoding(embed_dims // 2, y_size, x_size)

@@ -17,7 +17,6 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..layers import BasicBlock2d, maybe_checkpoint
-from ..registry import LIFTING_REGISTRY
 
 __all__ = [
     "DepthBins", "BIN_POSITIONS", "depth_bin_values", "CAMERA_PARAMETER_NAMES", "CAMERA_PARAMETER_DIM",
@@ -274,7 +273,6 @@ def _positive_int(value, name: str) -> int:
     return int(value)
 
 
-@LIFTING_REGISTRY.register()
 class CameraAwareDepthNet(nn.Module):
     """Depth distribution + context features per image-feature pixel (the release's
     ``CM_DepthNet`` with ``use_dcn=False``, as its R50 recipe configures it).

@@ -14,8 +14,7 @@ from typing import Sequence, Tuple
 import torch
 from torch import nn
 
-from ...data.occupancy_meta import OccupancyGrid
-from ..registry import LIFTING_REGISTRY
+from ...structures import OccupancyGrid, check_grid
 from .depth_net import DepthBins
 
 __all__ = ["frustum_points", "voxel_pooling", "VoxelPooling", "LSSForwardProjection"]
@@ -101,13 +100,12 @@ def voxel_pooling(context, depth, pixel_index, depth_index, voxel_index, num_vox
     return VoxelPooling.apply(context, depth, pixel_index, depth_index, voxel_index, int(num_voxels), chunk)
 
 
-@LIFTING_REGISTRY.register()
 class LSSForwardProjection(nn.Module):
     """Lift context features with their depth distribution into a voxel volume.
 
     Args:
-        point_cloud_range: (x_min, y_min, z_min, x_max, y_max, z_max) metres, augmented ego frame.
-        voxel_size: edge of the volume's voxels (published: 0.8 m -> 100x100x8).
+        grid: the volume's grid in the augmented ego frame (published: the GT grid at 0.8 m,
+            100x100x8: ``volume_grid(spec, 2)``).
         depth_bins: (start, stop, step) metres; must match the depth net's.
         chunk_channels_budget: (points x channels) processed per pooling chunk.
 
@@ -118,10 +116,10 @@ class LSSForwardProjection(nn.Module):
         (B, C, X, Y, Z) volume indexed [x, y, z].
     """
 
-    def __init__(self, point_cloud_range: Sequence[float], voxel_size: float,
-                 depth_bins: Sequence[float] = (2.0, 42.0, 0.5), chunk_channels_budget: int = 1 << 24):
+    def __init__(self, grid: OccupancyGrid, depth_bins: Sequence[float] = (2.0, 42.0, 0.5),
+                 chunk_channels_budget: int = 1 << 24):
         super().__init__()
-        self.grid = OccupancyGrid(tuple(float(v) for v in point_cloud_range), float(voxel_size))
+        self.grid = check_grid(grid, type(self).__name__)
         self.bins = DepthBins.from_config(depth_bins)
         self.chunk_channels_budget = int(chunk_channels_budget)
 

@@ -25,8 +25,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ...data.occupancy_meta import OccupancyGrid
-from ..registry import LIFTING_REGISTRY
+from ...structures import OccupancyGrid, check_grid
 
 __all__ = ["current_to_past_transform", "warp_volume", "time_encoding", "TemporalVolumeFusion"]
 
@@ -99,7 +98,6 @@ class _SlotHistory:
     bda: Optional[torch.Tensor] = None         # (4, 4) float64
 
 
-@LIFTING_REGISTRY.register()
 class TemporalVolumeFusion(nn.Module):
     """Fuse the current volume with ``num_history`` past volumes (FB-Occ's history fusion).
 
@@ -113,7 +111,7 @@ class TemporalVolumeFusion(nn.Module):
         in_channels: channels of the volume (released: 80).
         out_channels: channels after fusion (released: 80, the same; None: ``in_channels``).
         num_history: past frames in the queue (released: 16).
-        point_cloud_range, voxel_size: the volume's grid.
+        grid: the volume's grid (the forward projection's).
         time_channels: age channels per frame (released: 1, the age in seconds; see
             :func:`time_encoding`).
         frame_interval: seconds per step of age (released: 0.5 s, the keyframe spacing: a
@@ -129,7 +127,7 @@ class TemporalVolumeFusion(nn.Module):
     """
 
     def __init__(self, in_channels: int, out_channels: Optional[int], num_history: int,
-                 point_cloud_range: Sequence[float], voxel_size: float, time_channels: int = 1,
+                 grid: OccupancyGrid, time_channels: int = 1,
                  frame_interval: Optional[float] = 0.5):
         super().__init__()
         out_channels = in_channels if out_channels is None else out_channels
@@ -139,9 +137,7 @@ class TemporalVolumeFusion(nn.Module):
                 raise ValueError(f"TemporalVolumeFusion: {name} must be an integer >= {low}, got {value!r}")
         if frame_interval is not None and not frame_interval > 0:
             raise ValueError(f"TemporalVolumeFusion: frame_interval must be > 0 s or None, got {frame_interval!r}")
-        if len(point_cloud_range) != 6:
-            raise ValueError(f"TemporalVolumeFusion: point_cloud_range needs 6 values, got {point_cloud_range!r}")
-        self.grid = OccupancyGrid(tuple(float(v) for v in point_cloud_range), float(voxel_size))
+        self.grid = check_grid(grid, "TemporalVolumeFusion")
         self.in_channels = int(in_channels)
         self.out_channels = int(out_channels)
         self.num_history = int(num_history)
@@ -165,6 +161,34 @@ class TemporalVolumeFusion(nn.Module):
     def reset_history(self) -> None:
         """Forget every slot's history (e.g. before evaluation)."""
         self._slots = []
+
+    def history_state(self) -> dict:
+        """The history every slot carries into the next step (what a resumed run needs to
+        continue exactly): ``{"training": mode the slots were filled in (None: empty),
+        "slots": [{"scene_token", "volumes" (num_history, C, X, Y, Z) or None, "ages",
+        "timestamps", "ego2global" (4, 4) float64, "bda" (4, 4) float64}, ...]}``. The
+        tensors are the module's own (not copies); they are never modified in place."""
+        return {"training": self._state_training,
+                "slots": [dict(scene_token=s.scene_token, volumes=s.volumes, ages=list(s.ages),
+                               timestamps=list(s.timestamps), ego2global=s.ego2global, bda=s.bda)
+                          for s in self._slots]}
+
+    def load_history_state(self, state: dict) -> None:
+        """Restore what :meth:`history_state` returned (tensors moved to this module's device)."""
+        device = self.cat_conv[0].weight.device
+        slots = []
+        for index, slot in enumerate(state["slots"]):
+            volumes = slot["volumes"]
+            if volumes is not None and tuple(volumes.shape) != (self.num_history, self.in_channels, *self.grid.shape):
+                raise ValueError(f"TemporalVolumeFusion: history slot {index} holds volumes of shape "
+                                 f"{tuple(volumes.shape)}, expected "
+                                 f"{(self.num_history, self.in_channels, *self.grid.shape)}")
+            moved = {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in slot.items()}
+            slots.append(_SlotHistory(scene_token=moved["scene_token"], volumes=moved["volumes"],
+                                      ages=list(moved["ages"]), timestamps=list(moved["timestamps"]),
+                                      ego2global=moved["ego2global"], bda=moved["bda"]))
+        self._slots = slots
+        self._state_training = state["training"]
 
     def _check_state(self, batch_size: int) -> None:
         # A change of batch size or of train/eval mode means the slots no longer follow sequences.
@@ -224,7 +248,7 @@ class TemporalVolumeFusion(nn.Module):
                              f"got {tuple(volume.shape)}")
         if tuple(volume.shape[2:]) != tuple(self.grid.shape):
             raise ValueError(f"TemporalVolumeFusion: volume grid {tuple(volume.shape[2:])} != the grid of "
-                             f"point_cloud_range / voxel_size {tuple(self.grid.shape)}")
+                             f"its grid {tuple(self.grid.shape)}")
         b = volume.shape[0]
         scene_tokens = list(scene_tokens) if scene_tokens is not None else [None] * b
         self._check_state(b)

@@ -7,26 +7,23 @@ ResNet + FPN -> occupancy/flow head. In training it returns a dict of scalar los
 """
 from __future__ import annotations
 
-from typing import Any, Dict, List, Optional, Sequence
+from typing import Dict, List, Optional, Sequence
 
 import torch
 from torch import nn
 
+from ...structures import IGNORE_LABEL, OccupancySpec
 from ..lifting.depth_net import camera_parameter_vector
-from ..registry import (
-    META_ARCH_REGISTRY, build_backbone, build_head, build_lifting, build_neck, build_regularizer, build_voxel_encoder,
-)
 
 __all__ = ["OccupancyFlowModel"]
 
 _GEOMETRY_FIELDS = ("intrinsics", "cam2ego", "img_aug", "bda", "ego2global")
 
 
-@META_ARCH_REGISTRY.register()
 class OccupancyFlowModel(nn.Module):
     """Camera-only semantic occupancy + scene flow (FB-Occ).
 
-    Components are ``nn.Module`` instances (a LazyConfig builds them) or registry specs.
+    Components are ``nn.Module`` instances (a LazyConfig builds them).
 
     Args:
         backbone: images (B*N, 3, H, W) -> dict of maps (e.g. :class:`TimmBackbone`).
@@ -38,8 +35,9 @@ class OccupancyFlowModel(nn.Module):
         voxel_encoder: :class:`ResNet3DFPN`: volume -> list of levels, finest first.
         head: :class:`OccFlowHead`: list of levels -> dict of per-voxel outputs.
         loss: :class:`OccupancyFlowLoss`.
-        class_names, free_index, flow_classes, grid_shape: label set and GT grid (from the
-            dataset's metadata).
+        spec: the dataset's :class:`~voxelsplat.structures.OccupancySpec` (label set and GT
+            grid). The head must predict its classes on its grid; the first batch is checked
+            against it (``gt_format`` and ``occ_semantics`` of the samples).
         regularizer: optional training-only module called as
             ``regularizer(batched_inputs, head_outputs, flow_loss_enabled=...)`` -> dict of losses;
             ``head_outputs`` holds ``occ_logits`` (B, K, X, Y, Z), ``flow`` (B, 2, X, Y, Z) and, unless
@@ -61,19 +59,16 @@ class OccupancyFlowModel(nn.Module):
     def __init__(
         self,
         *,
-        backbone: Any,
-        neck: Any,
-        depth_net: Any,
-        forward_projection: Any,
-        voxel_encoder: Any,
-        head: Any,
-        loss: Any,
-        class_names: Sequence[str],
-        free_index: int,
-        flow_classes: Sequence[int],
-        grid_shape: Sequence[int],
-        backward_projection: Any = None,
-        temporal_fusion: Any = None,
+        backbone: nn.Module,
+        neck: nn.Module,
+        depth_net: nn.Module,
+        forward_projection: nn.Module,
+        voxel_encoder: nn.Module,
+        head: nn.Module,
+        loss: nn.Module,
+        spec: OccupancySpec,
+        backward_projection: Optional[nn.Module] = None,
+        temporal_fusion: Optional[nn.Module] = None,
         regularizer: Optional[nn.Module] = None,
         pixel_mean: Sequence[float] = (123.675, 116.28, 103.53),
         pixel_std: Sequence[float] = (58.395, 57.12, 57.375),
@@ -86,33 +81,33 @@ class OccupancyFlowModel(nn.Module):
         depth_only: bool = False,
     ):
         super().__init__()
-        self.backbone = build_backbone(backbone)
-        self.neck = build_neck(neck)
-        self.depth_net = build_lifting(depth_net)
-        self.forward_projection = build_lifting(forward_projection)
-        self.backward_projection = build_lifting(backward_projection)
-        self.temporal_fusion = build_lifting(temporal_fusion)
-        self.voxel_encoder = build_voxel_encoder(voxel_encoder)
-        self.head = build_head(head)
-        self.loss = build_head(loss)
-        self.regularizer = build_regularizer(regularizer)
-        self.class_names = list(class_names)
-        self.free_index = int(free_index)
-        self.flow_classes = [int(c) for c in flow_classes]
-        self.grid_shape = tuple(int(v) for v in grid_shape)
-        if len(self.class_names) != getattr(self.head, "num_classes", len(self.class_names)):
-            raise ValueError(f"OccupancyFlowModel: {len(self.class_names)} class names but the head predicts "
-                             f"{self.head.num_classes} classes")
-        if getattr(self.head, "output_shape", self.grid_shape) != self.grid_shape:
-            raise ValueError(f"OccupancyFlowModel: head output_shape {self.head.output_shape} != grid_shape {self.grid_shape}")
+        components = dict(backbone=backbone, neck=neck, depth_net=depth_net, forward_projection=forward_projection,
+                          backward_projection=backward_projection, temporal_fusion=temporal_fusion,
+                          voxel_encoder=voxel_encoder, head=head, loss=loss, regularizer=regularizer)
+        optional = ("backward_projection", "temporal_fusion", "regularizer")
+        for key, module in components.items():
+            if not isinstance(module, nn.Module) and not (module is None and key in optional):
+                raise TypeError(f"OccupancyFlowModel: {key} must be an nn.Module (build it with a LazyConfig "
+                                f"LazyCall), got {type(module).__name__}")
+            setattr(self, key, module)
+        if not isinstance(spec, OccupancySpec):
+            raise TypeError(f"OccupancyFlowModel: spec must be an OccupancySpec, got {type(spec).__name__}")
+        self.spec = spec
+        if getattr(self.head, "num_classes", spec.num_classes) != spec.num_classes:
+            raise ValueError(f"OccupancyFlowModel: the head predicts {self.head.num_classes} classes, the spec is "
+                             f"{spec.describe()}")
+        if tuple(getattr(self.head, "output_shape", spec.grid.shape)) != tuple(spec.grid.shape):
+            raise ValueError(f"OccupancyFlowModel: the head predicts on a {self.head.output_shape} grid, the spec is "
+                             f"{spec.describe()}")
+        self._checked_batch = False
         if input_channel_order not in ("bgr", "rgb"):
             raise ValueError(f"OccupancyFlowModel: input_channel_order must be 'bgr' or 'rgb', got "
                              f"{input_channel_order!r}")
         self.input_channel_order = input_channel_order
         self.register_buffer("pixel_mean", torch.tensor(pixel_mean, dtype=torch.float32).view(1, 3, 1, 1), persistent=False)
         self.register_buffer("pixel_std", torch.tensor(pixel_std, dtype=torch.float32).view(1, 3, 1, 1), persistent=False)
-        flow_lut = torch.zeros(len(self.class_names), dtype=torch.bool)
-        flow_lut[self.flow_classes] = True
+        flow_lut = torch.zeros(spec.num_classes, dtype=torch.bool)
+        flow_lut[list(spec.flow_classes)] = True
         self.register_buffer("flow_class_lut", flow_lut, persistent=False)
         self.depth_loss_weight = float(depth_loss_weight)
         self.return_logits = return_logits
@@ -126,6 +121,44 @@ class OccupancyFlowModel(nn.Module):
     @property
     def device(self) -> torch.device:
         return self.pixel_mean.device
+
+    @property
+    def class_names(self) -> List[str]:
+        return list(self.spec.class_names)
+
+    @property
+    def free_index(self) -> int:
+        return self.spec.free_index
+
+    @property
+    def flow_classes(self) -> List[int]:
+        return list(self.spec.flow_classes)
+
+    @property
+    def grid_shape(self):
+        return tuple(self.spec.grid.shape)
+
+    def check_batch(self, batched_inputs: List[dict]) -> None:
+        """Fail, naming both sides, when samples are not of the model's spec: their label set
+        (``gt_format``), the shape of ``occ_semantics`` or a class id outside the spec."""
+        spec = self.spec
+        for sample in batched_inputs:
+            where = f"sample {sample.get('sample_token', '<unknown>')}"
+            gt_format = sample.get("gt_format")
+            if gt_format is not None and gt_format != spec.label_set:
+                raise ValueError(f"OccupancyFlowModel: {where} has labels of gt_format {gt_format!r}, the model's "
+                                 f"spec is {spec.describe()}; build the model's spec from the dataset's gt_format")
+            semantics = sample.get("occ_semantics")
+            if semantics is None:
+                continue
+            if tuple(semantics.shape) != tuple(spec.grid.shape):
+                raise ValueError(f"OccupancyFlowModel: {where} has occ_semantics of shape {tuple(semantics.shape)}, "
+                                 f"the model's spec is {spec.describe()}")
+            labels = torch.as_tensor(semantics)
+            labelled = labels[labels != IGNORE_LABEL]
+            if labelled.numel() and (int(labelled.min()) < 0 or int(labelled.max()) >= spec.num_classes):
+                raise ValueError(f"OccupancyFlowModel: {where} has class ids in [{int(labelled.min())}, "
+                                 f"{int(labelled.max())}], the model's spec is {spec.describe()}")
 
     @property
     def history_enabled(self) -> bool:
@@ -145,7 +178,7 @@ class OccupancyFlowModel(nn.Module):
         except KeyError:
             tokens = [s.get("sample_token", "<unknown>") for s in batched_inputs if key not in s]
             raise KeyError(f"OccupancyFlowModel: samples {tokens} have no field {key!r} "
-                           f"(see voxelsplat/data/sample_fields.py)") from None
+                           f"(see voxelsplat/structures/sample_fields.py)") from None
         shapes = {tuple(v.shape) for v in values}
         if len(shapes) != 1:
             raise ValueError(f"OccupancyFlowModel: field {key!r} has different shapes across the batch: {sorted(shapes)}")
@@ -222,6 +255,9 @@ class OccupancyFlowModel(nn.Module):
         """Training: dict of scalar losses. Eval: list of per-sample dicts
         ``{"occ": int64 (X, Y, Z), "flow": float (X, Y, Z, 2) m/s (zero where the predicted class has
         no flow), "flow_unmasked": the same before that masking, ["occ_logits": (K, X, Y, Z)]}``."""
+        if not self._checked_batch:
+            self.check_batch(batched_inputs)
+            self._checked_batch = True
         if self.depth_only:
             if not self.training:
                 raise RuntimeError("OccupancyFlowModel: a depth_only model (depth pretraining) predicts no "

@@ -8,12 +8,10 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..layers import conv_bn_relu, maybe_checkpoint
-from ..registry import NECK_REGISTRY
 
 __all__ = ["FusionFPN"]
 
 
-@NECK_REGISTRY.register()
 class FusionFPN(nn.Module):
     """Top-down FPN that returns a single map at the finest input stride.
 

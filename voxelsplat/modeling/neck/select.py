@@ -6,12 +6,10 @@ from typing import Dict
 import torch
 from torch import nn
 
-from ..registry import NECK_REGISTRY
 
 __all__ = ["SelectFeatureMap"]
 
 
-@NECK_REGISTRY.register()
 class SelectFeatureMap(nn.Module):
     """Pass one backbone map through unchanged (the released EVA recipe has no image neck: the
     ViT's stride-16 map goes straight to the depth net).

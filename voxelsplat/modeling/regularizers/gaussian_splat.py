@@ -25,7 +25,7 @@ render views (cameras of keyframes t-2..t+3 in the current augmented ego frame):
   released) renders, into the views of keyframe t+o (``render_frame_offsets == o``, o != 0),
   that keyframe's own GT instead: the occupied voxels the mapper drew from its labels
   (``adjacent_gt_gaussians`` mapper option; the ``adjacent_gt_*`` fields of
-  :mod:`voxelsplat.data.sample_fields`), in the current augmented ego frame, not moved;
+  :mod:`voxelsplat.structures.sample_fields`), in the current augmented ego frame, not moved;
   views of offset 0 (out-of-scene views replaced by the current keyframe included) get the
   current GT, not moved. The prediction moves as above either way, so pair it with
   ``propagation_seconds=None``: with the released 1 s, a prediction moved by 1 s is compared
@@ -69,9 +69,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ...data.sample_fields import ADJACENT_GT_FIELDS
+from ...structures.sample_fields import ADJACENT_GT_FIELDS
 from ...splatting import rasterize_gaussians
-from ..registry import REGULARIZER_REGISTRY
+from ...structures import OccupancySpec
 
 __all__ = ["GaussianSplatRegularizer", "gather_voxels", "release_camera_flip"]
 
@@ -157,16 +157,12 @@ def gather_voxels(volume: torch.Tensor, batch_ids: torch.Tensor, indices: torch.
     return _GatherVoxels.apply(volume, batch_ids, linear)
 
 
-@REGULARIZER_REGISTRY.register()
 class GaussianSplatRegularizer(nn.Module):
     """Gaussian-splatting losses on voxel predictions (VoxelSplat); training only.
 
     Args:
-        point_cloud_range: (x_min, y_min, z_min, x_max, y_max, z_max) of the GT grid, metres
-            (dataset metadata).
-        voxel_size: GT voxel edge, metres (dataset metadata).
-        free_index: index of the free class (dataset metadata).
-        num_classes: number of classes including free (dataset metadata).
+        spec: the dataset's :class:`~voxelsplat.structures.OccupancySpec`: the GT grid (where
+            the Gaussians sit), the classes rendered and the free index.
         mode: "release" (opacity from the free logit, fixed scale and rotation) or
             "decoded" (offset, scale, rotation and opacity decoded from voxel features).
         scale: isotropic Gaussian standard deviation, metres (published 0.12).
@@ -215,10 +211,7 @@ class GaussianSplatRegularizer(nn.Module):
     def __init__(
         self,
         *,
-        point_cloud_range: Sequence[float],
-        voxel_size: float,
-        free_index: int,
-        num_classes: int,
+        spec: OccupancySpec,
         mode: str = "release",
         scale: float = 0.12,
         loss_weights: Optional[Dict[str, float]] = None,
@@ -248,10 +241,8 @@ class GaussianSplatRegularizer(nn.Module):
         if propagated_targets not in PROPAGATED_TARGETS:
             raise ValueError(f"GaussianSplatRegularizer: propagated_targets must be one of {PROPAGATED_TARGETS}, got "
                              f"{propagated_targets!r}")
-        if len(point_cloud_range) != 6:
-            raise ValueError(f"GaussianSplatRegularizer: point_cloud_range needs 6 values, got {point_cloud_range!r}")
-        if not 0 <= int(free_index) < int(num_classes):
-            raise ValueError(f"GaussianSplatRegularizer: free_index {free_index} outside [0, {num_classes})")
+        if not isinstance(spec, OccupancySpec):
+            raise TypeError(f"GaussianSplatRegularizer: spec must be an OccupancySpec, got {type(spec).__name__}")
         weights = dict(DEFAULT_LOSS_WEIGHTS)
         unknown = sorted(set(loss_weights or {}) - set(weights))
         if unknown:
@@ -263,10 +254,10 @@ class GaussianSplatRegularizer(nn.Module):
             if value is not None and int(value) < 1:
                 raise ValueError(f"GaussianSplatRegularizer: {name} must be >= 1 or None, got {value}")
         self.mode = mode
-        self.voxel_size = float(voxel_size)
-        self.register_buffer("range_min", torch.tensor([float(v) for v in point_cloud_range[:3]]), persistent=False)
-        self.free_index = int(free_index)
-        self.num_classes = int(num_classes)
+        self.grid = spec.grid
+        self.voxel_size = spec.grid.voxel_size
+        self.free_index = spec.free_index
+        self.num_classes = spec.num_classes
         self.register_buffer("semantic_classes",
                              torch.tensor([c for c in range(self.num_classes) if c != self.free_index]),
                              persistent=False)
@@ -367,9 +358,6 @@ class GaussianSplatRegularizer(nn.Module):
                              "expected (M, 3), (M,), (M, 2), (M,)")
         return adjacent
 
-    def _voxel_centres(self, indices: torch.Tensor) -> torch.Tensor:
-        return self.range_min + self.voxel_size * (indices.float() + 0.5)
-
     def predicted_gaussians(self, voxel_outputs: Dict[str, torch.Tensor], indices: torch.Tensor) -> Dict[str, torch.Tensor]:
         """The prediction's Gaussians at the sampled voxels of one sample.
 
@@ -382,7 +370,7 @@ class GaussianSplatRegularizer(nn.Module):
         "features" (N, num_classes - 1 + 2): non-free logits then (vx, vy), "flow" (N, 2)}.
         """
         logits, flow = voxel_outputs["occ_logits"].float(), voxel_outputs["flow"].float()
-        means = self._voxel_centres(indices)
+        means = self.grid.index_to_center(indices)
         n = means.shape[0]
         if self.decoder is None:
             quats = means.new_tensor([1.0, 0.0, 0.0, 0.0]).expand(n, 4)
@@ -401,7 +389,7 @@ class GaussianSplatRegularizer(nn.Module):
         x, y, z = indices.unbind(-1)
         semantics = torch.as_tensor(sample["occ_semantics"], device=device).long()[x, y, z]
         flow = torch.as_tensor(sample["occ_flow"], device=device).float()[x, y, z]
-        return self._labelled_gaussians(self._voxel_centres(indices), semantics, flow)
+        return self._labelled_gaussians(self.grid.index_to_center(indices), semantics, flow)
 
     def adjacent_gt_gaussians(self, adjacent: Dict[str, torch.Tensor], frame_offset: int) -> Dict[str, torch.Tensor]:
         """GT Gaussians of keyframe t + ``frame_offset``: the adjacent points of that offset

@@ -9,7 +9,6 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..layers import BasicBlock3d, conv_bn_relu, maybe_checkpoint
-from ..registry import VOXEL_ENCODER_REGISTRY
 
 __all__ = ["ResNet3D", "FPN3D", "ResNet3DFPN"]
 
@@ -131,7 +130,6 @@ class FPN3D(nn.Module):
                 for output, volume in zip(self.output, merged)]
 
 
-@VOXEL_ENCODER_REGISTRY.register()
 class ResNet3DFPN(nn.Module):
     """:class:`ResNet3D` then :class:`FPN3D` (FB-Occ's ``CustomResNet3D`` + ``FPN3D``).
 

@@ -25,6 +25,7 @@ MAPPER_FIELDS: Dict[str, Tuple[str, str, str]] = {
     "lidar_depth": ("C,H,W", "float32", "LiDAR depth (m) projected into each augmented image; 0 = no return"),
     "occ_semantics": ("X,Y,Z", "int64", "GT class per voxel (dataset's label set), BEV-augmented"),
     "occ_flow": ("X,Y,Z,2", "float32", "GT velocity (vx, vy) in m/s in the augmented ego frame"),
+    "gt_format": ("", "str", "label set of occ_semantics (the dataset's OccupancySpec.label_set)"),
     "sample_token": ("", "str", "nuScenes sample token"),
     "scene_token": ("", "str", "nuScenes scene token"),
     "timestamp": ("", "int", "keyframe timestamp, microseconds"),

@@ -44,10 +44,10 @@ from typing import Dict, Iterable, List, Optional, Sequence, Tuple, Union
 import numpy as np
 import torch
 
-from voxelsplat.data.loading import load_record_labels
-from voxelsplat.data.occupancy_meta import grid_from_metadata
+from ..data.loading import load_record_labels
+from ..structures import grid_from_metadata
 
-from .evaluator import OccupancyEvaluator
+from ..evaluation.evaluator import OccupancyEvaluator
 
 logger = logging.getLogger(__name__)
 

@@ -1,0 +1,41 @@
+"""Structures shared by data, modeling and evaluation: the occupancy label sets, the voxel grid
+and :class:`OccupancySpec`."""
+from .occupancy import (
+    DEFAULT_GRID,
+    FLOW_CLASS_NAMES,
+    IGNORE_LABEL,
+    LABEL_SETS,
+    LABEL_SETS_WITH_FLOW,
+    NUSCENES_VOXEL_COUNTS,
+    OCC3D_CLASSES,
+    OPENOCC_V2_CLASSES,
+    OccupancyGrid,
+    OccupancySpec,
+    check_grid,
+    grid_from_metadata,
+    nuscenes_voxel_counts,
+    occupancy_metadata,
+    occupancy_spec,
+    openocc_to_occ3d_lut,
+    volume_grid,
+)
+
+__all__ = [
+    "DEFAULT_GRID",
+    "FLOW_CLASS_NAMES",
+    "IGNORE_LABEL",
+    "LABEL_SETS",
+    "LABEL_SETS_WITH_FLOW",
+    "NUSCENES_VOXEL_COUNTS",
+    "OCC3D_CLASSES",
+    "OPENOCC_V2_CLASSES",
+    "OccupancyGrid",
+    "OccupancySpec",
+    "check_grid",
+    "grid_from_metadata",
+    "nuscenes_voxel_counts",
+    "occupancy_metadata",
+    "occupancy_spec",
+    "openocc_to_occ3d_lut",
+    "volume_grid",
+]
