@@ -24,7 +24,7 @@ SYNTHETIC_SEED = 3
 def synthetic_dataset(tmp_path_factory):
     """The dataset: ``root``, ``version``, ``scenes`` (names), ``samples_per_scene``,
     ``image_size``, ``seed``; the record cache goes to a private folder."""
-    from voxelsplat.data.synthetic import generate_synthetic_dataset
+    from voxelsplat.synthetic import generate_synthetic_dataset
 
     root = tmp_path_factory.mktemp("synthetic") / "nuscenes"
     info = generate_synthetic_dataset(str(root), version="v1.0-mini", scenes=SYNTHETIC_SCENES,

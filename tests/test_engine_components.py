@@ -1,4 +1,4 @@
-"""Engine building blocks: optimizer groups, schedules, registries, model zoo, checkpoints."""
+"""Engine building blocks: optimizer groups, schedules, model zoo, checkpoints."""
 import os
 
 import pytest

@@ -250,3 +250,17 @@ def test_dataclass_spec_is_immutable():
     with pytest.raises(dataclasses.FrozenInstanceError):
         spec.free_index = 3
     assert os.path.basename(__file__)  # keeps the module importable under any name
+
+
+def test_evaluator_takes_the_spec_and_derives_its_metrics_from_it():
+    from voxelsplat.evaluation import OccupancyEvaluator
+
+    occ3d = OccupancyEvaluator(spec=OccupancySpec.for_label_set("occ3d"), distributed=False)
+    assert occ3d.class_names[0] == "others" and occ3d.free_index == 17
+    assert occ3d.compute_miou and not occ3d.compute_flow  # Occ3D: mIoU, no flow
+    openocc = OccupancyEvaluator(distributed=False)  # default: OpenOcc v2 on the default grid
+    assert openocc.spec == OccupancySpec.for_label_set("openocc_v2")
+    assert openocc.compute_flow and not openocc.compute_miou
+    assert OccupancyEvaluator(distributed=False, compute_miou=True).compute_miou
+    with pytest.raises(ValueError, match="OccupancyEvaluator: .*free_index 30 outside"):
+        OccupancyEvaluator(distributed=False, free_index=30)

@@ -7,9 +7,9 @@ import numpy as np
 import pytest
 
 from voxelsplat.structures import DEFAULT_GRID, FLOW_CLASS_NAMES, OPENOCC_V2_CLASSES, openocc_to_occ3d_lut
-from voxelsplat.data.synthetic import generate_synthetic_dataset, synthetic_scene_names
-from voxelsplat.data.synthetic.render import render_camera
-from voxelsplat.data.synthetic.writer import scene_world_for
+from voxelsplat.synthetic import generate_synthetic_dataset, synthetic_scene_names
+from voxelsplat.synthetic.render import render_camera
+from voxelsplat.synthetic.writer import scene_world_for
 from voxelsplat.utils.geometry import invert_transform, pose_to_transform
 
 FREE = OPENOCC_V2_CLASSES.index("free")
@@ -232,7 +232,7 @@ def test_same_seed_same_bytes_any_workers_other_seed_other_world(tmp_path):
 def test_output_folder_rules_sweeps_and_failures_leave_nothing(tmp_path, monkeypatch):
     from nuscenes.nuscenes import NuScenes
 
-    from voxelsplat.data.synthetic import writer
+    from voxelsplat.synthetic import writer
 
     root = tmp_path / "data"
     kwargs = dict(scenes=1, samples_per_scene=2, image_size=(48, 24), seed=1)

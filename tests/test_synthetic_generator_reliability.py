@@ -13,8 +13,8 @@ import time
 
 import pytest
 
-from voxelsplat.data.synthetic import generate_synthetic_dataset, staging
-from voxelsplat.data.synthetic.workers import ordered_map
+from voxelsplat.synthetic import generate_synthetic_dataset, staging
+from voxelsplat.synthetic.workers import ordered_map
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TOOL = os.path.join(ROOT, "tools", "make_synthetic_dataset.py")

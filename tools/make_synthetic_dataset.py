@@ -18,7 +18,7 @@ import time
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from voxelsplat.data.synthetic import generate_synthetic_dataset  # noqa: E402
+from voxelsplat.synthetic import generate_synthetic_dataset  # noqa: E402
 
 
 def parse_args(argv=None):

@@ -272,12 +272,11 @@ def floor_rows(floors):
 
 
 def read_run(output_dir):
-    """Last evaluation and training statistics of a run, from its metrics.json."""
-    records = []
-    with open(os.path.join(output_dir, "metrics.json")) as f:
-        for line in f:
-            if line.strip():
-                records.append(json.loads(line))
+    """Last evaluation and training statistics of a run, from its metrics.json (a line cut by a
+    killed run is skipped with a warning)."""
+    from voxelsplat.utils.io import read_json_lines
+
+    records = read_json_lines(os.path.join(output_dir, "metrics.json"))
     evaluation = [r for r in records if any(k.startswith("occupancy/") for k in r)]
     if not evaluation:
         raise SystemExit(f"[demo] no evaluation results in {output_dir}/metrics.json")

@@ -115,7 +115,10 @@ def main(argv=None):
     model = instantiate(cfg.model).to(args.device)
     if not os.path.isfile(args.checkpoint):
         raise SystemExit(f"checkpoint {args.checkpoint} does not exist")
-    OccupancyCheckpointer(model).load(args.checkpoint)
+    # strict: a checkpoint of another model is an error naming the missing or mis-shaped entries,
+    # never a picture of randomly initialised weights
+    OccupancyCheckpointer(model, strict=True, trust_checkpoint=cfg.train.get("trust_checkpoint", False)).load(
+        args.checkpoint)
     model.eval()
     test_loader = instantiate(cfg.dataloader.test)
     dataset_name = OmegaConf.select(cfg, "dataloader.test.dataset.name", default=None)

@@ -28,7 +28,7 @@ def _tiny_config():
 
 
 def _dataset(workdir: str, quick: bool) -> str:
-    from voxelsplat.data.synthetic import generate_synthetic_dataset
+    from voxelsplat.synthetic import generate_synthetic_dataset
 
     root = os.path.join(workdir, "data_synthetic_quick" if quick else "data_synthetic")
     if not os.path.isdir(os.path.join(root, "v1.0-mini")):

@@ -72,7 +72,7 @@ def _contract_samples(image_size, count: int) -> List[dict]:
 def _synthetic_samples(cfg, workdir: str, count: int):
     """Mapped samples of the synthetic dataset, or None when its generator is unavailable."""
     try:
-        from voxelsplat.data.synthetic import generate_synthetic_dataset  # noqa: F401
+        from voxelsplat.synthetic import generate_synthetic_dataset  # noqa: F401
     except ImportError:
         return None
     from detectron2.config import instantiate

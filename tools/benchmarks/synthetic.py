@@ -12,7 +12,7 @@ import os
 import shutil
 import time
 
-from voxelsplat.data.synthetic import generate_synthetic_dataset
+from voxelsplat.synthetic import generate_synthetic_dataset
 
 
 def _generate(root: str, scenes: int, samples: int, image_size, workers: int) -> dict:

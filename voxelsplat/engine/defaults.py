@@ -12,13 +12,15 @@ from typing import List
 
 import torch
 from detectron2.config import LazyConfig, instantiate
-from detectron2.engine import default_writers, hooks
+from detectron2.engine import hooks
 from detectron2.evaluation import inference_on_dataset, print_csv_format
 from detectron2.utils import comm
+from detectron2.utils.events import CommonMetricPrinter, TensorboardXWriter
 from omegaconf import OmegaConf
 
 from .checkpoint import OccupancyCheckpointer
 from .hooks import PeakMemoryHook, TrainingStateHook
+from .json_writer import MetricsJSONWriter
 from .trainer import OccupancyTrainer
 
 logger = logging.getLogger("voxelsplat")
@@ -128,6 +130,12 @@ def convert_sync_batchnorm(model: torch.nn.Module, enabled: bool) -> torch.nn.Mo
 def build_hooks(cfg, model, trainer, checkpointer) -> list:
     train = cfg.train
     extra = [instantiate(h) for h in train.get("extra_hooks", None) or []]
+    # detectron2's default_writers, with a metrics.json that a killed run leaves whole
+    writers = [
+        CommonMetricPrinter(train.max_iter),
+        MetricsJSONWriter(os.path.join(train.output_dir, "metrics.json")),
+        TensorboardXWriter(train.output_dir),
+    ] if comm.is_main_process() else None
     return [
         hooks.IterationTimer(),
         hooks.LRScheduler(scheduler=instantiate(cfg.lr_multiplier)),
@@ -136,8 +144,7 @@ def build_hooks(cfg, model, trainer, checkpointer) -> list:
         hooks.PeriodicCheckpointer(checkpointer, **train.checkpointer) if comm.is_main_process() else None,
         # eval_period 0: evaluate after the last iteration only; None: never (e.g. a pretraining)
         hooks.EvalHook(train.eval_period, lambda: do_test(cfg, model)) if train.eval_period is not None else None,
-        hooks.PeriodicWriter(default_writers(train.output_dir, train.max_iter), period=train.log_period)
-        if comm.is_main_process() else None,
+        hooks.PeriodicWriter(writers, period=train.log_period) if writers else None,
     ]
 
 

@@ -105,7 +105,7 @@ class OccupancyEvaluator(DatasetEvaluator):
         output_dir: Optional[str] = None,
         distributed: bool = True,
         compute_flow: Optional[bool] = None,
-        compute_miou: bool = False,
+        compute_miou: Optional[bool] = None,
         miou_mask: Optional[str] = None,
         export_submission: bool = False,
         submission_info: Optional[Dict[str, object]] = None,
@@ -131,7 +131,7 @@ class OccupancyEvaluator(DatasetEvaluator):
             compute_flow: report mAVE and OccScore (default: the ground truth has flow,
                 i.e. ``gt_format == "openocc_v2"``).
             compute_miou: also report the voxel mIoU (Occ3D's metric: confusion over the voxels
-                of ``miou_mask``, free excluded).
+                of ``miou_mask``, free excluded). Default: for label sets without flow (Occ3D).
             miou_mask: the sample field that selects the voxels of the mIoU:
                 ``occ_mask_camera`` (Occ3D), ``occ_mask_lidar`` or ``occ_visible`` (ray-visible
                 voxels of OpenOcc v2 labels that carry a ``visible`` mask, e.g. the synthetic
@@ -155,7 +155,7 @@ class OccupancyEvaluator(DatasetEvaluator):
             self._resolve_label_set()
         # else: the dataset is registered later (e.g. when the test loader is built) and the
         # label set is read from its metadata on first use
-        self.compute_miou = bool(compute_miou)
+        self._compute_miou = compute_miou
         if miou_mask not in (None, "occ_mask_camera", "occ_mask_lidar", "occ_visible"):
             raise KeyError(f"OccupancyEvaluator: unknown miou_mask {miou_mask!r}; expected 'occ_mask_camera', "
                            "'occ_mask_lidar' or 'occ_visible'")
@@ -226,6 +226,17 @@ class OccupancyEvaluator(DatasetEvaluator):
     def grid(self) -> OccupancyGrid:
         self._resolve_label_set()
         return self.spec.grid
+
+    @property
+    def compute_miou(self) -> bool:
+        if self._compute_miou is None:
+            self._resolve_label_set()
+            return not self.spec.has_flow
+        return bool(self._compute_miou)
+
+    @compute_miou.setter
+    def compute_miou(self, value: Optional[bool]) -> None:
+        self._compute_miou = value
 
     @property
     def compute_flow(self) -> bool:

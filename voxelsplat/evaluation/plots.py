@@ -10,12 +10,15 @@ Inputs are plain data, so the pictures can be redrawn from ``experiment.json``:
 """
 from __future__ import annotations
 
+import logging
 import math
 from typing import Dict, List, Mapping, Sequence, Tuple
 
 import numpy as np
 
-from voxelsplat.utils.io import atomic_write
+from voxelsplat.utils.io import atomic_write, read_json_lines
+
+logger = logging.getLogger(__name__)
 
 __all__ = ["curve_band", "plot_learning_curves", "plot_per_class", "plot_paired_differences", "read_eval_curves"]
 
@@ -156,17 +159,18 @@ def plot_paired_differences(comparisons: Mapping[str, Mapping[str, object]], pat
 
 def read_eval_curves(metrics_json: str, keys: Sequence[str]) -> Dict[str, List[Tuple[int, float]]]:
     """``{key: [(iteration, value), ...]}`` of the evaluations a training run wrote to its
-    ``metrics.json`` (lines with ``occupancy/<key>``)."""
-    import json
-
+    ``metrics.json`` (lines with ``occupancy/<key>``). A line cut by a killed run is skipped
+    (:func:`voxelsplat.utils.io.read_json_lines`) and an empty file gives empty curves, each with
+    a warning naming the file."""
     curves: Dict[str, List[Tuple[int, float]]] = {key: [] for key in keys}
-    with open(metrics_json) as f:
-        for line in f:
-            if not line.strip():
-                continue
-            record = json.loads(line)
-            for key in keys:
-                value = record.get(f"occupancy/{key}")
-                if value is not None:
-                    curves[key].append((int(record.get("iteration", 0)), float(value)))
+    records = read_json_lines(metrics_json)
+    if not records:
+        logger.warning("%s holds no records (a run stopped before its first log); no curves from it", metrics_json)
+    for record in records:
+        if not isinstance(record, dict):
+            continue
+        for key in keys:
+            value = record.get(f"occupancy/{key}")
+            if value is not None:
+                curves[key].append((int(record.get("iteration", 0)), float(value)))
     return curves

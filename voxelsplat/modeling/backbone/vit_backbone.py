@@ -395,7 +395,7 @@ def _read_state_dict(path: str, trust_checkpoint: bool = False) -> Dict[str, tor
         if not str(error).startswith("Weights only load failed"):
             raise RuntimeError(f"EVA02ViT: {path} is not a readable torch checkpoint: {error}") from error
         if not trust_checkpoint:
-            found = re.search(r"Unsupported global: GLOBAL (\S+)", str(error))
+            found = re.search(r"(?:Unsupported global: GLOBAL|unsupported GLOBAL) (\S+)", str(error))
             what = (f"holds Python objects besides tensors and plain containers ({found.group(1)})" if found
                     else "is not a plain weights file (torch.load(weights_only=True) refuses it)")
             raise RuntimeError(
