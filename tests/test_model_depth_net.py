@@ -213,7 +213,7 @@ def test_camera_parameter_vector_matches_release_formula():
     # our sample fields: intrinsics = img_aug @ K, cam2ego = bda @ sensor2ego
     intrinsics = img_aug @ raw_k
     cam2ego = bda[:, None] @ sensor2ego
-    vector = camera_parameter_vector(*(torch.from_numpy(a) for a in (intrinsics, img_aug, cam2ego, bda)), (256, 704))
+    vector = camera_parameter_vector(*(torch.from_numpy(a) for a in (intrinsics, img_aug, cam2ego, bda)))
     assert vector.shape == (b, n, CAMERA_PARAMETER_DIM) == (b, n, 27) and vector.dtype == torch.float64
     for i in range(b):
         for j in range(n):

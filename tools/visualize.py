@@ -97,8 +97,7 @@ def regularizer_pictures(model, cfg, class_names, num_views=3):
     loader = instantiate(cfg.dataloader.train)
     batch = next(iter(loader))
     with torch.no_grad():
-        levels, _ = model.extract_volume(batch)
-        head_outputs = model.head(levels, return_features=bool(getattr(regularizer, "needs_voxel_features", True)))
+        head_outputs, _ = model.head_outputs(batch, return_features=model.regularizer_needs_features)
         regularizer(batch, head_outputs, flow_loss_enabled=model.flow_loss_enabled)
     renders = regularizer.last_renders
     if not renders:

@@ -1,6 +1,7 @@
 """Evaluation: ray casting, RayIoU / mAVE / OccScore, Occ3D mIoU and the detectron2 evaluator.
 The floors (predictors that need no model) are scored by :mod:`voxelsplat.engine.floors`."""
 from .evaluator import OccupancyEvaluator
+from .submission import SubmissionSpool, write_submission
 from .ray_casting import (
     RAY_PRECISIONS,
     RayCastResult,
@@ -32,6 +33,8 @@ from .statistics import (
 )
 
 __all__ = [
+    "SubmissionSpool",
+    "write_submission",
     "OccupancyEvaluator",
     "SAMPLE_STATS_FILE",
     "GateResult",

@@ -1,5 +1,6 @@
 """``OccupancyEvaluator``: RayIoU / mAVE / OccScore (and Occ3D mIoU) as a detectron2
-``DatasetEvaluator``, with the OpenOcc challenge submission export.
+``DatasetEvaluator``; it also exports the OpenOcc challenge submission
+(:mod:`voxelsplat.evaluation.submission`).
 
 Per sample only small count arrays are kept (:class:`~voxelsplat.evaluation.ray_metrics.SampleStats`,
 about 1 KB), so memory stays flat over the 6019 validation samples; ``evaluate()`` gathers
@@ -28,26 +29,18 @@ others, which tell what the predicted flow adds:
 Floors that need no model at all (all free, the training class prior, the previous
 keyframe's ground truth) are in :mod:`voxelsplat.engine.floors`.
 
-Submission export (``export_submission=True``): for every sample token the predicted
-class (``pcd_cls``, uint8), depth (``pcd_dist``, float16, metres) and flow (``pcd_flow``,
-float16 (N, 2), m/s) of every ray, N = K origins x 14040 rays, origin-major then
-pitch-major - the format of the OpenOcc occupancy-and-flow challenge - in one gzip
-pickle ``<output_dir>/inference/submission.gz``. Rays are spooled to disk per sample
-while evaluating and streamed into the pickle at the end. With several processes the
-spool folder must be on a file system they all see.
+Submission export (``export_submission=True``): the rays cast for the metrics are spooled per
+sample and written to ``<output_dir>/inference/submission.gz`` at the end, in the challenge's
+format (see :mod:`voxelsplat.evaluation.submission`).
 """
 from __future__ import annotations
 
-import gzip
 import json
 import logging
 import math
 import os
-import pickle
-import shutil
-import tempfile
 from dataclasses import replace
-from typing import Dict, Iterator, List, Optional, Sequence, Tuple
+from typing import Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 import torch
@@ -57,6 +50,8 @@ from detectron2.utils import comm
 from voxelsplat.structures import OccupancyGrid, OccupancySpec
 from voxelsplat.utils.io import atomic_write
 
+from .submission import SubmissionSpool, write_submission
+from .submission import submission_info as make_submission_info
 from .ray_casting import RAY_PRECISIONS
 from .statistics import SAMPLE_STATS_FILE, sample_stats_to_arrays
 from .ray_metrics import (
@@ -79,8 +74,6 @@ RESULTS_FILE = "occupancy_results.json"
 # SAMPLE_STATS_FILE (per-frame ray counts) is written beside it, see statistics.py
 # Flow floors of a model's own predictions (see the module docstring), as named in the result keys.
 FLOW_FLOORS = ("zero_flow", "gt_occupancy")
-SUBMISSION_FILE = "submission.gz"
-SUBMISSION_INFO_KEYS = ("method", "team", "authors", "e-mail", "institution / company", "country / region")
 
 
 class OccupancyEvaluator(DatasetEvaluator):
@@ -163,12 +156,10 @@ class OccupancyEvaluator(DatasetEvaluator):
         self.output_dir = output_dir
         self.distributed = distributed
         self.export_submission = bool(export_submission)
-        unknown = sorted(set(submission_info or {}) - set(SUBMISSION_INFO_KEYS))
-        if unknown:
-            raise KeyError(f"OccupancyEvaluator: unknown submission_info keys {unknown}; expected "
-                           f"{list(SUBMISSION_INFO_KEYS)}")
-        self.submission_info = {key: "" for key in SUBMISSION_INFO_KEYS}
-        self.submission_info.update(submission_info or {})
+        try:
+            self.submission_info = make_submission_info(submission_info)
+        except KeyError as error:
+            raise KeyError(f"OccupancyEvaluator: {error.args[0]}") from None
         self.ray_directions = ray_directions
         if ray_precision not in RAY_PRECISIONS:
             raise ValueError(f"OccupancyEvaluator: unknown ray_precision {ray_precision!r}, expected one of "
@@ -249,8 +240,8 @@ class OccupancyEvaluator(DatasetEvaluator):
         self._stats: Dict[str, SampleStats] = {}
         # flow floor name -> sample token -> the sample's counts with that floor's flow
         self._flow_floor_stats: Dict[str, Dict[str, SampleStats]] = {name: {} for name in FLOW_FLOORS}
-        self._spooled: List[Tuple[str, str]] = []  # (token, file) of this process's submission parts
-        self._spool_dir: Optional[str] = None  # created on the first spooled sample
+        self._spool: Optional[SubmissionSpool] = None  # this process's submission parts, from the first sample
+        self._spooled: List[Tuple[str, str]] = []  # its (token, file) list
 
     def process(self, inputs: List[dict], outputs: List[dict]) -> None:
         for sample, output in zip(inputs, outputs):
@@ -302,7 +293,12 @@ class OccupancyEvaluator(DatasetEvaluator):
                                                                                token).items():
                             self._flow_floor_stats[name][token] = floor_stats
             if self.export_submission:
-                self._spool(token, rays)
+                if self._spool is None:
+                    if not self.output_dir:
+                        raise ValueError("OccupancyEvaluator: export_submission=True needs an output_dir")
+                    self._spool = SubmissionSpool(os.path.join(self.output_dir, "inference"), comm.get_rank())
+                    self._spooled = self._spool.parts
+                self._spool.add(token, rays.pred_class, rays.pred_depth, rays.pred_flow)
 
     def evaluate(self) -> Dict[str, Dict[str, float]]:
         stats, spooled, floor_stats = self._stats, self._spooled, self._flow_floor_stats
@@ -349,7 +345,7 @@ class OccupancyEvaluator(DatasetEvaluator):
                 _atomic_write(os.path.join(folder, SAMPLE_STATS_FILE),
                               lambda f: np.savez(f, **sample_stats_to_arrays(ordered)))
             if self.export_submission:
-                path = self._write_submission(folder, spooled)
+                path = write_submission(folder, spooled, self.submission_info)
                 logger.info("OccupancyEvaluator: challenge submission with %d samples written to %s",
                             len(spooled), path)
         return {"occupancy": results} if results else {}
@@ -430,39 +426,6 @@ class OccupancyEvaluator(DatasetEvaluator):
             self._warned_bda = True
         return origins.to(bda.device) @ linear.T + bda[:3, 3]
 
-    def _spool(self, token: str, rays) -> None:
-        """Write one sample's submission arrays to this process's spool folder."""
-        if self._spool_dir is None:
-            if not self.output_dir:
-                raise ValueError("OccupancyEvaluator: export_submission=True needs an output_dir")
-            parts = os.path.join(self.output_dir, "inference", ".submission_parts")
-            os.makedirs(parts, exist_ok=True)
-            self._spool_dir = tempfile.mkdtemp(prefix=f"rank{comm.get_rank()}-", dir=parts)
-        pcd_flow = rays.pred_flow if rays.pred_flow is not None else torch.zeros(rays.pred_class.numel(), 2)
-        arrays = dict(pcd_cls=rays.pred_class.cpu().numpy().astype(np.uint8),
-                      pcd_dist=rays.pred_depth.cpu().numpy().astype(np.float16),
-                      pcd_flow=pcd_flow.cpu().numpy().astype(np.float16))
-        path = os.path.join(self._spool_dir, f"{len(self._spooled):06d}.npz")
-        _atomic_write(path, lambda f: np.savez(f, **arrays))
-        self._spooled.append((token, path))
-
-    def _write_submission(self, folder: str, spooled: List[Tuple[str, str]]) -> str:
-        seen, unique = set(), []
-        for token, path in spooled:
-            if token not in seen:
-                seen.add(token)
-                unique.append((token, path))
-        submission = dict(self.submission_info, results=_StreamedDict(_load_parts(unique)))
-        path = os.path.join(folder, SUBMISSION_FILE)
-
-        def write(f):
-            with gzip.GzipFile(fileobj=f, mode="wb", compresslevel=6, mtime=0) as zipped:
-                pickle.dump(submission, zipped, protocol=pickle.HIGHEST_PROTOCOL)
-
-        _atomic_write(path, write)
-        shutil.rmtree(os.path.join(folder, ".submission_parts"), ignore_errors=True)
-        return path
-
 
 def _metadata_missing(dataset_name: str) -> List[str]:
     """The label-set / grid entries that ``dataset_name``'s ``MetadataCatalog`` entry lacks."""
@@ -470,23 +433,6 @@ def _metadata_missing(dataset_name: str) -> List[str]:
 
     meta = MetadataCatalog.get(dataset_name)
     return [k for k in ("thing_classes", "free_index", "point_cloud_range", "voxel_size") if not hasattr(meta, k)]
-
-
-def _load_parts(parts: List[Tuple[str, str]]) -> Iterator[Tuple[str, Dict[str, np.ndarray]]]:
-    for token, path in parts:
-        with np.load(path) as arrays:
-            yield token, {key: arrays[key] for key in ("pcd_cls", "pcd_dist", "pcd_flow")}
-
-
-class _StreamedDict:
-    """Pickles as a plain ``dict`` whose items are produced one at a time, so a submission
-    of thousands of samples never sits in memory whole."""
-
-    def __init__(self, items: Iterator[Tuple[str, dict]]):
-        self.items = items
-
-    def __reduce__(self):
-        return dict, (), None, None, self.items
 
 
 def _atomic_write(path: str, write) -> None:

@@ -349,7 +349,7 @@ class DepthAwareBackwardProjection(nn.Module):
         context: (B, N, C, h, w) image features (the depth net's context).
         depth_probs: (B, N, D, h, w).
         intrinsics: (B, N, 3, 3) of the augmented images; cam2ego: (B, N, 4, 4) camera ->
-        augmented ego; image_size: (H, W).
+        augmented ego; input_hw: (H, W) of the network input images.
     Returns:
         (B, C, X, Y, Z): ``volume`` plus the refined BEV features at every height.
     """
@@ -426,7 +426,7 @@ class DepthAwareBackwardProjection(nn.Module):
         return torch.stack([gx, gy, gz], dim=-1).reshape(y_size * x_size, pillar, 3)
 
     def project_reference_points(self, intrinsics: torch.Tensor, cam2ego: torch.Tensor,
-                                 image_size: Tuple[int, int]) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+                                 input_hw: Tuple[int, int]) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Anchors in every camera, computed in float64.
 
         Returns:
@@ -435,7 +435,7 @@ class DepthAwareBackwardProjection(nn.Module):
             visible (B, N, Q, P) bool: depth > 1e-5 and strictly inside the image by 1e-5 of its size.
         """
         b, n = intrinsics.shape[:2]
-        height, width = image_size
+        height, width = input_hw
         anchors = self.reference_points(intrinsics.device).reshape(1, 1, -1, 3)
         cam_points = transform_points(invert_transform(cam2ego.to(torch.float64)), anchors)  # (B, N, Q*P, 3)
         pixels = cam_points @ intrinsics.to(torch.float64).transpose(-1, -2)
@@ -450,7 +450,7 @@ class DepthAwareBackwardProjection(nn.Module):
         return normalized.view(*shape, 2), depth.view(shape), visible.view(shape)
 
     def forward(self, volume: torch.Tensor, context: torch.Tensor, depth_probs: torch.Tensor,
-                intrinsics: torch.Tensor, cam2ego: torch.Tensor, image_size: Tuple[int, int]) -> torch.Tensor:
+                intrinsics: torch.Tensor, cam2ego: torch.Tensor, input_hw: Tuple[int, int]) -> torch.Tensor:
         name = type(self).__name__
         b, c, x_size, y_size, _ = volume.shape
         if (x_size, y_size) != tuple(self.grid.shape[:2]) or c != self.embed_dims:
@@ -466,7 +466,7 @@ class DepthAwareBackwardProjection(nn.Module):
         bev = volume.mean(-1).transpose(2, 3).flatten(2).transpose(1, 2)  # (B, Y*X, C), query y * X + x
         query = bev + self.bev_embedding.weight.to(bev.dtype)
         pos = self.positional_encoding().to(bev.dtype)
-        reference_points, reference_depth, visible = self.project_reference_points(intrinsics, cam2ego, image_size)
+        reference_points, reference_depth, visible = self.project_reference_points(intrinsics, cam2ego, input_hw)
 
         query = self.norm1(self.self_attn(query, pos, self.bev_shape))
         query = self.norm2(self.cross_attn(query, pos, context, depth_probs, reference_points.to(query.dtype),

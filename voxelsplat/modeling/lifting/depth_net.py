@@ -10,7 +10,7 @@ pyramid (ASPP) and a 1x1 classifier over the bins.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Optional, Sequence, Tuple
+from typing import Sequence, Tuple
 
 import torch
 import torch.nn.functional as F
@@ -107,8 +107,8 @@ CAMERA_PARAMETER_NAMES = (
 CAMERA_PARAMETER_DIM = len(CAMERA_PARAMETER_NAMES)  # 27
 
 
-def camera_parameter_vector(intrinsics: torch.Tensor, img_aug: torch.Tensor, cam2ego: torch.Tensor, bda: torch.Tensor,
-                            image_size: Optional[Tuple[int, int]] = None) -> torch.Tensor:
+def camera_parameter_vector(intrinsics: torch.Tensor, img_aug: torch.Tensor, cam2ego: torch.Tensor,
+                            bda: torch.Tensor) -> torch.Tensor:
     """The camera description fed to the depth net, in the release's units and order
     (:data:`CAMERA_PARAMETER_NAMES`).
 
@@ -123,12 +123,9 @@ def camera_parameter_vector(intrinsics: torch.Tensor, img_aug: torch.Tensor, cam
         img_aug: (B, N, 3, 3) image-augmentation pixel transform (source -> augmented pixels).
         cam2ego: (B, N, 4, 4) camera (OpenCV) -> BEV-augmented ego (``bda @ cam2ego_raw``, metres).
         bda: (B, 4, 4) BEV augmentation acting on ego-frame points.
-        image_size: not used (kept so existing call sites work); the batch norm makes the
-            vector independent of the units.
     Returns:
         (B, N, CAMERA_PARAMETER_DIM) in the dtype of ``intrinsics`` (computed in float64).
     """
-    del image_size
     if intrinsics.dim() != 4 or intrinsics.shape[-2:] != (3, 3):
         raise ValueError(f"camera_parameter_vector: intrinsics must be (B, N, 3, 3), got {tuple(intrinsics.shape)}")
     b, n = intrinsics.shape[:2]

@@ -20,30 +20,30 @@ from .depth_net import DepthBins
 __all__ = ["frustum_points", "voxel_pooling", "VoxelPooling", "LSSForwardProjection"]
 
 
-def pixel_centers(feature_size: Tuple[int, int], image_size: Tuple[int, int], device=None, dtype=torch.float32):
+def pixel_centers(feature_size: Tuple[int, int], input_hw: Tuple[int, int], device=None, dtype=torch.float32):
     """Pixel coordinates (u, v) of the centres of an (h, w) feature map's cells in an
     (H, W) image (integer u = left edge of column u), as two (h, w) tensors."""
-    (h, w), (height, width) = feature_size, image_size
+    (h, w), (height, width) = feature_size, input_hw
     u = (torch.arange(w, device=device, dtype=dtype) + 0.5) * (width / w)
     v = (torch.arange(h, device=device, dtype=dtype) + 0.5) * (height / h)
     return u[None, :].expand(h, w), v[:, None].expand(h, w)
 
 
 def frustum_points(intrinsics: torch.Tensor, cam2ego: torch.Tensor, feature_size: Tuple[int, int],
-                   image_size: Tuple[int, int], bins: DepthBins) -> torch.Tensor:
+                   input_hw: Tuple[int, int], bins: DepthBins) -> torch.Tensor:
     """Ego-frame positions of the frustum points.
 
     Args:
         intrinsics: (B, N, 3, 3) intrinsics of the augmented images (``img_aug @ K``; any
             invertible 3x3 pixel map works, including rotations).
         cam2ego: (B, N, 4, 4) camera (OpenCV) -> augmented ego.
-        feature_size: (h, w) of the depth map; image_size: (H, W).
+        feature_size: (h, w) of the depth map; input_hw: (H, W) of the network input images.
     Returns:
         (B, N, D, h, w, 3) metres in the augmented ego frame, computed in float64 and
         returned in the dtype of ``cam2ego``.
     """
     dtype = torch.float64
-    u, v = pixel_centers(feature_size, image_size, device=intrinsics.device, dtype=dtype)
+    u, v = pixel_centers(feature_size, input_hw, device=intrinsics.device, dtype=dtype)
     pixels = torch.stack([u, v, torch.ones_like(u)], dim=-1)  # (h, w, 3)
     rays = torch.einsum("bnij,hwj->bnhwi", torch.linalg.inv(intrinsics.to(dtype)), pixels)  # z = 1
     depths = bins.starts(device=intrinsics.device, dtype=dtype)  # released: the frustum at the bin starts
@@ -111,7 +111,7 @@ class LSSForwardProjection(nn.Module):
 
     Forward:
         context: (B, N, C, h, w); depth_probs: (B, N, D, h, w) (softmax over D);
-        intrinsics: (B, N, 3, 3); cam2ego: (B, N, 4, 4); image_size: (H, W).
+        intrinsics: (B, N, 3, 3); cam2ego: (B, N, 4, 4); input_hw: (H, W) of the network input images.
     Returns:
         (B, C, X, Y, Z) volume indexed [x, y, z].
     """
@@ -128,7 +128,7 @@ class LSSForwardProjection(nn.Module):
         return self.grid.shape
 
     def point_indices(self, intrinsics: torch.Tensor, cam2ego: torch.Tensor, feature_size: Tuple[int, int],
-                      image_size: Tuple[int, int]):
+                      input_hw: Tuple[int, int]):
         """Index lists of the frustum points that fall inside the volume.
 
         Returns:
@@ -138,7 +138,7 @@ class LSSForwardProjection(nn.Module):
         """
         b, n = intrinsics.shape[:2]
         d, (h, w) = self.bins.num_bins, feature_size
-        points = frustum_points(intrinsics, cam2ego, feature_size, image_size, self.bins)
+        points = frustum_points(intrinsics, cam2ego, feature_size, input_hw, self.bins)
         lo = torch.as_tensor(self.grid.range_min, device=points.device, dtype=points.dtype)
         coords = torch.floor((points - lo) / self.grid.voxel_size).long()  # (B, N, D, h, w, 3)
         shape = torch.as_tensor(self.grid.shape, device=points.device)
@@ -157,12 +157,12 @@ class LSSForwardProjection(nn.Module):
         return pixel_index, depth_index, voxel_index
 
     def forward(self, context: torch.Tensor, depth_probs: torch.Tensor, intrinsics: torch.Tensor,
-                cam2ego: torch.Tensor, image_size: Tuple[int, int]) -> torch.Tensor:
+                cam2ego: torch.Tensor, input_hw: Tuple[int, int]) -> torch.Tensor:
         b, n, c, h, w = context.shape
         if depth_probs.shape != (b, n, self.bins.num_bins, h, w):
             raise ValueError(f"LSSForwardProjection: depth_probs {tuple(depth_probs.shape)} does not match context "
                              f"{tuple(context.shape)} with {self.bins.num_bins} depth bins")
-        pixel_index, depth_index, voxel_index = self.point_indices(intrinsics, cam2ego, (h, w), image_size)
+        pixel_index, depth_index, voxel_index = self.point_indices(intrinsics, cam2ego, (h, w), input_hw)
         x_size, y_size, z_size = self.grid.shape
         context_flat = context.permute(0, 1, 3, 4, 2).reshape(b * n * h * w, c)
         pooled = voxel_pooling(context_flat, depth_probs.reshape(-1).to(context.dtype), pixel_index, depth_index,

@@ -220,7 +220,7 @@ class OccupancyFlowModel(nn.Module):
         geometry = self._geometry(batched_inputs)
         features = self.neck(self.backbone(images.flatten(0, 1)))
         camera_params = camera_parameter_vector(geometry["intrinsics"], geometry["img_aug"], geometry["cam2ego"],
-                                                geometry["bda"], (height, width))
+                                                geometry["bda"])
         depth_logits, context = self.depth_net(features, camera_params.flatten(0, 1))
         return depth_logits, context, geometry, (height, width)
 
@@ -263,14 +263,23 @@ class OccupancyFlowModel(nn.Module):
                 raise RuntimeError("OccupancyFlowModel: a depth_only model (depth pretraining) predicts no "
                                    "occupancy; evaluate the model that starts from its weights")
             return {"loss_depth": self.depth_loss(batched_inputs, self.extract_depth(batched_inputs)[0])}
-        levels, depth_logits = self.extract_volume(batched_inputs)
         # Full-resolution features are only needed by a training-time regularizer that asks for them.
-        needs_features = self.training and self.regularizer is not None \
-            and bool(getattr(self.regularizer, "needs_voxel_features", True))
-        head_outputs = self.head(levels, return_features=needs_features)
+        head_outputs, depth_logits = self.head_outputs(batched_inputs,
+                                                       self.training and self.regularizer_needs_features)
         if not self.training:
             return self.postprocess(head_outputs)
         return self.losses(batched_inputs, head_outputs, depth_logits)
+
+    @property
+    def regularizer_needs_features(self) -> bool:
+        """Whether the regularizer reads ``voxel_features`` from the head outputs."""
+        return self.regularizer is not None and bool(getattr(self.regularizer, "needs_voxel_features", True))
+
+    def head_outputs(self, batched_inputs: List[dict], return_features: bool = False):
+        """(the head's outputs, the depth logits) of a batch, in the current mode; with the
+        full-resolution ``voxel_features`` when ``return_features``."""
+        levels, depth_logits = self.extract_volume(batched_inputs)
+        return self.head(levels, return_features=return_features), depth_logits
 
     def losses(self, batched_inputs: List[dict], head_outputs: Dict[str, torch.Tensor],
                depth_logits: torch.Tensor) -> Dict[str, torch.Tensor]:

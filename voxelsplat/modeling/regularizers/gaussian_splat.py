@@ -63,7 +63,7 @@ The latest renders of a few views (detached, on CPU) stay in :attr:`last_renders
 from __future__ import annotations
 
 import math
-from typing import Dict, List, Optional, Sequence, Tuple
+from typing import Dict, List, Optional, Tuple
 
 import torch
 import torch.nn.functional as F
