@@ -147,7 +147,7 @@ class OccupancyCheckpointer(DetectionCheckpointer):
             if not str(exc).startswith("Weights only load failed"):
                 raise RuntimeError(f"checkpoint {filename} is not a readable torch checkpoint: {exc}") from exc
             if not self.trust_checkpoint:
-                found = re.search(r"Unsupported global: GLOBAL (\S+)", str(exc))
+                found = re.search(r"(?:Unsupported global: GLOBAL|unsupported GLOBAL) (\S+)", str(exc))
                 raise self._refuse(filename, "holds Python objects besides tensors and plain containers"
                                    + (f" ({found.group(1)})" if found else "")) from None
         except Exception as exc:  # zip reader errors, EOF, garbage bytes

@@ -130,12 +130,14 @@ def convert_sync_batchnorm(model: torch.nn.Module, enabled: bool) -> torch.nn.Mo
 def build_hooks(cfg, model, trainer, checkpointer) -> list:
     train = cfg.train
     extra = [instantiate(h) for h in train.get("extra_hooks", None) or []]
-    # detectron2's default_writers, with a metrics.json that a killed run leaves whole
-    writers = [
-        CommonMetricPrinter(train.max_iter),
-        MetricsJSONWriter(os.path.join(train.output_dir, "metrics.json")),
-        TensorboardXWriter(train.output_dir),
-    ] if comm.is_main_process() else None
+    writers = None
+    if comm.is_main_process():  # detectron2's default_writers, with a metrics.json a killed run leaves whole
+        os.makedirs(train.output_dir, exist_ok=True)
+        writers = [
+            CommonMetricPrinter(train.max_iter),
+            MetricsJSONWriter(os.path.join(train.output_dir, "metrics.json")),
+            TensorboardXWriter(train.output_dir),
+        ]
     return [
         hooks.IterationTimer(),
         hooks.LRScheduler(scheduler=instantiate(cfg.lr_multiplier)),

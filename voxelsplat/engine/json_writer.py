@@ -43,7 +43,8 @@ class MetricsJSONWriter(JSONWriter):
             to_save[iteration][name] = value
         if not to_save:
             return
-        append_json_lines(self.json_file, [dict(scalars, iteration=iteration) for iteration, scalars in to_save.items()])
+        records = [dict(scalars, iteration=iteration) for iteration, scalars in to_save.items()]
+        append_json_lines(self.json_file, records)
         self._last_write = max(to_save)
 
     def close(self) -> None:
