@@ -264,3 +264,15 @@ def test_evaluator_takes_the_spec_and_derives_its_metrics_from_it():
     assert OccupancyEvaluator(distributed=False, compute_miou=True).compute_miou
     with pytest.raises(ValueError, match="OccupancyEvaluator: .*free_index 30 outside"):
         OccupancyEvaluator(distributed=False, free_index=30)
+
+
+def test_decoded_regularizer_with_other_feature_channels_than_the_head_is_refused_at_build():
+    from detectron2.config import instantiate
+
+    cfg = _config("synthetic/voxelsplat_tiny.py", "model.regularizer.mode=decoded",
+                  "+model.regularizer.feature_channels=64")
+    with pytest.raises(ValueError, match=r"from 64 voxel-feature channels .* have 16"):
+        instantiate(cfg.model)
+    cfg = _config("synthetic/voxelsplat_tiny.py", "model.regularizer.mode=decoded",
+                  "+model.regularizer.feature_channels=${..head.mid_channels}")
+    assert instantiate(cfg.model).regularizer.decoder.feature_channels == 16

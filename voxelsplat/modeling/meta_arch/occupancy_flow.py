@@ -99,6 +99,12 @@ class OccupancyFlowModel(nn.Module):
         if tuple(getattr(self.head, "output_shape", spec.grid.shape)) != tuple(spec.grid.shape):
             raise ValueError(f"OccupancyFlowModel: the head predicts on a {self.head.output_shape} grid, the spec is "
                              f"{spec.describe()}")
+        decoder = getattr(self.regularizer, "decoder", None)
+        head_features = getattr(self.head, "feature_channels", None)
+        if decoder is not None and head_features is not None and decoder.feature_channels != head_features:
+            raise ValueError(f"OccupancyFlowModel: the regularizer decodes Gaussians from {decoder.feature_channels} "
+                             f"voxel-feature channels (regularizer.feature_channels) but the head's voxel features "
+                             f"have {head_features} (head.feature_channels = its mid_channels)")
         self._checked_batch = False
         if input_channel_order not in ("bgr", "rgb"):
             raise ValueError(f"OccupancyFlowModel: input_channel_order must be 'bgr' or 'rgb', got "

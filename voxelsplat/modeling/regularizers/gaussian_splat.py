@@ -95,6 +95,7 @@ class _GaussianDecoder(nn.Module):
         if not 0 < low < high or not low < initial_scale < high:
             raise ValueError(f"GaussianSplatRegularizer: need 0 < scale_range[0] < scale ({initial_scale}) < "
                              f"scale_range[1], got scale_range={scale_range}")
+        self.feature_channels = int(feature_channels)
         self.mlp = nn.Sequential(nn.Linear(feature_channels, hidden_channels), nn.ReLU(inplace=True),
                                  nn.Linear(hidden_channels, 3 + 3 + 4 + 1))
         nn.init.zeros_(self.mlp[-1].weight)
