@@ -24,6 +24,7 @@ from voxelsplat.engine.convert_checkpoint import (
 )
 from voxelsplat.modeling.backbone import TimmBackbone
 from voxelsplat.modeling.heads import OccFlowHead
+from voxelsplat.structures import DEFAULT_GRID
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -214,7 +215,8 @@ def release_head(voxelsplat=False):
     keys.update(_bn(p + "deblock.1", mid))
     if voxelsplat:  # VC:251-264 GaussianHead: buffers only (GH:33-35, 85-86; OPS:188-194 gives (X, Y, Z, 3))
         g = p + "gaussian_render."
-        keys.update({g + "query_points": (200, 200, 16, 3), g + "normalized_points": (200, 200, 16, 3),
+        points = (*DEFAULT_GRID.shape, 3)  # the release's GT grid
+        keys.update({g + "query_points": points, g + "normalized_points": points,
                      g + "feat2gau.opacity": (1, 1), g + "feat2gau.rotation": (1, 4), g + "feat2gau.scaling": (1, 3)})
     return keys
 

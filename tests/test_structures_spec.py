@@ -234,13 +234,14 @@ def test_no_label_set_or_grid_literal_outside_the_spec_module():
                          r"flow_classes ?= ?(list\()?range\(8\)|voxel_size ?= ?0\.4\b)")
     allowed = {PACKAGE / "structures" / "occupancy.py"}
     hits = []
-    for folder in ("voxelsplat", "configs", "tools"):
+    allowed.add(Path(__file__).resolve())
+    for folder in ("voxelsplat", "configs", "tools", "tests"):
         for path in (ROOT / folder).rglob("*.py"):
             if path in allowed or "model_zoo/configs" in str(path):
                 continue
             for number, line in enumerate(path.read_text().splitlines(), 1):
                 code = line.split("#", 1)[0]
-                if pattern.search(code):
+                if pattern.search(code) and "point_cloud_range" not in code:  # a made-up grid of its own is fine
                     hits.append(f"{path.relative_to(ROOT)}:{number}: {line.strip()}")
     assert not hits, hits
 

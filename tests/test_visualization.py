@@ -86,7 +86,8 @@ def test_flow_arrows_point_where_the_voxels_move_on_the_map():
     base = upscale(bev_flow(semantics, flow, free), 4)
     assert base.shape == (4 * X, 4 * Y, 3)
     assert tuple(base[4 * (X - 1 - 3) + 1, 4 * (Y - 1 - 3) + 1]) == (170, 170, 170)  # still: grey
-    arrows = draw_flow_arrows(base, bev_flow_columns(semantics, flow, free), voxel_size=0.4, scale=4, step=3)
+    arrows = draw_flow_arrows(base, bev_flow_columns(semantics, flow, free), voxel_size=OccupancyGrid().voxel_size,
+                              scale=4, step=3)
     changed = np.argwhere(np.any(arrows != base, axis=-1))
     assert len(changed) > 0
     # the arrow starts in the moving block's columns and extends upwards (to smaller rows)
