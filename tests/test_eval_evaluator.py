@@ -5,12 +5,14 @@ import json
 import math
 import os
 import pickle
+import re
 
 import numpy as np
 import pytest
 import torch
 
-from voxelsplat.structures import DEFAULT_GRID, OPENOCC_V2_CLASSES, occupancy_metadata
+from voxelsplat import testing
+from voxelsplat.structures import OccupancySpec, occupancy_metadata
 from voxelsplat.evaluation import (
     OccupancyEvaluator,
     cast_sample_rays,
@@ -20,37 +22,38 @@ from voxelsplat.evaluation import (
 )
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-FREE = OPENOCC_V2_CLASSES.index("free")
+SPEC = OccupancySpec.for_label_set("openocc_v2")
+FREE = SPEC.free_index
+NUM_KEYFRAMES = 40  # keyframes per scene (about 20 s at 2 Hz, as in nuScenes)
 FEW_RAYS = lidar_ray_directions(num_azimuths=24)  # 39 x 24 rays: the pattern's pitches, fewer azimuths
 
 
 def make_sample(seed, *, with_gt=True, num_origins=None):
-    """A mapped sample (voxelsplat.structures.sample_fields) on the benchmark grid and a model output
-    that gets most of it right: ground, blocks, flows, origins, camera mask."""
+    """A mapped sample (voxelsplat.testing: a street with moving vehicles, seen from a random
+    keyframe of its scene) with its camera mask, and a model output that gets most of it right:
+    5% of the voxels relabelled at random, the grid shifted by up to 3 voxels along x, noisy flow."""
     rng = np.random.default_rng(seed)
-    X, Y, Z = DEFAULT_GRID.shape
-    sem = np.full((X, Y, Z), FREE, np.int64)
-    sem[:, :, :2] = rng.choice([10, 12, 13])
-    for _ in range(30):
-        x0, y0 = rng.integers(0, X - 12, size=2)
-        sem[x0:x0 + rng.integers(2, 12), y0:y0 + rng.integers(2, 12), 2:2 + rng.integers(2, 10)] = rng.integers(0, 16)
-    flow = np.zeros((X, Y, Z, 2), np.float32)
-    flow[sem < 8] = rng.normal(0, 2, size=(int((sem < 8).sum()), 2))
+    num_origins = int(rng.integers(1, 9)) if num_origins is None else num_origins
+    sample = testing.make_sample(SPEC, seed, sample_token=f"token{seed:04d}", scene_token="scene0",
+                                 frame_index=int(rng.integers(0, NUM_KEYFRAMES)), num_keyframes=NUM_KEYFRAMES,
+                                 num_lidar_origins=num_origins, with_camera_mask=True, image_size=(88, 32),
+                                 lidar_points=0)
+    sem, flow = sample["occ_semantics"].numpy(), sample["occ_flow"].numpy()
     pred = sem.copy()
     flip = rng.random(sem.shape) < 0.05
-    pred[flip] = rng.integers(0, 17, size=int(flip.sum()))
+    pred[flip] = rng.integers(0, SPEC.num_classes, size=int(flip.sum()))
     pred = np.roll(pred, int(rng.integers(-3, 4)), axis=0)
     pred_flow = flow + rng.normal(0, 0.3, size=flow.shape).astype(np.float32)
-    num_origins = int(rng.integers(1, 9)) if num_origins is None else num_origins
-    origins = np.stack([rng.uniform(-30, 30, num_origins), rng.uniform(-30, 30, num_origins),
-                        np.full(num_origins, 1.84)], 1).astype(np.float32)
-    sample = {"sample_token": f"token{seed:04d}", "lidar_origins": torch.from_numpy(origins),
-              "bda": torch.eye(4), "scene_token": "scene0", "timestamp": seed}
-    if with_gt:
-        sample.update(occ_semantics=torch.from_numpy(sem), occ_flow=torch.from_numpy(flow),
-                      occ_mask_camera=torch.from_numpy(rng.random(sem.shape) < 0.7))
+    if not with_gt:  # a test-split sample: no labels
+        for key in ("occ_semantics", "occ_flow", "occ_mask_camera"):
+            del sample[key]
     output = {"occ": torch.from_numpy(pred), "flow": torch.from_numpy(pred_flow)}
     return sample, output
+
+
+def seed_of(sample):
+    """The seed make_sample drew ``sample`` from (its token's number)."""
+    return int(sample["sample_token"][len("token"):])
 
 
 def reference_results(samples, outputs, ray_directions=None):
@@ -190,16 +193,16 @@ def test_submission_holds_every_ray_of_every_sample(tmp_path):
     assert sorted(submission["results"]) == ["token0021", "token0022"]
     for sample, output in ((with_gt, output_a), (without_gt, output_b)):
         arrays = submission["results"][sample["sample_token"]]
-        num_rays = len(sample["lidar_origins"]) * 14040
+        num_rays = len(sample["lidar_origins"]) * len(lidar_ray_directions())
         assert arrays["pcd_cls"].dtype == np.uint8 and arrays["pcd_cls"].shape == (num_rays,)
         assert arrays["pcd_dist"].dtype == np.float16 and arrays["pcd_dist"].shape == (num_rays,)
         assert arrays["pcd_flow"].dtype == np.float16 and arrays["pcd_flow"].shape == (num_rays, 2)
-        rays = cast_sample_rays(output["occ"], sample["lidar_origins"], pred_flow=output["flow"], num_classes=len(OPENOCC_V2_CLASSES),
-                                free_index=FREE)
+        rays = cast_sample_rays(output["occ"], sample["lidar_origins"], pred_flow=output["flow"],
+                                num_classes=SPEC.num_classes, free_index=FREE)
         np.testing.assert_array_equal(arrays["pcd_cls"], rays.pred_class.numpy())
         np.testing.assert_array_equal(arrays["pcd_dist"], rays.pred_depth.numpy().astype(np.float16))
         np.testing.assert_array_equal(arrays["pcd_flow"], rays.pred_flow.numpy().astype(np.float16))
-        assert 0 < arrays["pcd_dist"].max() < 120 and np.isin(arrays["pcd_cls"], np.arange(17)).all()
+        assert 0 < arrays["pcd_dist"].max() < 120 and np.isin(arrays["pcd_cls"], np.arange(SPEC.num_classes)).all()
     leftovers = [p for p in os.listdir(tmp_path / "inference")
                  if p not in ("submission.gz", "occupancy_results.json", "occupancy_sample_stats.npz")]
     assert leftovers == []
@@ -237,7 +240,7 @@ def test_bad_samples_and_outputs_are_named():
         evaluator.process([sample], [{"occ": output["occ"]}])
     with pytest.raises(KeyError, match="sample token0041 has no 'occ_flow'"):
         evaluator.process([{k: v for k, v in sample.items() if k != "occ_flow"}], [output])
-    with pytest.raises(ValueError, match=r"sample token0041: prediction has shape \(200, 200\)"):
+    with pytest.raises(ValueError, match=re.escape(f"sample token0041: prediction has shape {SPEC.grid.shape[:2]}")):
         evaluator.process([sample], [dict(output, occ=output["occ"][..., 0])])
     with pytest.raises(ValueError, match="sample token0041: predicted flow has .* non-finite"):
         evaluator.process([sample], [dict(output, flow=output["flow"] * float("nan"))])
@@ -268,8 +271,8 @@ def test_evaluator_from_the_data_config_without_a_dataset_on_disk(config):
         entries = {k: v for k, v in occupancy_metadata("openocc_v2").items() if k != "class_names"}
         MetadataCatalog.get(name).set(**entries)
     try:
-        assert evaluator.class_names == list(OPENOCC_V2_CLASSES) and evaluator.free_index == FREE
-        assert evaluator.grid == DEFAULT_GRID and evaluator.compute_flow
+        assert evaluator.class_names == list(SPEC.class_names) and evaluator.free_index == FREE
+        assert evaluator.grid == SPEC.grid and evaluator.compute_flow
     finally:
         if not registered:
             MetadataCatalog.remove(name)
@@ -283,7 +286,7 @@ class _NoisyModel(torch.nn.Module):
         self.weight = torch.nn.Parameter(torch.zeros(1))
 
     def forward(self, batched_inputs):
-        return [make_sample(int(sample["timestamp"]))[1] for sample in batched_inputs]
+        return [make_sample(seed_of(sample))[1] for sample in batched_inputs]
 
 
 def _test_batches(seeds):
@@ -317,7 +320,7 @@ def test_miou_over_another_voxel_mask():
     samples, outputs = [p[0] for p in pairs], [p[1] for p in pairs]
     rng = np.random.default_rng(7)
     for sample in samples:
-        sample["occ_visible"] = torch.from_numpy(rng.random(DEFAULT_GRID.shape) < 0.3)
+        sample["occ_visible"] = torch.from_numpy(rng.random(SPEC.grid.shape) < 0.3)
     evaluator = OccupancyEvaluator(compute_miou=True, miou_mask="occ_visible", distributed=False,
                                    ray_directions=FEW_RAYS)
     evaluator.reset()

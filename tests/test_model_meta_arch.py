@@ -1,7 +1,6 @@
 """OccupancyFlowModel end to end on samples built to the mapper contract
 (voxelsplat/structures/sample_fields.py): eval outputs, the regularizer call site, and the
 tiny synthetic config learning."""
-import math
 from pathlib import Path
 
 import numpy as np
@@ -9,57 +8,19 @@ import pytest
 import torch
 from detectron2.config import LazyConfig, instantiate
 
-from voxelsplat.structures import occupancy_metadata
-from voxelsplat.structures.sample_fields import check_sample
+from voxelsplat import testing
+from voxelsplat.structures import OccupancySpec
 
 ROOT = Path(__file__).resolve().parents[1]
-META = occupancy_metadata("openocc_v2")
+SPEC = OccupancySpec.for_label_set("openocc_v2")
+META = SPEC.metadata()
+IMAGE_SIZE = (176, 64)  # (W, H) of the synthetic dataset's cameras (tests/conftest.py)
 
 
-def _camera_rig(num_cams, height, width):
-    focal = width / (2 * math.tan(math.radians(35.0)))
-    intrinsics = torch.tensor([[focal, 0, width / 2], [0, focal, height / 2], [0, 0, 1]]).repeat(num_cams, 1, 1)
-    cam2ego = torch.zeros(num_cams, 4, 4)
-    for n in range(num_cams):
-        yaw = 2 * math.pi * n / num_cams
-        forward = torch.tensor([math.cos(yaw), math.sin(yaw), 0.0])
-        right = torch.tensor([math.sin(yaw), -math.cos(yaw), 0.0])
-        down = torch.tensor([0.0, 0.0, -1.0])
-        cam2ego[n, :3, :3] = torch.stack([right, down, forward], dim=1)
-        cam2ego[n, :3, 3] = torch.tensor([0.5 * math.cos(yaw), 0.5 * math.sin(yaw), 1.6])
-        cam2ego[n, 3, 3] = 1.0
-    return intrinsics, cam2ego
-
-
-def make_sample(seed, height, width, frame=0, num_cams=6):
-    """One mapped sample: a road, a few moving cars, free space above; random images and
-    sparse LiDAR depth."""
-    gen = torch.Generator().manual_seed(seed)
-    x_size, y_size, z_size = META["grid_shape"]
-    names = META["class_names"]
-    semantics = torch.full((x_size, y_size, z_size), META["free_index"], dtype=torch.int64)
-    semantics[:, :, :3] = names.index("driveable_surface")
-    flow = torch.zeros(x_size, y_size, z_size, 2)
-    for _ in range(5):
-        cx, cy = torch.randint(20, x_size - 20, (2,), generator=gen).tolist()
-        semantics[cx - 6:cx + 6, cy - 3:cy + 3, 3:7] = names.index("car")
-        flow[cx - 6:cx + 6, cy - 3:cy + 3, 3:7] = torch.tensor([4.0, -1.0])
-    intrinsics, cam2ego = _camera_rig(num_cams, height, width)
-    ego2global = torch.eye(4, dtype=torch.float64)
-    ego2global[:2, 3] = torch.tensor([600.0 + 2.0 * frame, 1200.0], dtype=torch.float64)
-    lidar_hit = torch.rand(num_cams, height, width, generator=gen) < 0.05
-    sample = {
-        "img": torch.randint(0, 256, (num_cams, 3, height, width), generator=gen, dtype=torch.uint8),
-        "intrinsics": intrinsics, "cam2ego": cam2ego, "ego2global": ego2global,
-        "img_aug": torch.eye(3).repeat(num_cams, 1, 1), "bda": torch.eye(4),
-        "lidar_depth": torch.rand(num_cams, height, width, generator=gen) * 45.0 * lidar_hit,
-        "occ_semantics": semantics, "occ_flow": flow, "gt_format": "openocc_v2",
-        "sample_token": f"sample{seed}", "scene_token": "scene", "timestamp": 1_000_000 + 500_000 * frame,
-        "frame_index": frame, "sequence_start": frame == 0, "prev_sample_token": "" if frame == 0 else f"sample{seed - 1}",
-        "lidar_origins": torch.zeros(1, 3),
-    }
-    check_sample(sample)
-    return sample
+def make_sample(seed):
+    """A mapped sample (voxelsplat.testing) at the synthetic dataset's image size: a street
+    with moving cars (a flow class) on the spec's grid, random images, sparse LiDAR depth."""
+    return testing.make_sample(SPEC, seed, image_size=IMAGE_SIZE, vehicle_classes=("car",))
 
 
 def _tiny_config():
@@ -85,7 +46,7 @@ class RecordingRegularizer(torch.nn.Module):
 
 def test_eval_returns_gt_grid_predictions_with_flow_only_on_flow_classes(tiny_model):
     model = tiny_model.eval()
-    samples = [make_sample(1, 64, 176), make_sample(2, 64, 176)]
+    samples = [make_sample(1), make_sample(2)]
     with torch.no_grad():
         outputs = model(samples)
     assert len(outputs) == 2
@@ -111,7 +72,7 @@ def test_eval_returns_gt_grid_predictions_with_flow_only_on_flow_classes(tiny_mo
 
 def test_regularizer_is_training_only_and_sees_head_outputs(tiny_model):
     model = tiny_model
-    sample = make_sample(4, 64, 176)  # sequence_start: the temporal state is reset on each call
+    sample = make_sample(4)  # sequence_start: the temporal state is reset on each call
     model.eval()
     with torch.no_grad():
         without = model([sample])[0]
@@ -145,7 +106,7 @@ def test_regularizer_is_training_only_and_sees_head_outputs(tiny_model):
 
 def test_missing_or_non_finite_inputs_name_the_sample(tiny_model):
     model = tiny_model.eval()
-    sample = make_sample(5, 64, 176)
+    sample = make_sample(5)
     broken = dict(sample, cam2ego=sample["cam2ego"].clone())
     broken["cam2ego"][0, 0, 0] = float("nan")
     with pytest.raises(ValueError, match="cam2ego.*sample5"):

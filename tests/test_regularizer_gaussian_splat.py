@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 import torch
 
+from voxelsplat import testing
 from voxelsplat.structures import OccupancyGrid, OccupancySpec, occupancy_metadata
 from voxelsplat.data.render_views import adjacent_render_views
 from voxelsplat.modeling.regularizers import GaussianSplatRegularizer
@@ -19,6 +20,10 @@ CLASSES = META["class_names"]
 FREE = META["free_index"]
 # A small grid (same conventions, fewer voxels) keeps the learning tests fast.
 SMALL_GRID = OccupancyGrid((-12.0, -12.0, -1.0, 12.0, 12.0, 2.2), 0.4)
+SMALL_SPEC = OccupancySpec.for_label_set("openocc_v2", SMALL_GRID)
+# Render cameras of the street samples: a ring at the ego origin, 1.2 m up, 80 degree field of view.
+RING = dict(mount_radius=0.0, mount_height=1.2, horizontal_fov_deg=80.0)
+RING_IMAGE_SIZE = (64, 40)
 
 # nuScenes calibration of CAM_FRONT and CAM_BACK (scene-0061), 1600x900 images.
 NUSCENES_CAMERAS = {
@@ -67,45 +72,27 @@ def mapper_views(bda=np.eye(4), frame_offsets=(0,), render_scale=0.0625):
                 render_time_offsets=torch.from_numpy(views["render_time_offsets"]).float())
 
 
-def street_sample(seed, grid=SMALL_GRID, num_gaussians=600, views=None, classes=("car", "driveable_surface", "manmade")):
-    """GT grid with a road, a wall and moving cars; Gaussians sampled among all voxels."""
-    g = torch.Generator().manual_seed(seed)
-    x, y, z = grid.shape
-    semantics = torch.full((x, y, z), FREE, dtype=torch.int64)
-    flow = torch.zeros(x, y, z, 2)
-    semantics[:, :, 0] = CLASSES.index(classes[1 % len(classes)])
-    semantics[:, -4:, :6] = CLASSES.index(classes[2 % len(classes)])
-    for _ in range(4):
-        cx, cy = torch.randint(8, x - 8, (1,), generator=g).item(), torch.randint(8, y - 8, (1,), generator=g).item()
-        semantics[cx - 5:cx + 5, cy - 2:cy + 2, 1:5] = CLASSES.index(classes[0])
-        flow[cx - 5:cx + 5, cy - 2:cy + 2, 1:5] = torch.tensor([6.0, -1.5])
-    occupied = (semantics != FREE).nonzero()
-    free = (semantics == FREE).nonzero()
-    pick_occ = occupied[torch.randperm(len(occupied), generator=g)[: num_gaussians * 2 // 3]]
-    pick_free = free[torch.randperm(len(free), generator=g)[: num_gaussians - len(pick_occ)]]
-    sample = dict(sample_token=f"street{seed}", occ_semantics=semantics, occ_flow=flow,
-                  gaussian_voxel_indices=torch.cat([pick_occ, pick_free]))
-    sample.update(views if views is not None else ring_views(4, dt=(0.0, 0.5, -0.5, 0.5)))
+def street_sample(seed, dt=(0.0, 0.5, -0.5, 0.5), num_gaussians=600, classes=None):
+    """A mapped training sample (voxelsplat.testing) on SMALL_GRID: a street with 4 moving cars,
+    Gaussians sampled among all voxels (2/3 occupied), render views = the ring's ``len(dt)``
+    cameras (RING) at full scale with time offsets ``dt`` (s). ``classes``: one class name for
+    every occupied voxel."""
+    one_class = {} if classes is None else dict(ground_classes=classes, structure_classes=classes)
+    sample = testing.make_sample(SMALL_SPEC, seed, sample_token=f"street{seed}", image_size=RING_IMAGE_SIZE,
+                                 num_cameras=len(dt), camera_options=RING, with_regularizer=True,
+                                 num_gaussians=num_gaussians, render_scale=1.0, num_vehicles=4,
+                                 vehicle_classes=classes or ("car",), **one_class)
+    sample["render_time_offsets"] = torch.tensor(dt, dtype=torch.float32)
     return sample
 
 
-def ring_views(num_views, dt, width=64, height=40):
-    """Cameras at the ego origin looking outwards (yaw steps of 360/num_views), OpenCV frames."""
-    viewmats, Ks = [], []
-    focal = width / (2 * math.tan(math.radians(40.0)))
-    for v in range(num_views):
-        yaw = 2 * math.pi * v / num_views
-        forward = torch.tensor([math.cos(yaw), math.sin(yaw), 0.0])
-        right = torch.tensor([math.sin(yaw), -math.cos(yaw), 0.0])
-        rotation = torch.stack([right, torch.tensor([0.0, 0.0, -1.0]), forward])
-        viewmat = torch.eye(4)
-        viewmat[:3, :3] = rotation
-        viewmat[:3, 3] = -rotation @ torch.tensor([0.0, 0.0, 1.2])
-        viewmats.append(viewmat)
-        Ks.append(torch.tensor([[focal, 0, width / 2], [0, focal, height / 2], [0, 0, 1]]))
-    return dict(render_viewmats=torch.stack(viewmats), render_intrinsics=torch.stack(Ks),
-                render_image_size=(width, height), render_frame_offsets=torch.zeros(num_views, dtype=torch.int64),
-                render_time_offsets=torch.tensor(dt, dtype=torch.float32))
+def ring_views(num_views, dt, width=RING_IMAGE_SIZE[0], height=RING_IMAGE_SIZE[1]):
+    """Render fields of the RING of ``num_views`` cameras (camera 0 along +x) at full scale,
+    with view time offsets ``dt`` (s)."""
+    rig = testing.camera_ring(num_views, (width, height), **RING)
+    views = testing.render_views(rig["intrinsics"], rig["cam2ego"], (width, height))
+    views["render_time_offsets"] = torch.tensor(dt, dtype=torch.float32)
+    return views
 
 
 def matching_head_outputs(sample, grid=SMALL_GRID, magnitude=25.0):
@@ -275,7 +262,7 @@ def _direct_losses(pred, gt, depth_scale=1.0):
 def test_losses_match_a_direct_computation_on_the_renders():
     """Released formulas against a per-pixel loop over the renders (one view, dt = 0 so both
     states render alike and the pooled value equals one state's)."""
-    sample = street_sample(1, views=ring_views(1, dt=(0.0,)))
+    sample = street_sample(1, dt=(0.0,))
     g = torch.Generator().manual_seed(0)
     head = {"occ_logits": torch.randn(1, len(CLASSES), *SMALL_GRID.shape, generator=g) * 2,
             "flow": torch.randn(1, 2, *SMALL_GRID.shape, generator=g)}
@@ -300,8 +287,7 @@ def test_losses_match_a_direct_computation_on_the_renders():
 def test_losses_pool_pixels_over_samples_and_states():
     """One division per batch: sum of numerators / sum of denominators over both samples and
     both states (the released code concatenates every render before reducing)."""
-    views = ring_views(2, dt=(0.5, -0.5))
-    samples = [street_sample(seed, views=views, num_gaussians=300) for seed in (5, 6)]
+    samples = [street_sample(seed, dt=(0.5, -0.5), num_gaussians=300) for seed in (5, 6)]
     g = torch.Generator().manual_seed(1)
     head = {"occ_logits": torch.randn(2, len(CLASSES), *SMALL_GRID.shape, generator=g) * 2,
             "flow": torch.randn(2, 2, *SMALL_GRID.shape, generator=g)}
@@ -376,7 +362,7 @@ def test_depth_loss_grows_with_the_opacity_of_a_gaussian_where_the_gt_is_empty()
 def test_alpha_normalised_and_detached_flow_options():
     """normalize_by_alpha compares D / alpha and F / alpha on pixels both renders cover;
     detach_flow_weights keeps the flow loss's gradient off the opacities."""
-    sample = street_sample(7, views=ring_views(1, dt=(0.0,)))
+    sample = street_sample(7, dt=(0.0,))
     g = torch.Generator().manual_seed(3)
     logits = (torch.randn(1, len(CLASSES), *SMALL_GRID.shape, generator=g) * 2).requires_grad_(True)
     flow = torch.randn(1, 2, *SMALL_GRID.shape, generator=g).requires_grad_(True)
@@ -463,7 +449,7 @@ def test_flow_loss_switch_and_propagation_flag():
 
 
 def test_max_views_and_render_chunk_do_not_change_a_full_render():
-    sample = street_sample(4, views=ring_views(6, dt=(0.0, 0.1, 0.1, 0.2, 0.3, 0.0)))
+    sample = street_sample(4, dt=(0.0, 0.1, 0.1, 0.2, 0.3, 0.0))
     head = matching_head_outputs(sample)
     head["flow"] = head["flow"] * 0.5
     full = make_regularizer()([sample], head, flow_loss_enabled=True)
@@ -575,9 +561,8 @@ def test_adjacent_gt_target_of_offset_o_views_is_a_render_of_keyframe_t_plus_o(f
     the prediction still moves by flow; the losses pool as before. With flipped cameras and
     with views subsampled (offsets kept aligned with the views)."""
     frame_offsets = torch.tensor([0, 1, -1, 2, 1, 0])
-    views = ring_views(6, dt=(0.05, 0.5, -0.5, 1.0, 0.5, 0.04))
-    views["render_frame_offsets"] = frame_offsets
-    sample = street_sample(11, views=views, num_gaussians=400)
+    sample = street_sample(11, dt=(0.05, 0.5, -0.5, 1.0, 0.5, 0.04), num_gaussians=400)
+    sample["render_frame_offsets"] = frame_offsets
     sample.update(random_adjacent_points(12, offsets=(1, -1, 2, 3), count=900))  # offset 3: no view shows it
     g = torch.Generator().manual_seed(13)
     head = {"occ_logits": torch.randn(1, len(CLASSES), *SMALL_GRID.shape, generator=g) * 2,
@@ -588,7 +573,7 @@ def test_adjacent_gt_target_of_offset_o_views_is_a_render_of_keyframe_t_plus_o(f
     losses = regularizer([sample], head, flow_loss_enabled=True)
     torch.manual_seed(0)  # the same views as the forward pass drew
     fields = regularizer.sample_inputs(sample, torch.device("cpu"))
-    all_viewmats = views["render_viewmats"] * (torch.tensor([1.0, -1.0, -1.0, 1.0])[:, None] if flip else 1.0)
+    all_viewmats = sample["render_viewmats"] * (torch.tensor([1.0, -1.0, -1.0, 1.0])[:, None] if flip else 1.0)
     kept = [int((viewmat == all_viewmats).flatten(1).all(1).nonzero()) for viewmat in fields["viewmats"]]
     assert len(kept) == (max_views or 6)
     assert fields["frame_offsets"].tolist() == frame_offsets[kept].tolist()
@@ -676,7 +661,7 @@ def test_adjacent_gt_target_rewards_a_prediction_of_the_adjacent_keyframe():
 
 
 def test_adjacent_gt_targets_need_the_mapper_fields():
-    sample = street_sample(14, views=ring_views(2, dt=(0.0, 0.5)))
+    sample = street_sample(14, dt=(0.0, 0.5))
     head = matching_head_outputs(sample)
     regularizer = make_regularizer(propagated_targets="adjacent_gt")
     with pytest.raises(KeyError, match="street14.*adjacent_gt_means.*adjacent_gt_gaussians"):
@@ -693,30 +678,11 @@ def test_adjacent_gt_targets_need_the_mapper_fields():
 
 
 # --------------------------------------------------------------------------------------------- model + hook
-def model_sample(seed, height=64, width=176, num_gaussians=1500):
-    """A mapped training sample (sample_fields contract) on the full GT grid, with the
-    regularizer's fields: 6 outward cameras, render views = the same cameras at 1/2 size."""
-    from voxelsplat.structures.sample_fields import check_sample
-
-    grid = OccupancyGrid()
-    views = ring_views(6, dt=(0.0,) * 6, width=width // 2, height=height // 2)
-    cam2ego = torch.linalg.inv(views["render_viewmats"])
-    intrinsics = views["render_intrinsics"].clone()
-    intrinsics[:, :2] *= 2
-    g = torch.Generator().manual_seed(seed)
-    street = street_sample(seed, grid=grid, num_gaussians=num_gaussians, views=views)
-    sample = dict(
-        street,
-        img=torch.randint(0, 256, (6, 3, height, width), generator=g, dtype=torch.uint8),
-        intrinsics=intrinsics, cam2ego=cam2ego, ego2global=torch.eye(4, dtype=torch.float64),
-        img_aug=torch.eye(3).repeat(6, 1, 1), bda=torch.eye(4),
-        lidar_depth=torch.rand(6, height, width, generator=g) * 40 * (torch.rand(6, height, width, generator=g) < 0.05),
-        scene_token="scene", timestamp=1_000_000, frame_index=0, sequence_start=True, prev_sample_token="",
-        gt_format="openocc_v2",
-        lidar_origins=torch.zeros(1, 3),
-    )
-    check_sample(sample, with_regularizer=True)
-    return sample
+def model_sample(seed):
+    """A mapped training sample (voxelsplat.testing) on the full GT grid with the regularizer's
+    fields: 6 outward cameras, render views = the same cameras at 1/2 size."""
+    return testing.make_sample(OccupancySpec.for_label_set("openocc_v2"), seed, image_size=(176, 64),
+                               with_regularizer=True, num_gaussians=1500, render_scale=0.5)
 
 
 def test_tiny_voxelsplat_config_regularizer_is_training_only():

@@ -14,7 +14,6 @@ input size. Ratios against baselines measured in the same run:
 """
 from __future__ import annotations
 
-import math
 import multiprocessing
 import os
 import resource
@@ -27,46 +26,12 @@ ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)
 CONFIG = os.path.join(ROOT, "configs", "synthetic", "fbocc_tiny.py")
 
 
-def _contract_samples(image_size, count: int) -> List[dict]:
-    """Samples built to voxelsplat/structures/sample_fields.py: a road, moving cars, free space."""
-    import torch
+def _contract_samples(spec, image_size, count: int) -> List[dict]:
+    """Consecutive keyframes built to voxelsplat/structures/sample_fields.py by voxelsplat.testing:
+    a street with moving vehicles on ``spec``'s grid, random images, sparse LiDAR depth."""
+    from voxelsplat.testing import make_sequence
 
-    from voxelsplat.structures import occupancy_metadata
-
-    meta = occupancy_metadata("openocc_v2")
-    width, height = image_size
-    names, (x_size, y_size, z_size), num_cams = meta["class_names"], meta["grid_shape"], 6
-    focal = width / (2 * math.tan(math.radians(35.0)))
-    intrinsics = torch.tensor([[focal, 0, width / 2], [0, focal, height / 2], [0, 0, 1]]).repeat(num_cams, 1, 1)
-    cam2ego = torch.zeros(num_cams, 4, 4)
-    for n in range(num_cams):
-        yaw = 2 * math.pi * n / num_cams
-        cam2ego[n, :3, :3] = torch.tensor([[math.sin(yaw), 0, math.cos(yaw)], [-math.cos(yaw), 0, math.sin(yaw)],
-                                           [0, -1.0, 0]])
-        cam2ego[n, :3, 3] = torch.tensor([0.5 * math.cos(yaw), 0.5 * math.sin(yaw), 1.6])
-        cam2ego[n, 3, 3] = 1
-    samples = []
-    for index in range(count):
-        gen = torch.Generator().manual_seed(index)
-        semantics = torch.full((x_size, y_size, z_size), meta["free_index"], dtype=torch.int64)
-        semantics[:, :, :3] = names.index("driveable_surface")
-        flow = torch.zeros(x_size, y_size, z_size, 2)
-        for _ in range(5):
-            cx, cy = torch.randint(20, x_size - 20, (2,), generator=gen).tolist()
-            semantics[cx - 6:cx + 6, cy - 3:cy + 3, 3:7] = names.index("car")
-            flow[cx - 6:cx + 6, cy - 3:cy + 3, 3:7] = torch.tensor([4.0, -1.0])
-        ego2global = torch.eye(4, dtype=torch.float64)
-        ego2global[0, 3] = 2.0 * index
-        samples.append({
-            "img": torch.randint(0, 256, (num_cams, 3, height, width), generator=gen, dtype=torch.uint8),
-            "intrinsics": intrinsics, "cam2ego": cam2ego, "ego2global": ego2global,
-            "img_aug": torch.eye(3).repeat(num_cams, 1, 1), "bda": torch.eye(4),
-            "lidar_depth": torch.rand(num_cams, height, width, generator=gen) * 45
-            * (torch.rand(num_cams, height, width, generator=gen) < 0.05),
-            "occ_semantics": semantics, "occ_flow": flow, "sample_token": f"bench{index}", "scene_token": "bench",
-            "timestamp": 500_000 * index, "frame_index": index, "sequence_start": index == 0,
-        })
-    return samples
+    return make_sequence(spec, 0, num_frames=count, image_size=tuple(image_size), scene_token="bench")
 
 
 def _synthetic_samples(cfg, workdir: str, count: int):
@@ -107,9 +72,9 @@ def _measure(config_path: str, workdir: str, steps: int, queue) -> None:
         source = "synthetic dataset" if samples else source
     except Exception as error:  # the data pipeline is not this benchmark's subject
         source = f"mapper contract (synthetic dataset failed: {type(error).__name__}: {error})"
-    if not samples:
-        samples = _contract_samples((width, height), steps + 2)
     model = instantiate(cfg.model).train()
+    if not samples:
+        samples = _contract_samples(model.spec, (width, height), steps + 2)
     model.set_training_phase(history_enabled=True, flow_loss_enabled=True)
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
     rss_setup = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0

@@ -2,7 +2,7 @@
 ("native": C kernels, what "auto" runs on CPU; "torch": pure PyTorch) against the number of
 Gaussians and of views, on a street-like scene seen by a ring
 of 6 outward-looking cameras per frame (the regularizer's workload: Gaussians at voxel
-centres, isotropic scale 0.12 m, 16 class + 2 flow channels, accumulated depth).
+centres, isotropic scale 0.12 m, the non-free class channels + 2 flow channels, accumulated depth).
 
 Figures are ratios against the smallest workload measured in the same run
 (``time_ratio``, ``memory_ratio``, per backend) and between the backends
@@ -17,8 +17,9 @@ the regularizer (the tiny FB-Occ baseline), as ``step_time_ratio`` and ``peak_me
 (peak RSS of a fresh process per variant; step times interleaved in one process), with the
 config's backend ("auto": native on CPU) and, as a baseline, the torch backend
 (``step_time_ratio_torch_backend``). Samples are built to the mapper contract
-(``voxelsplat/structures/sample_fields.py``) at the tiny config's sizes: a street scene on the GT
-grid, 6 cameras, 3 keyframes of render views, the config's Gaussian count.
+(``voxelsplat/structures/sample_fields.py``) by ``voxelsplat.testing`` at the tiny config's sizes: a
+street scene on the model's GT grid, 6 cameras, the config's keyframes of render views and
+Gaussian count.
 
 When CUDA is available, the published workload (100k Gaussians, 36 views, 400x225,
 18 channels + depth) is timed with every backend that runs there (torch, gsplat, inria),
@@ -36,49 +37,46 @@ from typing import Dict, List
 import numpy as np
 import torch
 
+from voxelsplat.structures import OccupancySpec
+
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 TINY_CONFIG = os.path.join(ROOT, "configs", "synthetic", "voxelsplat_tiny.py")
 CAMERA_IMAGE_SIZE = (352, 128)  # the demo's synthetic camera images (W, H)
-CHANNELS = 18  # 16 non-free class logits + 2 flow components
+SPEC = OccupancySpec.for_label_set("openocc_v2")  # the released label set and grid
+CHANNELS = SPEC.num_classes - 1 + 2  # the non-free class logits + 2 flow components
 SCALE_M = 0.12
 RING_CAMERAS = 6
 
 
 def street_scene(num_gaussians: int, num_views: int, width: int, height: int, device="cpu", seed: int = 0) -> dict:
-    """Gaussians on a ground plane, building walls and car-sized boxes within 40 m of the ego,
-    seen by ``num_views`` cameras (rings of 6 at 1.6 m height, 70 degree horizontal field of
-    view, successive rings moved 3 m along x as adjacent keyframes would be)."""
+    """Gaussians on a ground plane, building walls and car-sized boxes over the grid of ``SPEC``,
+    seen by ``num_views`` cameras (rings of 6 at the ego origin, ``voxelsplat.testing.camera_ring``:
+    1.6 m height, 70 degree horizontal field of view; successive rings moved 3 m along x as
+    adjacent keyframes would be)."""
+    from voxelsplat.testing import camera_ring
+
     g = torch.Generator().manual_seed(seed)
-    voxel = 0.4
+    grid = SPEC.grid
+    low, high = torch.from_numpy(grid.range_min).float(), torch.from_numpy(grid.range_max).float()
     kinds = torch.randint(0, 3, (num_gaussians,), generator=g)
-    xy = (torch.rand(num_gaussians, 2, generator=g) * 2 - 1) * 40.0
-    z = torch.full((num_gaussians,), -0.8)
+    xy = low[:2] + torch.rand(num_gaussians, 2, generator=g) * (high[:2] - low[:2])
+    z = torch.full((num_gaussians,), float(low[2]) + grid.voxel_size / 2)  # the lowest layer
     walls = kinds == 1
     xy[walls, 1] = torch.where(xy[walls, 1] > 0, 12.0, -12.0) + torch.rand(int(walls.sum()), generator=g)
-    z[walls] = torch.rand(int(walls.sum()), generator=g) * 6.0 - 1.0
+    z[walls] = low[2] + torch.rand(int(walls.sum()), generator=g) * (high[2] - low[2])
     cars = kinds == 2
     xy[cars] = (torch.rand(int(cars.sum()), 2, generator=g) * 2 - 1) * torch.tensor([35.0, 8.0])
-    z[cars] = torch.rand(int(cars.sum()), generator=g) * 1.6 - 0.8
-    means = torch.cat([torch.floor(xy / voxel) * voxel + voxel / 2, z[:, None]], dim=1)
-    fx = 0.5 * width / math.tan(math.radians(35.0))
-    K = torch.tensor([[fx, 0, width / 2], [0, fx, height / 2], [0, 0, 1.0]])
-    viewmats = []
-    for view in range(num_views):
-        yaw = 2 * math.pi * (view % RING_CAMERAS) / RING_CAMERAS
-        position = torch.tensor([3.0 * (view // RING_CAMERAS - 2), 0.0, 1.6])
-        forward = torch.tensor([math.cos(yaw), math.sin(yaw), 0.0])
-        right = torch.tensor([math.sin(yaw), -math.cos(yaw), 0.0])  # ego: x forward, y left, z up
-        down = torch.tensor([0.0, 0.0, -1.0])
-        rotation = torch.stack([right, down, forward])
-        viewmat = torch.eye(4)
-        viewmat[:3, :3] = rotation
-        viewmat[:3, 3] = -rotation @ position
-        viewmats.append(viewmat)
+    z[cars] = low[2] + torch.rand(int(cars.sum()), generator=g) * 1.6
+    voxel_xy = torch.floor((xy - low[:2]) / grid.voxel_size) * grid.voxel_size + low[:2] + grid.voxel_size / 2
+    means = torch.cat([voxel_xy, z[:, None]], dim=1)
+    rings = [camera_ring(RING_CAMERAS, (width, height), mount_radius=0.0, position=(3.0 * (ring - 2), 0.0))
+             for ring in range(math.ceil(num_views / RING_CAMERAS))]
+    viewmats = torch.linalg.inv(torch.cat([ring["cam2ego"] for ring in rings])[:num_views])
     scene = dict(
         means=means, quats=torch.tensor([[1.0, 0, 0, 0]]).repeat(num_gaussians, 1),
         scales=torch.full((num_gaussians, 3), SCALE_M), opacities=torch.sigmoid(torch.randn(num_gaussians, generator=g)),
         features=torch.randn(num_gaussians, CHANNELS, generator=g),
-        viewmats=torch.stack(viewmats), Ks=K.repeat(num_views, 1, 1),
+        viewmats=viewmats, Ks=rings[0]["intrinsics"][:1].repeat(num_views, 1, 1),
     )
     scene = {k: v.to(device) for k, v in scene.items()}
     scene.update(width=width, height=height)
@@ -227,61 +225,19 @@ def _gpu_comparison(quick: bool) -> dict:
 
 
 # ------------------------------------------------------------------------------ regularizer overhead
-def _camera_rig(num_cams: int, position_x: float = 0.0):
-    """(num_cams, 4, 4) OpenCV cam2ego of outward-looking cameras 1.6 m above the ground."""
-    cam2ego = torch.zeros(num_cams, 4, 4)
-    for n in range(num_cams):
-        yaw = 2 * math.pi * n / num_cams
-        forward = torch.tensor([math.cos(yaw), math.sin(yaw), 0.0])
-        right = torch.tensor([math.sin(yaw), -math.cos(yaw), 0.0])
-        cam2ego[n, :3, :3] = torch.stack([right, torch.tensor([0.0, 0.0, -1.0]), forward], dim=1)
-        cam2ego[n, :3, 3] = torch.tensor([position_x + 0.5 * math.cos(yaw), 0.5 * math.sin(yaw), 1.6])
-        cam2ego[n, 3, 3] = 1.0
-    return cam2ego
+def tiny_training_sample(cfg, spec, seed: int) -> dict:
+    """A mapped training sample (``voxelsplat.testing``: a street with 8 moving vehicles on
+    ``spec``'s grid) at the tiny config's sizes, with the regularizer's fields: input images at
+    the mapper's size from cameras of the demo's size, the config's Gaussian count, render scale
+    and keyframe offsets (the ego at 3 m/s)."""
+    from voxelsplat.testing import make_sample
 
-
-def tiny_training_sample(cfg, seed: int) -> dict:
-    """A mapped training sample at the tiny config's sizes, with the regularizer's fields."""
-    from voxelsplat.structures import OPENOCC_V2_CLASSES, OccupancyGrid
-
-    g = torch.Generator().manual_seed(seed)
-    grid = OccupancyGrid()
-    free = OPENOCC_V2_CLASSES.index("free")
-    x_size, y_size, z_size = grid.shape
-    semantics = torch.full((x_size, y_size, z_size), free, dtype=torch.int64)
-    flow = torch.zeros(x_size, y_size, z_size, 2)
-    semantics[:, :, :3] = OPENOCC_V2_CLASSES.index("driveable_surface")
-    semantics[:, 150:, :12] = OPENOCC_V2_CLASSES.index("manmade")
-    for _ in range(8):
-        cx, cy = torch.randint(20, x_size - 20, (2,), generator=g).tolist()
-        semantics[cx - 6:cx + 6, cy - 3:cy + 3, 3:7] = OPENOCC_V2_CLASSES.index("car")
-        flow[cx - 6:cx + 6, cy - 3:cy + 3, 3:7] = torch.tensor([5.0, -1.0])
     options = cfg.dataloader.train.mapper.regularizer
-    num_gaussians = int(options.num_gaussians)
-    occupied, empty = (semantics != free).nonzero(), (semantics == free).nonzero()
-    indices = torch.cat([occupied[torch.randperm(len(occupied), generator=g)[: num_gaussians * 2 // 3]],
-                         empty[torch.randperm(len(empty), generator=g)[: num_gaussians - num_gaussians * 2 // 3]]])
-    width, height = (int(v) for v in cfg.dataloader.train.mapper.image_size)
-    focal = CAMERA_IMAGE_SIZE[0] / (2 * math.tan(math.radians(35.0)))
-    camera_K = torch.tensor([[focal, 0, CAMERA_IMAGE_SIZE[0] / 2], [0, focal, CAMERA_IMAGE_SIZE[1] / 2], [0, 0, 1.0]])
-    render_size = tuple(int(round(v * float(options.render_scale))) for v in CAMERA_IMAGE_SIZE)
-    render_K = torch.diag(torch.tensor([render_size[0] / CAMERA_IMAGE_SIZE[0], render_size[1] / CAMERA_IMAGE_SIZE[1], 1.0]))
-    offsets = [int(o) for o in options.frame_offsets]
-    viewmats = torch.cat([torch.linalg.inv(_camera_rig(6, position_x=3.0 * 0.5 * o)) for o in offsets])
-    input_K = torch.diag(torch.tensor([width / CAMERA_IMAGE_SIZE[0], height / CAMERA_IMAGE_SIZE[1], 1.0])) @ camera_K
-    return {
-        "img": torch.randint(0, 256, (6, 3, height, width), generator=g, dtype=torch.uint8),
-        "intrinsics": input_K.repeat(6, 1, 1), "cam2ego": _camera_rig(6), "ego2global": torch.eye(4, dtype=torch.float64),
-        "img_aug": torch.eye(3).repeat(6, 1, 1), "bda": torch.eye(4),
-        "lidar_depth": torch.rand(6, height, width, generator=g) * 40 * (torch.rand(6, height, width, generator=g) < 0.05),
-        "occ_semantics": semantics, "occ_flow": flow, "sample_token": f"bench{seed}", "scene_token": "bench",
-        "timestamp": 1_000_000, "frame_index": 0, "sequence_start": True, "prev_sample_token": "",
-        "lidar_origins": torch.zeros(1, 3), "gaussian_voxel_indices": indices,
-        "render_viewmats": viewmats, "render_intrinsics": (render_K @ camera_K).repeat(len(viewmats), 1, 1),
-        "render_image_size": render_size,
-        "render_frame_offsets": torch.tensor([o for o in offsets for _ in range(6)]),
-        "render_time_offsets": torch.tensor([0.5 * o for o in offsets for _ in range(6)]),
-    }
+    return make_sample(spec, seed, image_size=tuple(int(v) for v in cfg.dataloader.train.mapper.image_size),
+                       camera_image_size=CAMERA_IMAGE_SIZE, with_regularizer=True,
+                       num_gaussians=int(options.num_gaussians), render_scale=float(options.render_scale),
+                       render_frame_offsets=[int(o) for o in options.frame_offsets], ego_speed=3.0,
+                       num_vehicles=8, sample_token=f"bench{seed}", scene_token="bench")
 
 
 def _tiny_model_and_batches(steps: int):
@@ -291,7 +247,7 @@ def _tiny_model_and_batches(steps: int):
     cfg = LazyConfig.load(TINY_CONFIG)
     model = instantiate(cfg.model).train()
     model.set_training_phase(history_enabled=True, flow_loss_enabled=True)  # both states rendered
-    batches = [[tiny_training_sample(cfg, seed)] for seed in range(steps + 1)]
+    batches = [[tiny_training_sample(cfg, model.spec, seed)] for seed in range(steps + 1)]
     return cfg, model, batches
 
 
