@@ -511,18 +511,21 @@ def test_official_metrics_match_the_challenge_pipeline_on_random_scenes():
 
 def street_sample(rng, grid):
     """A street-like scene on the benchmark grid and a prediction of it, with origins near the centre."""
+    spec = OccupancySpec.for_label_set("openocc_v2", grid)
     X, Y, Z = grid.shape
-    sem = np.full(grid.shape, FREE, np.int64)
-    sem[:, :, :2] = rng.choice([10, 12, 13], size=(X, Y))[:, :, None]
-    for _ in range(60):
-        x0, y0 = rng.integers(60, 140, size=2)
+    sem = np.full(grid.shape, spec.free_index, np.int64)
+    ground = [spec.class_names.index(n) for n in ("driveable_surface", "sidewalk", "terrain")]
+    sem[:, :, :2] = rng.choice(ground, size=(X, Y))[:, :, None]
+    for _ in range(60):  # blocks of any occupied class in the central 40 % of the grid
+        x0, y0 = rng.integers(int(0.3 * X), int(0.7 * X), size=2)
         sem[x0:x0 + rng.integers(2, 10), y0:y0 + rng.integers(2, 10), 2:2 + rng.integers(2, 8)] = \
-            rng.integers(0, 16)
+            rng.integers(0, spec.num_classes - 1)  # free is the last OpenOcc v2 label
     flow = np.zeros(grid.shape + (2,), np.float32)
-    flow[sem < 8] = rng.normal(0, 2, size=(int((sem < 8).sum()), 2))
+    moving = np.isin(sem, spec.flow_classes)
+    flow[moving] = rng.normal(0, 2, size=(int(moving.sum()), 2))
     pred = np.roll(sem, int(rng.integers(-2, 3)), axis=0)
     relabel = rng.random(sem.shape) < 0.04
-    pred[relabel] = rng.integers(0, 17, size=int(relabel.sum()))
+    pred[relabel] = rng.integers(0, spec.num_classes, size=int(relabel.sum()))
     pred_flow = flow + rng.normal(0, 0.5, size=flow.shape).astype(np.float32)
     origins = np.stack([rng.uniform(-8, 8, 2), rng.uniform(-8, 8, 2), rng.uniform(1.5, 2.0, 2)], 1)
     return pred, sem, origins, pred_flow, flow
