@@ -8,6 +8,7 @@ train = dict(
     sync_bn=False,            # BatchNorm -> SyncBatchNorm across CUDA processes
     ddp=dict(broadcast_buffers=False, find_unused_parameters=False, fp16_compression=False),
     checkpointer=dict(period=5000, max_to_keep=3),
+    checkpoint_history=True,  # temporal history in checkpoints: --resume continues bit for bit
     eval_period=5000,         # 0: evaluate after the last iteration only; None: never
     log_period=20,
     device="cuda",

@@ -95,7 +95,8 @@ class SceneSequenceDataset(Dataset):
         if not isinstance(item, (tuple, list)):
             return self.mapper(self.record(item))
         if not 2 <= len(item) <= 3:
-            raise ValueError(f"SceneSequenceDataset: an item is an index or (index, sequence_start[, seed]); got {item!r}")
+            raise ValueError(f"SceneSequenceDataset: an item is an index or (index, sequence_start[, seed]); "
+                             f"got {item!r}")
         return self.mapper(self.record(*item))
 
 

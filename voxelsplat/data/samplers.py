@@ -89,7 +89,8 @@ class _ResumableBatchSampler(Sampler):
         saved = {key: state.get(key) for key in ("type", *self._layout())}
         expected = dict(type=type(self).__name__, **self._layout())
         if saved != expected:
-            differ = ", ".join(f"{k}: saved {saved[k]!r}, now {expected[k]!r}" for k in expected if saved[k] != expected[k])
+            differ = ", ".join(f"{k}: saved {saved[k]!r}, now {expected[k]!r}"
+                               for k in expected if saved[k] != expected[k])
             raise ValueError(f"cannot resume the data order: the checkpoint's sampler differs ({differ})")
         self.seed = int(state["seed"])
         self.start_batch = int(state["next_batch"])

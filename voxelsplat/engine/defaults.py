@@ -19,7 +19,7 @@ from detectron2.utils.events import CommonMetricPrinter, TensorboardXWriter
 from omegaconf import OmegaConf
 
 from .checkpoint import OccupancyCheckpointer
-from .hooks import PeakMemoryHook, TrainingStateHook
+from .hooks import PeakMemoryHook, TrainingStateHook, unwrap_model
 from .json_writer import MetricsJSONWriter
 from .trainer import OccupancyTrainer
 
@@ -103,7 +103,9 @@ def do_test(cfg, model):
     evaluator = instantiate(cfg.dataloader.evaluator)
     if getattr(evaluator, "output_dir", "") is None and cfg.get("train", None) is not None:
         evaluator.output_dir = cfg.train.get("output_dir", None)  # results go to <train.output_dir>/inference/
-    results = inference_on_dataset(model, test_loader, evaluator)
+    # Without the DDP wrapper: inference needs no gradient sync, and the ranks' shards of
+    # whole scenes differ in length, so a per-forward buffer broadcast would not pair up.
+    results = inference_on_dataset(unwrap_model(model), test_loader, evaluator)
     if comm.is_main_process() and results:
         print_csv_format(results)
     return results
@@ -176,7 +178,8 @@ def do_train(cfg, resume: bool = False, extra_hooks: list = ()):
     checkpointer = OccupancyCheckpointer(model, cfg.train.output_dir, optimizer=optimizer, trainer=trainer,
                                          trust_checkpoint=cfg.train.get("trust_checkpoint", False))
     # first, so that it has gathered the per-process state when the checkpointer saves
-    state_hook = TrainingStateHook(checkpoint_period=cfg.train.checkpointer.period)
+    state_hook = TrainingStateHook(checkpoint_period=cfg.train.checkpointer.period,
+                                   checkpoint_history=cfg.train.get("checkpoint_history", True))
     trainer.register_hooks([state_hook] + build_hooks(cfg, model, trainer, checkpointer) + list(extra_hooks))
 
     checkpointer.resume_or_load(cfg.train.init_checkpoint, resume=resume)

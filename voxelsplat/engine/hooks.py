@@ -76,7 +76,8 @@ def temporal_modules(model: torch.nn.Module) -> Dict[str, torch.nn.Module]:
     """The modules of ``model`` that carry a history from step to step (they have
     ``history_state()`` and ``load_history_state(state)``), by name."""
     return {name: module for name, module in unwrap_model(model).named_modules()
-            if callable(getattr(module, "history_state", None)) and callable(getattr(module, "load_history_state", None))}
+            if callable(getattr(module, "history_state", None))
+            and callable(getattr(module, "load_history_state", None))}
 
 
 class TrainingStateHook(HookBase):
@@ -99,22 +100,32 @@ class TrainingStateHook(HookBase):
     history) does not change what the next training step sees.
 
     Register it before the ``PeriodicCheckpointer`` (its ``after_step`` must run first).
+
+    Args:
+        checkpoint_period: the ``PeriodicCheckpointer``'s period.
+        metric_window: scalar values kept per metric.
+        checkpoint_history: save the temporal histories (False: a resumed run restarts them,
+            as at a scene start, and is not bitwise the uninterrupted run; for full-size
+            configs, whose 16-frame queue is about 410 MB per batch slot).
     """
 
-    def __init__(self, checkpoint_period: int, metric_window: int = 20):
+    def __init__(self, checkpoint_period: int, metric_window: int = 20, checkpoint_history: bool = True):
         if int(checkpoint_period) < 1:
             raise ValueError(f"TrainingStateHook: checkpoint_period must be >= 1, got {checkpoint_period}")
         self.checkpoint_period = int(checkpoint_period)
         self.metric_window = int(metric_window)
+        self.checkpoint_history = bool(checkpoint_history)
         self._histories: Optional[Dict[str, dict]] = None  # each temporal module's history after the last step
         self._gathered: Optional[List[dict]] = None  # every process's state at this checkpoint (main process)
         self._loaded: Optional[dict] = None  # this process's state from a loaded checkpoint
         self._loaded_metrics: Optional[dict] = None
 
     def _process_state(self) -> dict:
-        return {"rng": rng_states(),
-                "temporal": {name: _to_cpu_copy(module.history_state())
-                             for name, module in temporal_modules(self.trainer.model).items()}}
+        temporal = {}
+        if self.checkpoint_history:
+            temporal = {name: _to_cpu_copy(module.history_state())
+                        for name, module in temporal_modules(self.trainer.model).items()}
+        return {"rng": rng_states(), "temporal": temporal}
 
     def _checkpoint_due(self, iteration: int) -> bool:
         # the iterations where detectron2's PeriodicCheckpointer saves
@@ -125,7 +136,7 @@ class TrainingStateHook(HookBase):
             set_rng_states(self._loaded["rng"])
             self._histories = dict(self._loaded["temporal"])
             modules = temporal_modules(self.trainer.model)
-            if set(self._histories) != set(modules):
+            if set(self._histories) != set(modules) and self.checkpoint_history:
                 logger.warning("TrainingStateHook: the checkpoint holds the history of %s, the model has temporal "
                                "modules %s; the others start empty", sorted(self._histories), sorted(modules))
             self._loaded = None
@@ -146,7 +157,8 @@ class TrainingStateHook(HookBase):
                 module.load_history_state(self._histories[name])
 
     def after_step(self):
-        self._histories = {name: module.history_state() for name, module in temporal_modules(self.trainer.model).items()}
+        modules = temporal_modules(self.trainer.model)
+        self._histories = {name: module.history_state() for name, module in modules.items()}
         if comm.get_world_size() > 1 and self._checkpoint_due(self.trainer.iter):
             gathered = comm.gather(self._process_state(), dst=0)
             self._gathered = gathered if comm.is_main_process() else None
