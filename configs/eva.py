@@ -43,7 +43,7 @@ model.neck = L(SelectFeatureMap)(name="stride16", out_channels="${..backbone.emb
 model.depth_net.in_channels = "${..neck.out_channels}"
 
 # ---------------------------------------------------------------- data
-dataloader.train.mapper.image_size = (1600, 640)  # (W, H)
+dataloader.train.mapper.input_size = (1600, 640)  # (W, H)
 
 # ---------------------------------------------------------------- optimisation
 # Released: base lr 1e-4 with decay_rate 0.9 over 24 layers and head_decay_rate 2.0 (every

@@ -4,7 +4,6 @@ weights from a released-format file, the layer-wise learning-rate decay of the r
 optimizer, and one training step of the config's model on CPU."""
 import math
 import os
-import sys
 from functools import partial
 from pathlib import Path
 
@@ -18,10 +17,9 @@ from timm.models.eva import EvaBlock
 from torch import nn
 
 from voxelsplat.modeling.backbone import EVA02ViT
+from voxelsplat.testing import make_sample
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT / "tests"))
-from test_model_meta_arch import make_sample  # noqa: E402
 
 SMALL = dict(embed_dim=32, depth=3, num_heads=2, patch_size=16, window_size=3, pretrain_img_size=48,
              drop_path_rate=0.0)
@@ -60,7 +58,7 @@ def test_full_size_backbone_is_eva02_large_with_release_windows():
     assert [round(b.drop_path.drop_prob, 6) for b in backbone.blocks[1:]] == \
         [round(0.3 * i / 23, 6) for i in range(1, 24)]
     assert backbone.out_channels == [1024] and backbone.out_strides == [16] and backbone.grad_checkpointing
-    assert cfg.model.neck.name == "stride16" and tuple(cfg.dataloader.train.mapper.image_size) == (1600, 640)
+    assert cfg.model.neck.name == "stride16" and tuple(cfg.dataloader.train.mapper.input_size) == (1600, 640)
 
 
 def _timm_block_from(block, dim, num_heads):
@@ -269,7 +267,7 @@ def test_eva_config_trains_one_step_on_cpu():
     torch.manual_seed(3)
     model = instantiate(cfg.model).train()
     assert isinstance(model.backbone, EVA02ViT) and model.neck.out_channels == 64
-    losses = model([make_sample(5, 64, 160)])
+    losses = model([make_sample(seed=5, image_size=(160, 64))])
     assert losses and all(torch.isfinite(v) for v in losses.values())
     sum(losses.values()).backward()
     grads = [p.grad for n, p in model.backbone.named_parameters()]

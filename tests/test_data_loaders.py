@@ -21,7 +21,7 @@ def _config(synthetic_dataset, cache_dir):
         part.dataset.dataroot = synthetic_dataset.root
         part.dataset.version = synthetic_dataset.version
         part.dataset.cache_dir = str(cache_dir)
-    cfg.dataloader.train.mapper.image_size = (176, 64)
+    cfg.dataloader.train.mapper.input_size = (176, 64)
     return cfg
 
 

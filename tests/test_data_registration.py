@@ -164,7 +164,7 @@ def test_dataroot_without_the_version_folder_is_an_error_naming_it(tmp_path):
 
 
 def _mapper_for(record, **kwargs):
-    return TemporalDatasetMapper(is_train=False, image_size=(int(record["cameras"][0]["width"]),
+    return TemporalDatasetMapper(is_train=False, input_size=(int(record["cameras"][0]["width"]),
                                                             int(record["cameras"][0]["height"])), **kwargs)
 
 

@@ -88,7 +88,7 @@ def test_mapper_draws_are_a_function_of_the_item_seed(synthetic_dataset, tmp_pat
     cfg = LazyConfig.load(CONFIG)
     train = cfg.dataloader.train
     train.dataset.dataroot, train.dataset.cache_dir = synthetic_dataset.root, str(tmp_path)
-    train.mapper.image_size = tuple(synthetic_dataset.image_size)
+    train.mapper.input_size = tuple(synthetic_dataset.image_size)
     train.mapper.regularizer.num_gaussians = 300
     train.num_workers, train.seed = 0, 0
     dataset = instantiate(train).dataset
@@ -120,7 +120,7 @@ def _overrides(dataset, output_dir, cache_dir, kill_at=-1, max_iter=MAX_ITER, wa
         f"dataloader.train.dataset.dataroot={dataset.root}",
         f"dataloader.train.dataset.cache_dir={cache_dir}",
         "dataloader.train.dataset.split=all",  # both scenes: the shuffled scene order matters
-        f"dataloader.train.mapper.image_size=[{dataset.image_size[0]},{dataset.image_size[1]}]",
+        f"dataloader.train.mapper.input_size=[{dataset.image_size[0]},{dataset.image_size[1]}]",
         "dataloader.train.mapper.regularizer.num_gaussians=400",
         "dataloader.train.num_workers=1",
         "model.regularizer.max_views=2",  # drawn from torch's global generator each step

@@ -86,7 +86,7 @@ def test_warmup_hook_switches_at_configured_iterations_and_after_resume(tmp_path
 def test_published_config_instantiates_with_its_settings():
     cfg = LazyConfig.load(str(ROOT / "configs" / "fbocc_r50.py"))
     assert set(cfg) >= {"model", "dataloader", "optimizer", "lr_multiplier", "train"}
-    assert tuple(cfg.dataloader.train.mapper.image_size) == (704, 256)
+    assert tuple(cfg.dataloader.train.mapper.input_size) == (704, 256)
     assert cfg.model.temporal_fusion.num_history == 16 and cfg.model.backbone.model_name == "resnet50"
     model = instantiate(cfg.model)
     assert model.forward_projection.volume_shape == (100, 100, 8)

@@ -122,7 +122,7 @@ def test_tiny_config_trains_on_the_synthetic_dataset(synthetic_dataset, tmp_path
     cfg = _tiny_config()
     cfg.dataloader.train.dataset.dataroot = synthetic_dataset.root
     cfg.dataloader.train.dataset.cache_dir = str(tmp_path)
-    cfg.dataloader.train.mapper.image_size = tuple(synthetic_dataset.image_size)
+    cfg.dataloader.train.mapper.input_size = tuple(synthetic_dataset.image_size)
     cfg.dataloader.train.num_workers = 0
     cfg.dataloader.train.seed = 0
     torch.manual_seed(0)

@@ -51,7 +51,7 @@ def keyframe(synthetic_dataset, tmp_path_factory):
     cfg = LazyConfig.load(os.path.join(ROOT, "configs", "synthetic", "voxelsplat_tiny.py"))
     cfg.dataloader.train.dataset.dataroot = synthetic_dataset.root
     cfg.dataloader.train.dataset.cache_dir = str(tmp_path_factory.mktemp("record_cache"))
-    cfg.dataloader.train.mapper.image_size = tuple(synthetic_dataset.image_size)
+    cfg.dataloader.train.mapper.input_size = tuple(synthetic_dataset.image_size)
     cfg.dataloader.train.num_workers = 0
     cfg.dataloader.train.total_batch_size = 1
     cfg.dataloader.train.seed = SEED

@@ -139,7 +139,7 @@ def test_occ3d_with_one_override_trains_two_iterations_and_evaluates(synthetic_d
         f"dataloader.test.dataset.version={synthetic_dataset.version}",
         "dataloader.train.dataset.name=spec_test_occ3d_train", "dataloader.test.dataset.name=spec_test_occ3d_val",
         "dataloader.train.num_workers=0", "dataloader.test.num_workers=0",
-        "dataloader.train.mapper.image_size=[128,48]",
+        "dataloader.train.mapper.input_size=[128,48]",
         "train.max_iter=2", "train.eval_period=0", "train.checkpointer.period=100", "train.log_period=1",
         f"train.output_dir={out}", "train.seed=0",
     )

@@ -47,7 +47,7 @@ model.head.hidden_channels = 8
 model.head.grad_checkpointing = False
 
 # ---------------------------------------------------------------- data
-dataloader.train.mapper.image_size = (256, 96)
+dataloader.train.mapper.input_size = (256, 96)
 dataloader.train.total_batch_size = 1
 dataloader.train.num_workers = 1
 dataloader.test.num_workers = 1

@@ -81,7 +81,7 @@ def run(args) -> Dict[str, object]:
     name = register_nuscenes_occupancy("benchmark_data_all", root, "v1.0-mini", "all",
                                        cache_dir=os.path.join(workdir, "record_cache"))
     config_path, cfg = _tiny_config()
-    image_size = tuple(cfg.dataloader.train.mapper.image_size) if cfg is not None else CAMERA_IMAGE_SIZE
+    image_size = tuple(cfg.dataloader.train.mapper.input_size) if cfg is not None else CAMERA_IMAGE_SIZE
     mapper = TemporalDatasetMapper(True, image_size, bda_rotation_range=(-10, 10), dataset_name=name,
                                    regularizer=dict(num_gaussians=100000))
     batch_size, batches = 2, (3 if quick else 12)

@@ -65,7 +65,7 @@ def _measure(config_path: str, workdir: str, steps: int, queue) -> None:
 
     torch.manual_seed(0)
     cfg = LazyConfig.load(config_path)
-    width, height = cfg.dataloader.train.mapper.image_size
+    width, height = cfg.dataloader.train.mapper.input_size
     samples, source = None, "mapper contract"
     try:
         samples = _synthetic_samples(cfg, workdir, steps + 2)

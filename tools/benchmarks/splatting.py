@@ -233,7 +233,7 @@ def tiny_training_sample(cfg, spec, seed: int) -> dict:
     from voxelsplat.testing import make_sample
 
     options = cfg.dataloader.train.mapper.regularizer
-    return make_sample(spec, seed, image_size=tuple(int(v) for v in cfg.dataloader.train.mapper.image_size),
+    return make_sample(spec, seed, image_size=tuple(int(v) for v in cfg.dataloader.train.mapper.input_size),
                        camera_image_size=CAMERA_IMAGE_SIZE, with_regularizer=True,
                        num_gaussians=int(options.num_gaussians), render_scale=float(options.render_scale),
                        render_frame_offsets=[int(o) for o in options.frame_offsets], ego_speed=3.0,

@@ -85,8 +85,9 @@ class TemporalDatasetMapper:
 
     Args:
         is_train: draw augmentations and attach regularizer inputs. At test time images only
-            get the deterministic resize + crop to ``image_size`` and there is no BEV augmentation.
-        image_size: (W, H) of the network input.
+            get the deterministic resize + crop to ``input_size`` and there is no BEV augmentation.
+        input_size: (W, H) of the network input images (cameras of any resolution are resized
+            and cropped to it).
         resize_range: training offset added to the base resize factor ``W / W_original``.
         crop_bottom_range: fraction of the resized height discarded at the bottom (drawn in
             training; its mean at test time).
@@ -133,7 +134,7 @@ class TemporalDatasetMapper:
             default grid and the label set named by each record's ``gt_format``.
     """
 
-    def __init__(self, is_train: bool, image_size: Tuple[int, int], *,
+    def __init__(self, is_train: bool, input_size: Tuple[int, int], *,
                  resize_range: Tuple[float, float] = (-0.06, 0.11),
                  crop_bottom_range: Tuple[float, float] = (0.0, 0.0),
                  flip_prob: float = 0.5,
@@ -148,9 +149,9 @@ class TemporalDatasetMapper:
                  dataset_name: Optional[str] = None,
                  metadata: Optional[dict] = None):
         self.is_train = bool(is_train)
-        if len(image_size) != 2 or min(int(s) for s in image_size) <= 0:
-            raise ValueError(f"image_size must be (W, H) with positive ints, got {image_size!r}")
-        self.image_size = (int(image_size[0]), int(image_size[1]))
+        if len(input_size) != 2 or min(int(s) for s in input_size) <= 0:
+            raise ValueError(f"TemporalDatasetMapper: input_size must be (W, H) with positive ints, got {input_size!r}")
+        self.input_size = (int(input_size[0]), int(input_size[1]))
         self.resize_range = validate_range("resize_range", resize_range)
         self.crop_bottom_range = validate_range("crop_bottom_range", crop_bottom_range)
         self.rotate_range = validate_range("rotate_range", rotate_range)
@@ -321,11 +322,11 @@ class TemporalDatasetMapper:
                 raise ValueError(f"sample {token}: image {camera['image_path']!r} is {width}x{height}, the dataset says "
                                  f"{camera['width']}x{camera['height']}")
             params: ImageAugParams = sample_image_aug(
-                (width, height), self.image_size, is_train=self.is_train, resize_range=self.resize_range,
+                (width, height), self.input_size, is_train=self.is_train, resize_range=self.resize_range,
                 crop_bottom_range=self.crop_bottom_range, flip_prob=self.flip_prob, rotate_range=self.rotate_range,
                 rng=rng)
             matrix = params.matrix()
-            images.append(warp_image(image, matrix, self.image_size))
+            images.append(warp_image(image, matrix, self.input_size))
             img_aug.append(matrix)
             intrinsics.append(matrix @ np.asarray(camera["intrinsics"], dtype=np.float64))
         img_aug, intrinsics = np.stack(img_aug), np.stack(intrinsics)
@@ -385,14 +386,14 @@ class TemporalDatasetMapper:
     def _lidar_depth(self, record: dict, cam2ego: np.ndarray, intrinsics: np.ndarray) -> np.ndarray:
         """(C, H, W) float32 depth of the keyframe's LiDAR points in the augmented images."""
         if not self.load_lidar_depth:
-            return np.zeros((len(cam2ego), self.image_size[1], self.image_size[0]), dtype=np.float32)
+            return np.zeros((len(cam2ego), self.input_size[1], self.input_size[0]), dtype=np.float32)
         lidar = record["lidar"]
         points = load_lidar_points(lidar["path"], record["sample_token"])
         # LiDAR -> its ego pose -> the keyframe ego (the same pose for the keyframe's own LiDAR)
         lidar2keyego = np.linalg.inv(np.asarray(record["ego2global"], dtype=np.float64)) \
             @ np.asarray(lidar["ego2global"], dtype=np.float64) @ np.asarray(lidar["lidar2ego"], dtype=np.float64)
         return lidar_depth_maps(transform_points(lidar2keyego, points.astype(np.float64)), cam2ego, intrinsics,
-                                self.image_size)
+                                self.input_size)
 
     def _frequency_counts(self, class_names: Sequence[str], labels: dict,
                           candidates: Optional[np.ndarray]) -> Tuple[np.ndarray, np.ndarray]:

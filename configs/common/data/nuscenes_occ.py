@@ -27,7 +27,7 @@ dataloader.train = L(build_train_loader)(
     ),
     mapper=L(TemporalDatasetMapper)(
         is_train=True,
-        image_size=(704, 256),
+        input_size=(704, 256),  # (W, H) of the network input
         resize_range=(-0.06, 0.11),
         crop_bottom_range=(0.0, 0.0),
         flip_prob=0.5,
@@ -55,7 +55,7 @@ dataloader.test = L(build_test_loader)(
     ),
     mapper=L(TemporalDatasetMapper)(
         is_train=False,
-        image_size="${...train.mapper.image_size}",
+        input_size="${...train.mapper.input_size}",
         load_lidar_depth=False,
         dataset_name="${..dataset.name}",
     ),

@@ -19,7 +19,7 @@ for _split, _name in (("train", "synthetic_occ_train"), ("test", "synthetic_occ_
     dataloader[_split].num_workers = 2
 del _split, _name, _dataset
 
-dataloader.train.mapper.image_size = (352, 128)
+dataloader.train.mapper.input_size = (352, 128)
 dataloader.train.mapper.bda_rotation_range = (0.0, 0.0)
 dataloader.train.total_batch_size = 2
 dataloader.train.split_scenes_in_half = False
