@@ -232,7 +232,7 @@ def street_labels(spec: Optional[OccupancySpec] = None, seed: int = 0, *, num_ve
     x_size, y_size, z_size = grid.shape
     semantics = torch.full((x_size, y_size, z_size), spec.free_index, dtype=torch.int64)
     flow = torch.zeros(x_size, y_size, z_size, 2, dtype=torch.float32)
-    (x_min, y_min, z_min), (x_max, y_max, z_max) = grid.range_min, grid.range_max
+    (x_min, y_min, z_min), (x_max, y_max, _) = grid.range_min, grid.range_max
     half_width = min(abs(y_min), abs(y_max)) if y_min < 0 < y_max else (y_max - y_min) / 2
     road = min(road_half_width, 0.35 * half_width)
     sidewalk = min(sidewalk_width, 0.15 * half_width)
