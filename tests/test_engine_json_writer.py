@@ -106,3 +106,16 @@ def test_toy_training_logs_the_records_detectron2s_writer_logs(tmp_path, monkeyp
         assert {k: v for k, v in record.items() if k not in TIMING_KEYS} == \
             {k: v for k, v in expected.items() if k not in TIMING_KEYS}, record["iteration"]
     assert ours[-1].keys() == {"iteration", "toy/mse", "toy/count"}  # the final evaluation
+
+
+def test_records_of_the_iterations_run_again_are_dropped_on_resume(tmp_path):
+    from voxelsplat.engine.json_writer import drop_records_from
+
+    path = tmp_path / "metrics.json"
+    assert drop_records_from(str(path), 3) == 0 and not path.exists()
+    lines = [json.dumps({"iteration": i, "loss": 0.5 * i}) for i in range(6)]
+    path.write_text("\n".join(lines) + '\n{"iteration": 6, "lo')  # a record cut by a kill
+    assert drop_records_from(str(path), 4) == 2  # iterations 4 and 5; the cut line goes too
+    assert path.read_text() == "".join(json.dumps({"iteration": i, "loss": 0.5 * i}, sort_keys=True) + "\n"
+                                       for i in range(4))
+    assert drop_records_from(str(path), 10) == 0

@@ -20,7 +20,7 @@ from omegaconf import OmegaConf
 
 from .checkpoint import OccupancyCheckpointer
 from .hooks import PeakMemoryHook, TrainingStateHook, unwrap_model
-from .json_writer import MetricsJSONWriter
+from .json_writer import MetricsJSONWriter, drop_records_from
 from .trainer import OccupancyTrainer
 
 logger = logging.getLogger("voxelsplat")
@@ -184,6 +184,11 @@ def do_train(cfg, resume: bool = False, extra_hooks: list = ()):
 
     checkpointer.resume_or_load(cfg.train.init_checkpoint, resume=resume)
     start_iter = trainer.iter + 1 if resume and checkpointer.has_checkpoint() else 0
+    if start_iter and comm.is_main_process():
+        # the iterations after the checkpoint run again: their records are written again
+        dropped = drop_records_from(os.path.join(cfg.train.output_dir, "metrics.json"), start_iter)
+        if dropped:
+            logger.info("Resuming at iteration %d: dropped %d later records of metrics.json", start_iter, dropped)
     trainer.train(start_iter, cfg.train.max_iter)
     return trainer
 

@@ -11,13 +11,31 @@ records. Read the file back with :func:`voxelsplat.utils.io.read_json_lines`.
 """
 from __future__ import annotations
 
+import json
+import os
 from collections import defaultdict
 
 from detectron2.utils.events import JSONWriter, get_event_storage
 
-from voxelsplat.utils.io import append_json_lines
+from voxelsplat.utils.io import append_json_lines, atomic_write_text, read_json_lines
 
-__all__ = ["MetricsJSONWriter"]
+__all__ = ["MetricsJSONWriter", "drop_records_from"]
+
+
+def drop_records_from(json_file: str, iteration: int) -> int:
+    """Remove the records of ``iteration`` and later from ``json_file`` (rewritten atomically;
+    unreadable lines go too), so that a run resumed at ``iteration`` does not append a second
+    copy of the iterations it runs again. Returns how many records were dropped (0 when the
+    file does not exist)."""
+    if not os.path.isfile(json_file):
+        return 0
+    records = read_json_lines(json_file)
+    kept = [r for r in records if not (isinstance(r, dict) and int(r.get("iteration", -1)) >= iteration)]
+    with open(json_file, "rb") as f:
+        lines = sum(1 for line in f if line.strip())
+    if len(kept) != lines:
+        atomic_write_text(json_file, "".join(json.dumps(r, sort_keys=True) + "\n" for r in kept))
+    return len(records) - len(kept)
 
 
 class MetricsJSONWriter(JSONWriter):
