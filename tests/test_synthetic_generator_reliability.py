@@ -2,7 +2,6 @@
 its output folder is always the previous complete dataset or the new one, with no folder of
 anyone else touched."""
 import glob
-import hashlib
 import importlib.util
 import logging
 import os
@@ -15,6 +14,8 @@ import pytest
 
 from voxelsplat.synthetic import generate_synthetic_dataset, staging
 from voxelsplat.synthetic.workers import ordered_map
+
+from test_synthetic_dataset import _digest  # the dataset tree's content hash, one definition
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TOOL = os.path.join(ROOT, "tools", "make_synthetic_dataset.py")
@@ -55,17 +56,6 @@ def _wait_until(condition, timeout, interval=0.05):
             return True
         time.sleep(interval)
     return condition()
-
-
-def _digest(root):
-    digest = hashlib.sha256()
-    for folder, _, files in sorted(os.walk(root)):
-        for name in sorted(files):
-            path = os.path.join(folder, name)
-            digest.update(os.path.relpath(path, root).encode())
-            with open(path, "rb") as f:
-                digest.update(f.read())
-    return digest.hexdigest()
 
 
 def _start_generator(output, log):
