@@ -260,8 +260,8 @@ class TemporalDatasetMapper:
             if len(formats) != 1:
                 raise ValueError(f"TemporalDatasetMapper: dataset-wide voxel counts need one label format, the records "
                                  f"mix {formats}")
-            grid, class_names, _ = self._label_space(formats[0])
-            self._dataset_voxel_counts = count_dataset_voxels(records, grid.shape, len(class_names),
+            spec = self.spec_for(formats[0])
+            self._dataset_voxel_counts = count_dataset_voxels(records, spec.grid.shape, spec.num_classes,
                                                               self.regularizer["speed_bin_edges"], cache_dir,
                                                               num_workers)
         first = records[0]
@@ -296,11 +296,6 @@ class TemporalDatasetMapper:
                              f"{self.dataset_name or '(metadata)'} is {self._spec.describe()}")
         return self._spec
 
-    def _label_space(self, gt_format: str) -> Tuple[OccupancyGrid, Tuple[str, ...], int]:
-        """(grid, class names, free index) for records of ``gt_format``."""
-        spec = self.spec_for(gt_format)
-        return spec.grid, spec.class_names, spec.free_index
-
     def __call__(self, record: dict) -> Dict[str, object]:
         record = copy.copy(record)
         token = record["sample_token"]
@@ -308,8 +303,8 @@ class TemporalDatasetMapper:
         # loader worker maps the item or on what it mapped before (a resumed run redraws them).
         seed = record.get("sample_seed")
         rng = np.random.default_rng(np.random.randint(0, 2**31 - 1, size=4) if seed is None else list(seed))
-        grid, class_names, free_index = self._label_space(record["gt_format"])
-        num_classes = len(class_names)
+        spec = self.spec_for(record["gt_format"])
+        grid, class_names, free_index = spec.grid, spec.class_names, spec.free_index
 
         # --- cameras and images -------------------------------------------------------
         cameras = record["cameras"]
@@ -336,7 +331,7 @@ class TemporalDatasetMapper:
                              scale_range=self.bda_scale_range, flip_x_prob=self.bda_flip_x_prob,
                              flip_y_prob=self.bda_flip_y_prob, rng=rng)
         bda = bev.matrix()
-        labels = self._augment_labels(load_record_labels(record, grid.shape, num_classes), bda, grid,
+        labels = self._augment_labels(load_record_labels(record, grid.shape, spec.num_classes), bda, grid,
                                       IGNORE_LABEL if self.bda_outside_label == "ignore" else free_index)
 
         sample: Dict[str, object] = dict(
