@@ -11,6 +11,7 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset
 
+from ..utils.random_state import rng_states, set_rng_states
 from .samplers import (
     BatchItem,
     InferenceSequenceSampler,
@@ -115,16 +116,12 @@ def _keeping_global_rng(function: Callable) -> Callable:
     """``function`` run with the global random generators (Python, numpy, torch) put back
     afterwards: preparation work that is cached (done by the first run only, e.g. a data
     loader that draws its workers' seed) must not shift what the training draws next."""
-    import random
-
     def run(*args, **kwargs):
-        python_state, numpy_state = random.getstate(), np.random.get_state()
+        states = rng_states()
         try:
-            with torch.random.fork_rng(devices=[]):
-                return function(*args, **kwargs)
+            return function(*args, **kwargs)
         finally:
-            random.setstate(python_state)
-            np.random.set_state(numpy_state)
+            set_rng_states(states)
 
     return run
 

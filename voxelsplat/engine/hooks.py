@@ -2,15 +2,15 @@
 from __future__ import annotations
 
 import logging
-import random
 import resource
 import sys
 from typing import Dict, List, Optional
 
-import numpy as np
 import torch
 from detectron2.engine import HookBase
 from detectron2.utils import comm
+
+from ..utils.random_state import rng_states, set_rng_states
 
 logger = logging.getLogger(__name__)
 
@@ -41,24 +41,6 @@ def unwrap_model(model: torch.nn.Module) -> torch.nn.Module:
     while isinstance(model, (torch.nn.parallel.DistributedDataParallel, torch.nn.DataParallel)):
         model = model.module
     return model
-
-
-def rng_states() -> dict:
-    """This process's global random generators: Python's, numpy's, torch's (and CUDA's when
-    in use), as :func:`set_rng_states` takes them."""
-    states = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
-    if torch.cuda.is_available() and torch.cuda.is_initialized():
-        states["cuda"] = torch.cuda.get_rng_state_all()
-    return states
-
-
-def set_rng_states(states: dict) -> None:
-    """Restore the generators of :func:`rng_states`."""
-    random.setstate(states["python"])
-    np.random.set_state(states["numpy"])
-    torch.set_rng_state(states["torch"])
-    if states.get("cuda") is not None and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(states["cuda"])
 
 
 def _to_cpu_copy(value):
