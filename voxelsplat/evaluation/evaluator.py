@@ -144,7 +144,7 @@ class OccupancyEvaluator(DatasetEvaluator):
         self._overrides = dict(spec=spec, class_names=class_names, free_index=free_index, flow_classes=flow_classes,
                                grid=grid, compute_flow=compute_flow)
         self._resolved = False
-        if dataset_name is None or not _metadata_missing(dataset_name):
+        if dataset_name is None or _registered_spec(dataset_name) is not None:
             self._resolve_label_set()
         # else: the dataset is registered later (e.g. when the test loader is built) and the
         # label set is read from its metadata on first use
@@ -179,12 +179,10 @@ class OccupancyEvaluator(DatasetEvaluator):
         if self.dataset_name is not None:
             from detectron2.data import MetadataCatalog
 
-            missing = _metadata_missing(self.dataset_name)
-            if missing:
-                raise KeyError(f"OccupancyEvaluator: MetadataCatalog entry {self.dataset_name!r} lacks {missing} "
-                               "(register the dataset with voxelsplat.data.register_nuscenes_occupancy or set the "
-                               "entries of voxelsplat.structures.OccupancySpec.metadata())")
-            spec = OccupancySpec.from_metadata(MetadataCatalog.get(self.dataset_name))
+            try:
+                spec = OccupancySpec.from_metadata(MetadataCatalog.get(self.dataset_name))
+            except KeyError as error:
+                raise KeyError(f"OccupancyEvaluator: {error.args[0]}") from None
         else:
             spec = given["spec"] if given["spec"] is not None else OccupancySpec.for_label_set("openocc_v2")
         changes = {key: given[key] for key in ("class_names", "free_index", "flow_classes", "grid")
@@ -427,12 +425,15 @@ class OccupancyEvaluator(DatasetEvaluator):
         return origins.to(bda.device) @ linear.T + bda[:3, 3]
 
 
-def _metadata_missing(dataset_name: str) -> List[str]:
-    """The label-set / grid entries that ``dataset_name``'s ``MetadataCatalog`` entry lacks."""
+def _registered_spec(dataset_name: str) -> Optional[OccupancySpec]:
+    """The spec in ``dataset_name``'s ``MetadataCatalog`` entry, None while it has none (the
+    dataset is registered when its loader is built)."""
     from detectron2.data import MetadataCatalog
 
-    meta = MetadataCatalog.get(dataset_name)
-    return [k for k in ("thing_classes", "free_index", "point_cloud_range", "voxel_size") if not hasattr(meta, k)]
+    try:
+        return OccupancySpec.from_metadata(MetadataCatalog.get(dataset_name))
+    except KeyError:
+        return None
 
 
 def _atomic_write(path: str, write) -> None:
