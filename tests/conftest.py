@@ -34,3 +34,30 @@ def synthetic_dataset(tmp_path_factory):
     return SimpleNamespace(root=str(root), version=info["version"], scenes=info["scenes"],
                            samples_per_scene=SYNTHETIC_SAMPLES_PER_SCENE, image_size=SYNTHETIC_IMAGE_SIZE,
                            seed=SYNTHETIC_SEED)
+
+
+# A test's own files (its tmp_path, measured before it is removed) stay under this. CI machines
+# can have little free disk beside the 6 GB environment, and two tests run at once.
+TMP_PATH_BUDGET_MB = 320
+
+
+def _tree_bytes(path):
+    total = 0
+    for folder, _, files in os.walk(path):
+        for name in files:
+            try:
+                total += os.lstat(os.path.join(folder, name)).st_size
+            except OSError:
+                pass
+    return total
+
+
+@pytest.hookimpl(wrapper=True)
+def pytest_runtest_teardown(item):
+    path = getattr(item, "funcargs", {}).get("tmp_path")
+    size_mb = 0 if path is None else _tree_bytes(path) / 2 ** 20  # before tmp_path's teardown removes it
+    result = yield
+    if size_mb > TMP_PATH_BUDGET_MB:
+        pytest.fail(f"{item.nodeid} left {size_mb:.0f} MB in {path}, over the {TMP_PATH_BUDGET_MB} MB per-test "
+                    f"disk budget (tests/conftest.py): write smaller files or remove them when done", pytrace=False)
+    return result

@@ -314,6 +314,21 @@ def random_state(shapes, seed):
     return state
 
 
+def in_one_storage(state, seed, keep=()):
+    """The same keys, shapes and dtypes, every floating tensor a view at its own offset into one
+    random buffer: torch.save writes the buffer once (about the largest tensor) instead of every
+    tensor, which keeps the files of the file tests small. The offsets differ, so tensors of one
+    shape hold different values and a swapped mapping still shows. ``keep``: keys left as they are."""
+    floating = [key for key, value in state.items() if value.is_floating_point() and key not in keep]
+    stride = 97
+    buffer = torch.randn(max(state[k].numel() for k in floating) + stride * len(floating),
+                         generator=torch.Generator().manual_seed(seed))
+    shared = dict(state)
+    for i, key in enumerate(floating):
+        shared[key] = buffer[i * stride:i * stride + state[key].numel()].view(state[key].shape)
+    return shared
+
+
 # ---------------------------------------------------------------------------- fixtures
 @pytest.fixture(scope="module")
 def model():
@@ -438,7 +453,8 @@ def test_release_checkpoint_file_converts_and_loads_through_our_checkpointer(mod
     """An mmcv file (state_dict + meta + optimizer) -> {"model", "conversion"}, read back with
     weights_only and loaded by the checkpointer train.init_checkpoint goes through."""
     src, dst = tmp_path / "release.pth", tmp_path / "out" / "ours.pth"
-    fbocc = {k: v for k, v in release_state.items() if k not in GAUSSIAN_BUFFERS}  # the baseline's file
+    fbocc = in_one_storage({k: v for k, v in release_state.items() if k not in GAUSSIAN_BUFFERS},  # the baseline's
+                           seed=1, keep=RELEASE_GRID)
     torch.save({"meta": {"epoch": 48, "config": "..."}, "state_dict": fbocc,
                 "optimizer": {"state": {}, "param_groups": [{"lr": 2e-4}]}}, src)
     report = convert_release_checkpoint(str(src), str(dst), model.state_dict(), grid=model.forward_projection.grid,
@@ -473,8 +489,8 @@ def _torchvision_resnet50_state(seed):
 
     state = torchvision.models.resnet50(weights=None).state_dict()  # torchvision's own names, with fc
     gen = torch.Generator().manual_seed(seed)
-    return {k: (torch.randn(v.shape, generator=gen) if v.is_floating_point() else torch.randint(0, 99, v.shape))
-            for k, v in state.items()}
+    ints = {k: torch.randint(0, 99, v.shape, generator=gen) for k, v in state.items() if not v.is_floating_point()}
+    return in_one_storage({**state, **ints}, seed)
 
 
 def test_imagenet_resnet50_round_trip_through_the_backbone_init_checkpoint(model, tmp_path):

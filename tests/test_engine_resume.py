@@ -127,6 +127,7 @@ def _overrides(dataset, output_dir, cache_dir, kill_at=-1, max_iter=MAX_ITER, wa
         "model.regularizer.max_views=2",  # drawn from torch's global generator each step
         f"train.max_iter={max_iter}",
         f"train.checkpointer.period={CHECKPOINT_PERIOD}",
+        "train.checkpointer.max_to_keep=1",  # resuming needs only the newest one; keeps the test's disk use small
         "train.eval_period=null",
         "train.log_period=1",
         hooks,
@@ -188,6 +189,7 @@ def test_training_killed_twice_and_resumed_matches_the_uninterrupted_run_bitwise
     log = _train(_overrides(synthetic_dataset, broken, cache, kill_at=6), "--resume", expect_kill=True)
     assert "Starting training from iteration 3" in log
     assert _last_checkpoint(broken) == "model_0000005.pth"
+    assert not (broken / "model_0000002.pth").exists()  # max_to_keep=1
     log = _train(_overrides(synthetic_dataset, broken, cache), "--resume")
     assert "Starting training from iteration 6" in log
 

@@ -99,7 +99,8 @@ def test_resume_after_interruption_matches_uninterrupted_run(tmp_path):
     state = torch.load(os.path.join(broken, "model_final.pth"), map_location="cpu", weights_only=False)
     assert state["iteration"] == 19
     assert any(s.get("step", 0) == 20 or float(s.get("step", 0)) == 20.0
-               for s in state["optimizer"]["state"].values())
+               for s in state["trainer"]["optimizer"]["state"].values())
+    assert "optimizer" not in state  # saved once, inside the trainer's state
 
 
 def test_two_process_gloo_training_matches_one_process(tmp_path):

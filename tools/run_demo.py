@@ -196,7 +196,8 @@ def ensure_depth_pretraining(args):
          f"-> {args.pretrain_dir}")
     run([sys.executable, "tools/lazyconfig_train_net.py", "--config-file", PRETRAIN_CONFIG, "--resume",
          f"train.output_dir={args.pretrain_dir}", f"train.max_iter={args.pretrain_iters}",
-         f"train.checkpointer.period={max(1, args.pretrain_iters // 4)}", *dataset_overrides(args), *opts],
+         f"train.checkpointer.period={max(1, args.pretrain_iters // 4)}", "train.checkpointer.max_to_keep=1",
+         *dataset_overrides(args), *opts],
         log_path=os.path.join(args.pretrain_dir, "log_demo.txt"))
     if not os.path.isfile(final):
         raise SystemExit(f"[demo] the depth pretraining finished without writing {final}")
@@ -316,7 +317,9 @@ def main(argv=None):
     rows = []
     for title, name, config in selected_models(args):
         run_dir = os.path.join(args.output_dir, name)
-        overrides = [f"train.output_dir={run_dir}", f"train.seed={args.seed}", *dataset_overrides(args)]
+        # resuming needs only the newest checkpoint: one periodic file beside model_final
+        overrides = [f"train.output_dir={run_dir}", f"train.seed={args.seed}", "train.checkpointer.max_to_keep=1",
+                     *dataset_overrides(args)]
         if pretrained:
             overrides.append(f"train.init_checkpoint={os.path.abspath(pretrained)}")
         if args.iters:

@@ -175,7 +175,8 @@ def do_train(cfg, resume: bool = False, extra_hooks: list = ()):
         amp=cfg.train.amp.enabled,
     )
     trainer.output_dir = cfg.train.output_dir  # for hooks that write files of their own (EMA weights)
-    checkpointer = OccupancyCheckpointer(model, cfg.train.output_dir, optimizer=optimizer, trainer=trainer,
+    # the optimizer's state is part of the trainer's (SimpleTrainer.state_dict): saved once, under "trainer"
+    checkpointer = OccupancyCheckpointer(model, cfg.train.output_dir, trainer=trainer,
                                          trust_checkpoint=cfg.train.get("trust_checkpoint", False))
     # first, so that it has gathered the per-process state when the checkpointer saves
     state_hook = TrainingStateHook(checkpoint_period=cfg.train.checkpointer.period,
