@@ -376,33 +376,3 @@ def test_head_checkpointing_changes_nothing_and_bad_levels_are_rejected():
         head(levels[:2])
     with pytest.raises(ValueError, match="OccFlowHead: output_shape"):
         OccFlowHead(4, num_classes=3, output_shape=(6, 6))
-
-
-def test_class_prior_bias_starts_the_logits_at_the_label_frequencies_and_is_off_as_released():
-    gen = torch.Generator().manual_seed(14)
-    levels = [torch.randn(1, 4, *s, generator=gen, dtype=torch.float64) for s in ((3, 3, 2), (2, 2, 1), (1, 1, 1))]
-    counts = torch.rand(3, generator=gen, dtype=torch.float64) * 1e6 + 10
-    torch.manual_seed(5)
-    plain = OccFlowHead(4, 6, num_classes=3, output_shape=(12, 12, 8), hidden_channels=2).double().eval()
-    torch.manual_seed(5)
-    biased = OccFlowHead(4, 6, num_classes=3, output_shape=(12, 12, 8), hidden_channels=2,
-                         class_frequencies=counts.tolist()).double().eval()
-    assert plain.class_bias is None and not any("class_bias" in k for k in plain.state_dict())  # as released
-    p = counts / counts.sum()
-    torch.testing.assert_close(biased.class_bias.detach(), torch.log(p / (1 - p)), rtol=1e-6, atol=1e-6)
-    missing = biased.load_state_dict(plain.state_dict(), strict=False).missing_keys
-    assert missing == ["class_bias"]
-    expected = plain(levels)["occ_logits"] + torch.log(p / (1 - p)).view(1, 3, 1, 1, 1)
-    outputs = biased(levels)
-    torch.testing.assert_close(outputs["occ_logits"], expected, rtol=1e-6, atol=1e-6)
-    torch.testing.assert_close(outputs["flow"], plain(levels)["flow"])
-    # with zero classifier weights the per-class sigmoids are the frequencies
-    with torch.no_grad():
-        biased.classifier.weight.zero_()
-    torch.testing.assert_close(torch.sigmoid(biased(levels)["occ_logits"][0, :, 0, 0, 0]), p, rtol=1e-6, atol=1e-6)
-    # it learns: the loss gradient reaches it
-    biased(levels)["occ_logits"][:, 1].sum().backward()
-    assert biased.class_bias.grad[1] == 12 * 12 * 8 and biased.class_bias.grad[0] == 0
-    for bad in ([1.0, 2.0], [1.0, 0.0, 2.0]):
-        with pytest.raises(ValueError, match="class_frequencies must be 3 positive values"):
-            OccFlowHead(4, 6, num_classes=3, output_shape=(12, 12, 8), class_frequencies=bad)

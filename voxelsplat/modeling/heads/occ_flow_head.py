@@ -78,12 +78,6 @@ class OccFlowHead(nn.Module):
         grad_checkpointing: recompute the deconvolution, the level convs and the fusion with
             the MLPs in the backward pass.
         num_levels: encoder levels when ``in_channels`` is an int (released: 3, the default).
-        class_frequencies: per-class voxel counts (or frequencies) of the training labels. When
-            given, a learned per-class bias initialised to the log-odds of each class's frequency
-            p, log(p / (1 - p)), is added to the logits: the per-class sigmoids of the focal loss
-            start at p, and the softmax near it (mostly free), instead of at 0.5 and uniform (the
-            prior initialisation of RetinaNet; not released: the released classifier has no bias).
-            None (default): no such bias, as released.
 
     Forward: list of ``num_levels`` volumes (B, in_channels, X_i, Y_i, Z_i), finest first
         [, return_features] -> dict with ``occ_logits`` (B, num_classes, X, Y, Z), ``flow``
@@ -94,8 +88,7 @@ class OccFlowHead(nn.Module):
     def __init__(self, in_channels: Union[int, Sequence[int]], mid_channels: Optional[int] = None, *,
                  spec: Optional[OccupancySpec] = None, num_classes: Optional[int] = None,
                  output_shape: Optional[Sequence[int]] = None, hidden_channels: Optional[int] = None,
-                 flow_dims: int = 2, grad_checkpointing: bool = False, num_levels: Optional[int] = None,
-                 class_frequencies: Optional[Sequence[float]] = None):
+                 flow_dims: int = 2, grad_checkpointing: bool = False, num_levels: Optional[int] = None):
         super().__init__()
         if spec is not None:
             for key, given, from_spec in (("num_classes", num_classes, spec.num_classes),
@@ -143,15 +136,6 @@ class OccFlowHead(nn.Module):
         self.occ_mlp = _voxel_mlp(mid_channels, hidden_channels, self.num_classes, nn.ReLU(inplace=True))
         self.flow_mlp = _voxel_mlp(mid_channels, hidden_channels, self.flow_dims, nn.Softplus())
         self.grad_checkpointing = grad_checkpointing
-        self.class_bias = None
-        if class_frequencies is not None:
-            frequencies = torch.as_tensor(np.asarray(class_frequencies, dtype=np.float64))
-            if (frequencies.shape != (self.num_classes,) or self.num_classes < 2
-                    or not bool(torch.all(frequencies > 0))):
-                raise ValueError(f"OccFlowHead: class_frequencies must be {self.num_classes} positive values (one per "
-                                 f"class), got {np.asarray(class_frequencies).tolist()}")
-            p = frequencies / frequencies.sum()
-            self.class_bias = nn.Parameter(torch.log(p / (1 - p)).float())
 
     # ------------------------------------------------------------------ parts
     @property
@@ -220,8 +204,6 @@ class OccFlowHead(nn.Module):
         # The released setting predicts at the GT grid already; elsewhere the predictions are
         # resampled (cheaper than running the MLPs at the finer grid).
         occ_logits, flow = _resample(predicted, self.output_shape).split([self.num_classes, self.flow_dims], dim=1)
-        if self.class_bias is not None:  # a constant per class: the same before or after the resampling
-            occ_logits = occ_logits + self.class_bias.view(1, -1, 1, 1, 1)
         outputs = {"occ_logits": occ_logits, "flow": flow}
         if return_features:
             outputs["voxel_features"] = _resample(features, self.output_shape)
