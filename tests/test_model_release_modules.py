@@ -376,3 +376,43 @@ def test_head_checkpointing_changes_nothing_and_bad_levels_are_rejected():
         head(levels[:2])
     with pytest.raises(ValueError, match="OccFlowHead: output_shape"):
         OccFlowHead(4, num_classes=3, output_shape=(6, 6))
+
+
+@pytest.mark.parametrize("hidden", [2, 0])
+def test_subvoxel_head_predicts_each_child_voxel_from_its_own_outputs(hidden):
+    gen = torch.Generator().manual_seed(15)
+    levels = [torch.randn(2, 4, *s, generator=gen, dtype=torch.float64) for s in ((3, 2, 2), (2, 1, 1), (1, 1, 1))]
+    factors = (2, 3, 1)  # D is (6, 4, 4): children of (2, 3, 1) reach (12, 12, 4)
+    head = OccFlowHead(4, 6, num_classes=3, output_shape=(12, 12, 4), hidden_channels=hidden,
+                       subvoxel_factors=factors).double().eval()
+    _randomize_norms(head, gen)
+    assert head.classifier.out_channels == 3 * 6 and head.flow_mlp[-1].out_channels == 2 * 6
+    if hidden:
+        _, fused, occ, flow = _head_reference(head, levels, False)
+    else:  # one linear layer with a bias per MLP
+        deblocked = head.deblock(levels[0])
+        parts = [deblocked] + [conv(v) for conv, v in zip(head.level_convs, levels)]
+        weights = torch.softmax(head.level_weights(deblocked), dim=1)
+        fused = sum(weights[:, k:k + 1] * F.interpolate(p, size=(6, 4, 4), mode="trilinear", align_corners=False)
+                    for k, p in enumerate(parts))
+        occ, flow = head.occ_mlp(fused), head.flow_mlp(fused)
+    outputs = head(levels)
+    assert outputs["occ_logits"].shape == (2, 3, 12, 12, 4) and outputs["flow"].shape == (2, 2, 12, 12, 4)
+    for a in range(2):
+        for b in range(3):
+            child = a * 3 + b  # channel c * 6 + child of the D voxel's outputs
+            torch.testing.assert_close(outputs["occ_logits"][:, :, a::2, b::3], occ[:, child::6], rtol=1e-9, atol=1e-9)
+            torch.testing.assert_close(outputs["flow"][:, :, a::2, b::3], flow[:, child::6], rtol=1e-9, atol=1e-9)
+    # the features stay one vector per D voxel, resampled as without sub-voxels
+    torch.testing.assert_close(outputs["voxel_features"],
+                               F.interpolate(fused, size=(12, 12, 4), mode="trilinear", align_corners=False))
+    without_features = head(levels, return_features=False)
+    torch.testing.assert_close(without_features["occ_logits"], outputs["occ_logits"], rtol=1e-9, atol=1e-9)
+    # two children of one voxel can be of different classes (trilinear upsampling would blend them)
+    assert (outputs["occ_logits"].argmax(1)[:, 0::2] != outputs["occ_logits"].argmax(1)[:, 1::2]).any()
+
+    with pytest.raises(ValueError, match=r"subvoxel_factors \(2, 3, 1\) take the fusion grid \(6, 4, 2\)"):
+        head([torch.randn(2, 4, 3, 2, 1, dtype=torch.float64)] + levels[1:])
+    for bad in ((2, 2), (2, 0, 1), (2.5, 2, 2)):
+        with pytest.raises(ValueError, match="subvoxel_factors must be three positive integers"):
+            OccFlowHead(4, num_classes=3, output_shape=(12, 12, 4), subvoxel_factors=bad)

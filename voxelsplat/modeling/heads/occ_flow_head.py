@@ -46,6 +46,15 @@ def _run_voxel_mlp(mlp: nn.Sequential, volume: torch.Tensor) -> torch.Tensor:
     return volume
 
 
+def _subvoxel_shuffle(volume: torch.Tensor, channels: int, factors: Tuple[int, int, int]) -> torch.Tensor:
+    """(B, channels * fx * fy * fz, X, Y, Z) -> (B, channels, X fx, Y fy, Z fz): channel
+    ``c * fx fy fz + (a fy + b) fz + d`` is child voxel (a, b, d) of its parent (a 3D pixel shuffle)."""
+    b, _, x, y, z = volume.shape
+    fx, fy, fz = factors
+    volume = volume.reshape(b, channels, fx, fy, fz, x, y, z).permute(0, 1, 5, 2, 6, 3, 7, 4)
+    return volume.reshape(b, channels, x * fx, y * fy, z * fz)
+
+
 def _resample(volume: torch.Tensor, size: Tuple[int, ...]) -> torch.Tensor:
     if tuple(volume.shape[2:]) == tuple(size):
         return volume
@@ -64,7 +73,8 @@ class OccFlowHead(nn.Module):
 
     Every conv is without bias and keeps PyTorch's default initialisation, as released. The
     fusion grid (D's) is the GT grid in the released setting (100x100x8 levels -> 200x200x16);
-    when ``output_shape`` differs, logits, flow and features are trilinearly resampled to it.
+    when ``output_shape`` differs, logits, flow and features are trilinearly resampled to it,
+    or, with ``subvoxel_factors``, logits and flow are predicted per child voxel.
 
     Args:
         in_channels: channels of each level (an int for all; released: 256).
@@ -78,6 +88,13 @@ class OccFlowHead(nn.Module):
         grad_checkpointing: recompute the deconvolution, the level convs and the fusion with
             the MLPs in the backward pass.
         num_levels: encoder levels when ``in_channels`` is an int (released: 3, the default).
+        subvoxel_factors: (fx, fy, fz) from D's grid to ``output_shape``. When given, the last
+            layers of the occupancy and flow MLPs predict every child voxel of a D voxel apart
+            (num_classes x fx fy fz and flow_dims x fx fy fz outputs, rearranged onto the output
+            grid), instead of trilinear resampling, which gives a child the blend of its
+            neighbours: e.g. a one-voxel ground layer and the free layer above it, which share a
+            0.8 m voxel, can get different classes. Not released (the released fusion grid is the
+            output grid); None (default): trilinear resampling.
 
     Forward: list of ``num_levels`` volumes (B, in_channels, X_i, Y_i, Z_i), finest first
         [, return_features] -> dict with ``occ_logits`` (B, num_classes, X, Y, Z), ``flow``
@@ -88,7 +105,8 @@ class OccFlowHead(nn.Module):
     def __init__(self, in_channels: Union[int, Sequence[int]], mid_channels: Optional[int] = None, *,
                  spec: Optional[OccupancySpec] = None, num_classes: Optional[int] = None,
                  output_shape: Optional[Sequence[int]] = None, hidden_channels: Optional[int] = None,
-                 flow_dims: int = 2, grad_checkpointing: bool = False, num_levels: Optional[int] = None):
+                 flow_dims: int = 2, grad_checkpointing: bool = False, num_levels: Optional[int] = None,
+                 subvoxel_factors: Optional[Sequence[int]] = None):
         super().__init__()
         if spec is not None:
             for key, given, from_spec in (("num_classes", num_classes, spec.num_classes),
@@ -121,6 +139,14 @@ class OccFlowHead(nn.Module):
         self.flow_dims = int(flow_dims)
         self.mid_channels = mid_channels
         self.hidden_channels = hidden_channels
+        self.subvoxel_factors = None
+        if subvoxel_factors is not None:
+            factors = tuple(int(f) for f in subvoxel_factors)
+            if len(factors) != 3 or min(factors) < 1 or tuple(subvoxel_factors) != factors:
+                raise ValueError(f"OccFlowHead: subvoxel_factors must be three positive integers (fx, fy, fz), got "
+                                 f"{subvoxel_factors}")
+            self.subvoxel_factors = factors
+        children = int(np.prod(self.subvoxel_factors or (1,)))
         self.feature_channels = mid_channels
         self.deblock = nn.Sequential(
             nn.ConvTranspose3d(in_channels[0], mid_channels, kernel_size=2, stride=2, bias=False),
@@ -133,14 +159,15 @@ class OccFlowHead(nn.Module):
             for c in in_channels
         )
         self.level_weights = _voxel_mlp(mid_channels, hidden_channels, self.num_levels + 1, nn.ReLU(inplace=True))
-        self.occ_mlp = _voxel_mlp(mid_channels, hidden_channels, self.num_classes, nn.ReLU(inplace=True))
-        self.flow_mlp = _voxel_mlp(mid_channels, hidden_channels, self.flow_dims, nn.Softplus())
+        self.occ_mlp = _voxel_mlp(mid_channels, hidden_channels, self.num_classes * children, nn.ReLU(inplace=True))
+        self.flow_mlp = _voxel_mlp(mid_channels, hidden_channels, self.flow_dims * children, nn.Softplus())
         self.grad_checkpointing = grad_checkpointing
 
     # ------------------------------------------------------------------ parts
     @property
     def classifier(self) -> nn.Conv3d:
-        """The layer that outputs the class logits (the occupancy MLP's last)."""
+        """The layer that outputs the class logits (the occupancy MLP's last; with
+        ``subvoxel_factors``, those of every child voxel)."""
         return self.occ_mlp[-1]
 
     def soft_weights(self, deblocked: torch.Tensor) -> torch.Tensor:
@@ -179,6 +206,17 @@ class OccFlowHead(nn.Module):
                                    torch.cat([occ_linear.bias, flow_linear.bias]))
         return predicted, (None if project_first else fused)
 
+    def _children(self, predicted: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+        """Per-child logits and flow at D's grid -> (occupancy logits, flow) on the output grid."""
+        factors = self.subvoxel_factors
+        reached = tuple(s * f for s, f in zip(predicted.shape[2:], factors))
+        if reached != self.output_shape:
+            raise ValueError(f"OccFlowHead: subvoxel_factors {factors} take the fusion grid {tuple(predicted.shape[2:])} "
+                             f"to {reached}, not to the output grid {self.output_shape}")
+        children = int(np.prod(factors))
+        occ, flow = predicted.split([self.num_classes * children, self.flow_dims * children], dim=1)
+        return _subvoxel_shuffle(occ, self.num_classes, factors), _subvoxel_shuffle(flow, self.flow_dims, factors)
+
     # ------------------------------------------------------------------ forward
     def forward(self, volumes: Union[Sequence[torch.Tensor], torch.Tensor],
                 return_features: bool = True) -> Dict[str, torch.Tensor]:
@@ -203,7 +241,10 @@ class OccFlowHead(nn.Module):
             predicted, features = fuse_and_predict(deblocked, *levels)
         # The released setting predicts at the GT grid already; elsewhere the predictions are
         # resampled (cheaper than running the MLPs at the finer grid).
-        occ_logits, flow = _resample(predicted, self.output_shape).split([self.num_classes, self.flow_dims], dim=1)
+        if self.subvoxel_factors is None:
+            occ_logits, flow = _resample(predicted, self.output_shape).split([self.num_classes, self.flow_dims], dim=1)
+        else:
+            occ_logits, flow = self._children(predicted)
         outputs = {"occ_logits": occ_logits, "flow": flow}
         if return_features:
             outputs["voxel_features"] = _resample(features, self.output_shape)
