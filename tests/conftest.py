@@ -13,6 +13,8 @@ if os.environ.get("PYTEST_XDIST_WORKER"):
 
     torch.set_num_threads(1)
 
+from voxelsplat.utils.io import folder_bytes  # noqa: E402  (after the thread settings: it imports numpy)
+
 # 2 scenes (one of nuScenes' mini_train, one of mini_val) x 4 keyframes, small images.
 SYNTHETIC_SCENES = 2
 SYNTHETIC_SAMPLES_PER_SCENE = 4
@@ -41,21 +43,10 @@ def synthetic_dataset(tmp_path_factory):
 TMP_PATH_BUDGET_MB = 320
 
 
-def _tree_bytes(path):
-    total = 0
-    for folder, _, files in os.walk(path):
-        for name in files:
-            try:
-                total += os.lstat(os.path.join(folder, name)).st_size
-            except OSError:
-                pass
-    return total
-
-
 @pytest.hookimpl(wrapper=True)
 def pytest_runtest_teardown(item):
     path = getattr(item, "funcargs", {}).get("tmp_path")
-    size_mb = 0 if path is None else _tree_bytes(path) / 2 ** 20  # before tmp_path's teardown removes it
+    size_mb = 0 if path is None else folder_bytes(path) / 2 ** 20  # before tmp_path's teardown removes it
     result = yield
     if size_mb > TMP_PATH_BUDGET_MB:
         pytest.fail(f"{item.nodeid} left {size_mb:.0f} MB in {path}, over the {TMP_PATH_BUDGET_MB} MB per-test "

@@ -8,8 +8,8 @@ import numpy as np
 import pytest
 
 from voxelsplat.utils.io import (
-    append_json_lines, atomic_write, atomic_write_bytes, atomic_write_json, atomic_write_text, read_json,
-    read_json_lines, remove_stale_temporaries,
+    append_json_lines, atomic_write, atomic_write_bytes, atomic_write_json, atomic_write_text, folder_bytes,
+    read_json, read_json_lines, remove_stale_temporaries,
 )
 
 
@@ -168,3 +168,17 @@ def test_written_file_gets_the_permissions_open_would_give_or_keeps_those_it_rep
         assert os.stat(tmp_path / "new.txt").st_mode & 0o777 == 0o604
     finally:
         os.umask(previous)
+
+
+def test_folder_bytes_sums_the_files_below_counting_links_as_themselves(tmp_path):
+    rng = np.random.default_rng(7)
+    sizes = rng.integers(0, 5000, size=6)
+    for i, size in enumerate(sizes):
+        folder = tmp_path / "a" / ("b" if i % 2 else "") / ("c" if i % 3 == 0 else "")
+        folder.mkdir(parents=True, exist_ok=True)
+        (folder / f"f{i}.bin").write_bytes(rng.bytes(int(size)))
+    assert folder_bytes(str(tmp_path)) == int(sizes.sum())
+    (tmp_path / "big.bin").write_bytes(b"x" * 100_000)
+    (tmp_path / "a" / "link").symlink_to(tmp_path / "big.bin")
+    assert folder_bytes(str(tmp_path / "a")) == int(sizes.sum()) + len(os.readlink(tmp_path / "a" / "link"))
+    assert folder_bytes(str(tmp_path / "missing")) == 0

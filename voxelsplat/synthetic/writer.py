@@ -33,6 +33,7 @@ import numpy as np
 from voxelsplat.data.datasets import CAMERA_CHANNELS
 from voxelsplat.structures import DEFAULT_GRID, OPENOCC_V2_CLASSES, openocc_to_occ3d_lut
 from voxelsplat.utils.geometry import matrix_to_quaternion, yaw_to_quaternion
+from voxelsplat.utils.io import folder_bytes
 
 from .render import lidar_scan, occupancy_labels, points_in_boxes, ray_visibility, render_camera, camera_rays
 from .sensors import CAMERA_TIME_OFFSETS_US, LIDAR2EGO, LIDAR_MAX_RANGE, camera_rig, lidar_beam_directions
@@ -312,7 +313,7 @@ def generate_synthetic_dataset(output: str, version: str = "v1.0-mini", scenes: 
         for name, records in tables.items():
             with open(os.path.join(table_dir, f"{name}.json"), "w") as f:
                 json.dump(records, f, indent=1)
-        size = sum(os.path.getsize(os.path.join(d, f)) for d, _, files in os.walk(stage) for f in files)
+        size = folder_bytes(stage)
     return dict(root=output, version=version, scenes=names, samples_per_scene=samples_per_scene, bytes=size)
 
 

@@ -9,6 +9,7 @@ back what was written that way.
   dtype, shape and bytes), for caches that must never run code when read (unlike a pickle).
 - :func:`append_json_lines` / :func:`read_json_lines`: a JSON-lines log (``metrics.json``)
   whose every record is appended whole, and read back skipping a line a killed writer cut.
+- :func:`folder_bytes`: the size of the files under a folder.
 """
 from __future__ import annotations
 
@@ -26,7 +27,7 @@ from typing import IO, Any, Iterable, Iterator, List, Optional
 import numpy as np
 
 __all__ = ["atomic_write", "atomic_write_bytes", "atomic_write_text", "atomic_write_json", "read_json",
-           "append_json_lines", "read_json_lines", "remove_stale_temporaries"]
+           "append_json_lines", "read_json_lines", "remove_stale_temporaries", "folder_bytes"]
 
 logger = logging.getLogger(__name__)
 
@@ -260,3 +261,16 @@ def read_json_lines(path: str) -> List[Any]:
         logger.warning("%s: skipped %d line(s) that are not JSON (a write cut short): line(s) %s", path,
                        len(unreadable), unreadable[:10])
     return records
+
+
+def folder_bytes(folder: str) -> int:
+    """Bytes of the files under ``folder``, recursively (a link counts as itself, not its
+    target; a file removed while walking counts 0)."""
+    total = 0
+    for parent, _, files in os.walk(folder):
+        for name in files:
+            try:
+                total += os.lstat(os.path.join(parent, name)).st_size
+            except FileNotFoundError:
+                pass
+    return total
