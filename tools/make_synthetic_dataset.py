@@ -33,6 +33,9 @@ def parse_args(argv=None):
     parser.add_argument("--sweeps", type=int, default=0, help="LiDAR sweeps between keyframes, 0-9 (default: 0)")
     parser.add_argument("--seed", type=int, default=0, help="world seed; the same seed gives the same bytes")
     parser.add_argument("--workers", type=int, default=os.cpu_count() or 1, help="parallel processes")
+    parser.add_argument("--omit-classes", nargs="*", default=[], metavar="CLASS",
+                        help="object classes to leave out of every world (the label set stays), e.g. "
+                        "pedestrian bicycle motorcycle traffic_cone barrier")
     parser.add_argument("--overwrite", action="store_true",
                         help="replace an existing output folder once the new dataset is complete")
     return parser.parse_args(argv)
@@ -53,7 +56,8 @@ def main(argv=None) -> int:
         info = generate_synthetic_dataset(args.output, version=args.version, scenes=args.scenes,
                                           samples_per_scene=args.samples_per_scene, image_size=args.image_size,
                                           sweeps=args.sweeps, seed=args.seed, workers=args.workers,
-                                          overwrite=args.overwrite, progress=True)
+                                          overwrite=args.overwrite, progress=True,
+                                          omit_classes=args.omit_classes)
     except (FileExistsError, ValueError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 2

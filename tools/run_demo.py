@@ -72,6 +72,8 @@ def parse_args(argv=None):
     parser.add_argument("--eval-period", type=int, default=None,
                         help="also evaluate every this many iterations (learning curves; default: at the end only)")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--omit-classes", nargs="*", default=[], metavar="CLASS",
+                        help="object classes the synthetic worlds leave out (tools/make_synthetic_dataset.py)")
     parser.add_argument("--quick", action="store_true",
                         help="tiny run: 2 scenes x 4 keyframes, 176x64 images, 6 iterations")
     parser.add_argument("--skip-pictures", action="store_true")
@@ -141,8 +143,11 @@ def dataset_overrides(args):
 
 def dataset_settings(args):
     """What the demo's synthetic dataset is generated from."""
-    return {"version": args.version, "scenes": args.scenes, "samples_per_scene": args.samples_per_scene,
-            "image_size": list(args.image_size), "seed": args.seed}
+    settings = {"version": args.version, "scenes": args.scenes, "samples_per_scene": args.samples_per_scene,
+                "image_size": list(args.image_size), "seed": args.seed}
+    if args.omit_classes:  # only when used, so that the markers of datasets made before stay valid
+        settings["omit_classes"] = sorted(set(args.omit_classes))
+    return settings
 
 
 def ensure_dataset(args):
@@ -160,7 +165,8 @@ def ensure_dataset(args):
                    "--version", args.version,
                    "--scenes", str(args.scenes), "--samples-per-scene", str(args.samples_per_scene),
                    "--image-size", str(args.image_size[0]), str(args.image_size[1]),
-                   "--seed", str(args.seed), "--overwrite"])
+                   "--seed", str(args.seed), "--overwrite",
+                   *(["--omit-classes", *args.omit_classes] if args.omit_classes else [])])
     write_json(marker, wanted)
     return seconds
 

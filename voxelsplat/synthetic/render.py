@@ -240,6 +240,13 @@ def shade(world: World, boxes: BoxSet, hits: RayHits, origin: np.ndarray, direct
         base[stripes] = (0.1, 0.1, 0.1)
         roof = vehicle & (hits.axis[b] == 2)
         base[roof] *= 0.85
+        # lamps across the lower front (white) and rear (red) of the body, as real vehicles carry:
+        # the heading, and so the direction of travel, can be read from one image
+        lamps = vehicle & (hits.axis[b] == 0) & (rel > 0.28) & (rel < 0.48) & \
+            (np.abs(local[:, 1]) > 0.2 * size[:, 1]) & (labels != CLASS["motorcycle"])
+        front = lamps & (hits.sign[b] > 0) & (labels != CLASS["trailer"])
+        base[front] = (1.0, 0.97, 0.82)
+        base[lamps & (hits.sign[b] < 0)] = (0.85, 0.06, 0.05)
 
         person = labels == CLASS["pedestrian"]
         base[person & (rel > 0.86)] = (0.8, 0.64, 0.5)

@@ -11,6 +11,10 @@ pure function of ``(seed, scene_index, duration)``; nothing here touches the dis
 - Agents: boxes of the eight flow classes that follow paths (lanes, sidewalks, turns)
   at constant speed; a speed of 0 means parked or standing.
 - Ego: follows a lane of the main road.
+
+``omit_classes`` removes every box of the given classes from a world after it is built, so
+the rest of the world (roads, structures, the other agents) is the same as without it: a
+benchmark can leave out objects too small to learn in its budget and keep the label set.
 """
 from __future__ import annotations
 
@@ -21,7 +25,7 @@ import numpy as np
 
 from voxelsplat.structures import OPENOCC_V2_CLASSES
 
-__all__ = ["Path", "Agent", "BoxSet", "World", "build_world", "AGENT_TYPES", "GROUND_CELL"]
+__all__ = ["Path", "Agent", "BoxSet", "World", "build_world", "AGENT_TYPES", "GROUND_CELL", "OMITTABLE_CLASSES"]
 
 CLASS = {name: index for index, name in enumerate(OPENOCC_V2_CLASSES)}
 FREE = CLASS["free"]
@@ -41,6 +45,8 @@ AGENT_TYPES: Dict[str, Tuple[str, Tuple[float, float, float], float]] = {
     "pedestrian": ("human.pedestrian.adult", (0.7, 0.65, 1.75), 0.08),
 }
 STATIC_CATEGORIES = {"traffic_cone": "movable_object.trafficcone", "barrier": "movable_object.barrier"}
+# classes whose boxes a world can leave out (the object classes; ground, buildings and plants stay)
+OMITTABLE_CLASSES = tuple(list(AGENT_TYPES) + list(STATIC_CATEGORIES))
 
 
 class Path:
@@ -274,8 +280,19 @@ def _main_centreline(rng: np.random.Generator, length: float, start: np.ndarray,
     return Path(points)
 
 
-def build_world(seed: int, scene_index: int, duration: float) -> World:
-    """A random world for one scene, big enough for the ego to drive ``duration`` seconds."""
+def check_omit_classes(omit_classes) -> Tuple[str, ...]:
+    """``omit_classes`` as a sorted tuple of class names; an unknown or non-object class is an error."""
+    names = tuple(sorted(set(str(c) for c in omit_classes)))
+    bad = [c for c in names if c not in OMITTABLE_CLASSES]
+    if bad:
+        raise ValueError(f"omit_classes: {bad} are not object classes; choose among {list(OMITTABLE_CLASSES)}")
+    return names
+
+
+def build_world(seed: int, scene_index: int, duration: float, omit_classes=()) -> World:
+    """A random world for one scene, big enough for the ego to drive ``duration`` seconds,
+    without any box of the classes ``omit_classes`` (names from ``OMITTABLE_CLASSES``)."""
+    omit = check_omit_classes(omit_classes)
     rng = np.random.default_rng([seed, scene_index, 7919])
     ego_speed = float(rng.choice([0.0, rng.uniform(3.0, 10.0)], p=[0.08, 0.92]))
     travel = ego_speed * duration
@@ -307,7 +324,12 @@ def build_world(seed: int, scene_index: int, duration: float) -> World:
     _place_traffic(rng, agents, static, ground, roads, ego_s0, ego_speed, ego_lane_offset, duration)
     ego = Agent("car", AGENT_TYPES["car"][1], main.path.offset(ego_lane_offset), ego_s0, ego_speed, (0, 0, 0), 0)
     agents = _clear_of_ego(agents, ego, duration)
-    world = World(seed=seed, ground=ground, static=static.build(), agents=agents, ego=ego, roads=[r.path for r in roads])
+    static_boxes = static.build()
+    if omit:
+        agents = [a for a in agents if a.kind not in omit]
+        static_boxes = static_boxes.select(~np.isin(static_boxes.labels, [CLASS[c] for c in omit]))
+        static_boxes.ids = -1 - np.arange(len(static_boxes), dtype=np.int64)
+    world = World(seed=seed, ground=ground, static=static_boxes, agents=agents, ego=ego, roads=[r.path for r in roads])
     return world
 
 

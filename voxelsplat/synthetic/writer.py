@@ -39,7 +39,7 @@ from .render import lidar_scan, occupancy_labels, points_in_boxes, ray_visibilit
 from .sensors import CAMERA_TIME_OFFSETS_US, LIDAR2EGO, LIDAR_MAX_RANGE, camera_rig, lidar_beam_directions
 from .staging import staged_folder
 from .workers import ordered_map
-from .world import AGENT_TYPES, CLASS, STATIC_CATEGORIES, World, build_world
+from .world import AGENT_TYPES, CLASS, STATIC_CATEGORIES, World, build_world, check_omit_classes
 
 logger = logging.getLogger(__name__)
 
@@ -102,6 +102,7 @@ class _SceneSpec:
     name: str
     num_keyframes: int
     sweeps: int
+    omit_classes: Tuple[str, ...] = ()
 
     @property
     def duration(self) -> float:
@@ -122,15 +123,17 @@ def keyframe_time(frame_index: int) -> float:
 
 
 @functools.lru_cache(maxsize=4)
-def scene_world(seed: int, scene_index: int, duration: float) -> World:
+def scene_world(seed: int, scene_index: int, duration: float, omit_classes: Tuple[str, ...] = ()) -> World:
     """The world of one scene (cached per process)."""
-    return build_world(seed, scene_index, duration)
+    return build_world(seed, scene_index, duration, omit_classes)
 
 
-def scene_world_for(seed: int, scene_index: int, samples_per_scene: int) -> World:
+def scene_world_for(seed: int, scene_index: int, samples_per_scene: int, omit_classes: Sequence[str] = ()) -> World:
     """The world of scene ``scene_index`` (position in the sorted scene names) of a dataset
-    generated with ``seed`` and ``samples_per_scene``; world time 0 is the first keyframe."""
-    return scene_world(seed, scene_index, _SceneSpec(seed, scene_index, "", samples_per_scene, 0).duration)
+    generated with ``seed``, ``samples_per_scene`` and ``omit_classes``; world time 0 is the
+    first keyframe."""
+    return scene_world(seed, scene_index, _SceneSpec(seed, scene_index, "", samples_per_scene, 0).duration,
+                       check_omit_classes(omit_classes))
 
 
 def _write_npz(path: str, arrays: Dict[str, np.ndarray]) -> None:
@@ -171,7 +174,7 @@ def _time_of(task: _FrameTask) -> Tuple[float, int]:
 def _render_frame(task: _FrameTask) -> dict:
     """Render, cast and write one keyframe (or sweep); returns the annotation candidates."""
     spec = task.spec
-    world = scene_world(spec.seed, spec.index, spec.duration)
+    world = scene_world(spec.seed, spec.index, spec.duration, spec.omit_classes)
     t, _ = _time_of(task)
     ego2global = world.ego_pose(t)
     boxes = world.boxes(t)
@@ -278,7 +281,8 @@ def _link(records: List[dict]) -> None:
 
 def generate_synthetic_dataset(output: str, version: str = "v1.0-mini", scenes: int = 2, samples_per_scene: int = 20,
                                image_size: Sequence[int] = (704, 256), sweeps: int = 0, seed: int = 0,
-                               workers: int = 1, overwrite: bool = False, progress: bool = False) -> dict:
+                               workers: int = 1, overwrite: bool = False, progress: bool = False,
+                               omit_classes: Sequence[str] = ()) -> dict:
     """Generate the dataset into ``output`` (see the module docstring for the layout).
 
     Args:
@@ -291,6 +295,9 @@ def generate_synthetic_dataset(output: str, version: str = "v1.0-mini", scenes: 
         sweeps: LiDAR sweeps between consecutive keyframes (0-9; 20 Hz).
         seed: world seed; the same seed gives the same bytes.
         workers: processes rendering frames in parallel; they end with this process.
+        omit_classes: object classes to leave out of every world (see ``world.OMITTABLE_CLASSES``):
+            the label set stays, those classes just never occur. Recorded in each scene's
+            description.
     Returns:
         dict with ``root``, ``version``, ``scenes`` (names), ``samples_per_scene``, ``bytes`` (size on disk).
     """
@@ -302,10 +309,11 @@ def generate_synthetic_dataset(output: str, version: str = "v1.0-mini", scenes: 
     width, height = (int(v) for v in image_size)
     if width < 16 or height < 16:
         raise ValueError(f"image_size must be at least 16x16 pixels, got {width}x{height}")
+    omit_classes = check_omit_classes(omit_classes)
     output = os.path.abspath(output)
     names = synthetic_scene_names(version, scenes)
     with staged_folder(output, overwrite) as stage:
-        tables, tasks = _plan(stage, version, names, samples_per_scene, (width, height), sweeps, seed)
+        tables, tasks = _plan(stage, version, names, samples_per_scene, (width, height), sweeps, seed, omit_classes)
         results = _run_tasks(tasks, workers, progress)
         _add_annotations(tables, tasks, results, seed)
         table_dir = os.path.join(stage, version)
@@ -318,7 +326,7 @@ def generate_synthetic_dataset(output: str, version: str = "v1.0-mini", scenes: 
 
 
 def _plan(root: str, version: str, names: List[str], num_keyframes: int, image_size: Tuple[int, int], sweeps: int,
-          seed: int):
+          seed: int, omit_classes: Tuple[str, ...] = ()):
     """Every table except sample_annotation/instance, and the render tasks."""
     import cv2
 
@@ -341,8 +349,8 @@ def _plan(root: str, version: str, names: List[str], num_keyframes: int, image_s
     rig = {c["channel"]: c for c in camera_rig(width, height)}
     tasks: List[_FrameTask] = []
     for index, name in enumerate(names):
-        spec = _SceneSpec(seed, index, name, num_keyframes, sweeps)
-        world = scene_world(seed, index, spec.duration)
+        spec = _SceneSpec(seed, index, name, num_keyframes, sweeps, omit_classes)
+        world = scene_world(seed, index, spec.duration, omit_classes)
         log_token = _token(seed, name, "log")
         tables["log"].append(dict(token=log_token, logfile=spec.log_name, vehicle="n015", date_captured="2018-07-24",
                                   location="singapore-onenorth"))
@@ -371,6 +379,8 @@ def _plan(root: str, version: str, names: List[str], num_keyframes: int, image_s
         tables["sample"].extend(samples)
         description = (f"synthetic drive, {len(world.agents)} agents, ego at "
                        f"{world.ego.speed:.1f} m/s, seed {seed}")
+        if omit_classes:
+            description += f", without {', '.join(omit_classes)}"
         tables["scene"].append(dict(token=scene_token, log_token=log_token, nbr_samples=num_keyframes,
                                     first_sample_token=samples[0]["token"], last_sample_token=samples[-1]["token"],
                                     name=name, description=description))
