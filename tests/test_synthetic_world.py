@@ -90,7 +90,7 @@ def test_vehicle_front_shows_white_lamps_and_rear_red_lamps(label):
         assert abs(body_front[0, 0] - body_front[0, 1]) < 0.2
 
 
-def test_generator_and_tools_pass_omit_classes_on(tmp_path):
+def test_generator_and_tools_pass_omit_classes_and_one_way_on(tmp_path):
     import json
     import os
     import sys
@@ -99,10 +99,10 @@ def test_generator_and_tools_pass_omit_classes_on(tmp_path):
     import run_demo
 
     info = generate_synthetic_dataset(str(tmp_path / "d"), scenes=1, samples_per_scene=2, image_size=(48, 24),
-                                      seed=4, omit_classes=["pedestrian", "traffic_cone"])
+                                      seed=4, omit_classes=["pedestrian", "traffic_cone"], one_way=True)
     tables = os.path.join(info["root"], info["version"])
     with open(os.path.join(tables, "scene.json")) as f:
-        assert f.read().count("without pedestrian, traffic_cone") == 1
+        assert f.read().count("without pedestrian, traffic_cone, one-way main road") == 1
     with open(os.path.join(tables, "category.json")) as f:
         names = {c["token"]: c["name"] for c in json.load(f)}
     with open(os.path.join(tables, "instance.json")) as f:
@@ -110,7 +110,41 @@ def test_generator_and_tools_pass_omit_classes_on(tmp_path):
     assert categories and not categories & {"human.pedestrian.adult", "movable_object.trafficcone"}
     # the demo's dataset marker names the omitted classes only when there are some (older markers stay valid)
     plain = run_demo.parse_args(["--data-dir", str(tmp_path / "x")])
-    assert "omit_classes" not in run_demo.dataset_settings(plain)
+    assert not {"omit_classes", "one_way_traffic"} & set(run_demo.dataset_settings(plain))
     thin = run_demo.parse_args(["--data-dir", str(tmp_path / "x"), "--omit-classes", "barrier", "pedestrian",
-                                "--models", "fbocc_tiny"])
+                                "--one-way-traffic", "--models", "fbocc_tiny"])
     assert run_demo.dataset_settings(thin)["omit_classes"] == ["barrier", "pedestrian"]
+    assert run_demo.dataset_settings(thin)["one_way_traffic"] is True
+
+
+def _heading_agreement(world, t=2.0):
+    """Cosine between each moving agent's velocity and the main road's direction at the nearest
+    centreline point, for the agents within the main road's carriageway."""
+    road = world.roads[0]
+    s = np.arange(0.0, road.length, 0.5)
+    x, y, h = road.pose(s)
+    cos = []
+    for agent in world.agents:
+        if agent.speed <= 0:
+            continue
+        ax, ay, _, vx, vy = agent.state(t)
+        d = np.hypot(x - ax, y - ay)
+        i = int(np.argmin(d))
+        if d[i] < 6.0:
+            cos.append((vx * np.cos(h[i]) + vy * np.sin(h[i])) / agent.speed)
+    return np.array(cos)
+
+
+@pytest.mark.parametrize("scene_index", [0, 2, 3])
+def test_one_way_traffic_sends_the_main_roads_traffic_the_egos_way(scene_index):
+    two = build_world(3, scene_index, 9.6)
+    one = build_world(3, scene_index, 9.6, one_way=True)
+    # the same draws: the same vehicles and speeds, except the few that the ego's body now meets
+    # (or no longer meets) on the changed lanes and that are therefore dropped
+    keys = lambda w: {(a.kind, a.size, a.speed, a.colour, a.seed) for a in w.agents}  # noqa: E731
+    assert len(keys(one) & keys(two)) >= 0.85 * max(len(one.agents), len(two.agents))
+    np.testing.assert_array_equal(one.ego_pose(3.0), two.ego_pose(3.0))
+    np.testing.assert_array_equal(one.static.centers, two.static.centers)
+    cos_two, cos_one = _heading_agreement(two), _heading_agreement(one)
+    assert (cos_two < -0.9).sum() >= 4  # two-way: oncoming traffic
+    assert len(cos_one) >= len(cos_two) - 2 and (cos_one > 0.5).mean() > 0.95

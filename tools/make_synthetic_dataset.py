@@ -36,6 +36,8 @@ def parse_args(argv=None):
     parser.add_argument("--omit-classes", nargs="*", default=[], metavar="CLASS",
                         help="object classes to leave out of every world (the label set stays), e.g. "
                         "pedestrian bicycle motorcycle traffic_cone barrier")
+    parser.add_argument("--one-way-traffic", action="store_true",
+                        help="every lane of the main road carries traffic the ego's way")
     parser.add_argument("--overwrite", action="store_true",
                         help="replace an existing output folder once the new dataset is complete")
     return parser.parse_args(argv)
@@ -57,7 +59,7 @@ def main(argv=None) -> int:
                                           samples_per_scene=args.samples_per_scene, image_size=args.image_size,
                                           sweeps=args.sweeps, seed=args.seed, workers=args.workers,
                                           overwrite=args.overwrite, progress=True,
-                                          omit_classes=args.omit_classes)
+                                          omit_classes=args.omit_classes, one_way=args.one_way_traffic)
     except (FileExistsError, ValueError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 2

@@ -74,6 +74,8 @@ def parse_args(argv=None):
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--omit-classes", nargs="*", default=[], metavar="CLASS",
                         help="object classes the synthetic worlds leave out (tools/make_synthetic_dataset.py)")
+    parser.add_argument("--one-way-traffic", action="store_true",
+                        help="the synthetic worlds' main roads carry all traffic the ego's way")
     parser.add_argument("--quick", action="store_true",
                         help="tiny run: 2 scenes x 4 keyframes, 176x64 images, 6 iterations")
     parser.add_argument("--skip-pictures", action="store_true")
@@ -147,6 +149,8 @@ def dataset_settings(args):
                 "image_size": list(args.image_size), "seed": args.seed}
     if args.omit_classes:  # only when used, so that the markers of datasets made before stay valid
         settings["omit_classes"] = sorted(set(args.omit_classes))
+    if args.one_way_traffic:
+        settings["one_way_traffic"] = True
     return settings
 
 
@@ -166,7 +170,8 @@ def ensure_dataset(args):
                    "--scenes", str(args.scenes), "--samples-per-scene", str(args.samples_per_scene),
                    "--image-size", str(args.image_size[0]), str(args.image_size[1]),
                    "--seed", str(args.seed), "--overwrite",
-                   *(["--omit-classes", *args.omit_classes] if args.omit_classes else [])])
+                   *(["--omit-classes", *args.omit_classes] if args.omit_classes else []),
+                   *(["--one-way-traffic"] if args.one_way_traffic else [])])
     write_json(marker, wanted)
     return seconds
 

@@ -59,6 +59,8 @@ def main(argv=None):
     parser.add_argument("--image-size", type=int, nargs=2, default=(352, 128))
     parser.add_argument("--omit-classes", nargs="*", default=[], metavar="CLASS",
                         help="object classes the synthetic worlds leave out (the label set stays)")
+    parser.add_argument("--one-way-traffic", action="store_true",
+                        help="the synthetic worlds' main roads carry all traffic the ego's way")
     parser.add_argument("--pretrain-iters", type=int, default=BENCHMARK_PRETRAIN_ITERS,
                         help="shared depth pretraining of the image branch, run once for every seed and model "
                              "(0: none)")
@@ -76,6 +78,8 @@ def main(argv=None):
                    "--pretrain-dir", os.path.join(args.output_dir, "depth_pretrain")]
     if args.omit_classes:
         shared_args += ["--omit-classes", *args.omit_classes]
+    if args.one_way_traffic:
+        shared_args += ["--one-way-traffic"]
     shared_args += ["--models", *(args.models or [name for _, name, _ in run_demo.MODELS])]
     if args.iters:
         shared_args += ["--iters", str(args.iters)]

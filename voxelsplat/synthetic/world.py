@@ -15,6 +15,9 @@ pure function of ``(seed, scene_index, duration)``; nothing here touches the dis
 ``omit_classes`` removes every box of the given classes from a world after it is built, so
 the rest of the world (roads, structures, the other agents) is the same as without it: a
 benchmark can leave out objects too small to learn in its budget and keep the label set.
+``one_way=True`` makes every lane of the main road carry traffic the ego's way (the lanes on the
+left of the centreline included), as on a one-way street; the same vehicles, speeds and
+draws otherwise.
 """
 from __future__ import annotations
 
@@ -289,9 +292,10 @@ def check_omit_classes(omit_classes) -> Tuple[str, ...]:
     return names
 
 
-def build_world(seed: int, scene_index: int, duration: float, omit_classes=()) -> World:
+def build_world(seed: int, scene_index: int, duration: float, omit_classes=(), one_way: bool = False) -> World:
     """A random world for one scene, big enough for the ego to drive ``duration`` seconds,
-    without any box of the classes ``omit_classes`` (names from ``OMITTABLE_CLASSES``)."""
+    without any box of the classes ``omit_classes`` (names from ``OMITTABLE_CLASSES``), with
+    all the main road's traffic going the ego's way when ``one_way``."""
     omit = check_omit_classes(omit_classes)
     rng = np.random.default_rng([seed, scene_index, 7919])
     ego_speed = float(rng.choice([0.0, rng.uniform(3.0, 10.0)], p=[0.08, 0.92]))
@@ -321,7 +325,7 @@ def build_world(seed: int, scene_index: int, duration: float, omit_classes=()) -
     _place_roadside(rng, static, ground, roads)
     agents: List[Agent] = []
     ego_lane_offset = -(0.5 + (main.lanes - 1)) * LANE_WIDTH if rng.random() < 0.5 else -0.5 * LANE_WIDTH
-    _place_traffic(rng, agents, static, ground, roads, ego_s0, ego_speed, ego_lane_offset, duration)
+    _place_traffic(rng, agents, static, ground, roads, ego_s0, ego_speed, ego_lane_offset, duration, one_way)
     ego = Agent("car", AGENT_TYPES["car"][1], main.path.offset(ego_lane_offset), ego_s0, ego_speed, (0, 0, 0), 0)
     agents = _clear_of_ego(agents, ego, duration)
     static_boxes = static.build()
@@ -519,22 +523,27 @@ def _pick_vehicle(rng) -> str:
 
 
 def _place_traffic(rng, agents: List[Agent], static: _StaticBuilder, ground: Ground, roads: List[_Road],
-                   ego_s0: float, ego_speed: float, ego_lane: float, duration: float) -> None:
+                   ego_s0: float, ego_speed: float, ego_lane: float, duration: float, one_way: bool = False) -> None:
     def new_agent(kind, path, s0, speed, size=None):
         agents.append(Agent(kind, size or _size(rng, kind), path, float(s0), float(speed),
                             _jitter_colour(rng, kind), int(rng.integers(1 << 30))))
         return agents[-1]
 
     main = roads[0]
+    def lane_path(direction, offset):
+        # the lanes of direction -1 lie left of the centreline; on a one-way road they run the ego's way
+        if direction == 1:
+            return main.path.offset(offset)
+        return main.path.offset(-offset) if one_way else main.path.reversed().offset(offset)
+
     # driving lanes of the main road: both directions, one speed per lane (no overtaking)
     for direction in (1, -1):
         for lane in range(main.lanes):
             offset = -(lane + 0.5) * LANE_WIDTH
-            base = main.path if direction == 1 else main.path.reversed()
-            path = base.offset(offset)
+            path = lane_path(direction, offset)
             is_ego_lane = direction == 1 and abs(offset - ego_lane) < 1e-6
             speed = ego_speed if is_ego_lane else (0.0 if rng.random() < 0.15 else rng.uniform(3.0, 12.0))
-            ego_here = ego_s0 if direction == 1 else path.length - ego_s0
+            ego_here = ego_s0 if direction == 1 or one_way else path.length - ego_s0
             s = rng.uniform(0, 12)
             while s < path.length:
                 kind = _pick_vehicle(rng)
@@ -552,7 +561,7 @@ def _place_traffic(rng, agents: List[Agent], static: _StaticBuilder, ground: Gro
                 new_agent(kind, path, s, speed, size)
                 s += size[0] + rng.uniform(4.0, 30.0)
         # cyclists near the right edge of the outer lane
-        path = (main.path if direction == 1 else main.path.reversed()).offset(-(main.lanes * LANE_WIDTH - 0.6))
+        path = lane_path(direction, -(main.lanes * LANE_WIDTH - 0.6))
         for _ in range(int(rng.integers(0, 3))):
             kind = "bicycle" if rng.random() < 0.7 else "motorcycle"
             new_agent(kind, path, rng.uniform(0, path.length), rng.uniform(2.5, 6.0))

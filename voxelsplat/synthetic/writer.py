@@ -103,6 +103,7 @@ class _SceneSpec:
     num_keyframes: int
     sweeps: int
     omit_classes: Tuple[str, ...] = ()
+    one_way: bool = False
 
     @property
     def duration(self) -> float:
@@ -123,17 +124,19 @@ def keyframe_time(frame_index: int) -> float:
 
 
 @functools.lru_cache(maxsize=4)
-def scene_world(seed: int, scene_index: int, duration: float, omit_classes: Tuple[str, ...] = ()) -> World:
+def scene_world(seed: int, scene_index: int, duration: float, omit_classes: Tuple[str, ...] = (),
+                one_way: bool = False) -> World:
     """The world of one scene (cached per process)."""
-    return build_world(seed, scene_index, duration, omit_classes)
+    return build_world(seed, scene_index, duration, omit_classes, one_way)
 
 
-def scene_world_for(seed: int, scene_index: int, samples_per_scene: int, omit_classes: Sequence[str] = ()) -> World:
+def scene_world_for(seed: int, scene_index: int, samples_per_scene: int, omit_classes: Sequence[str] = (),
+                    one_way: bool = False) -> World:
     """The world of scene ``scene_index`` (position in the sorted scene names) of a dataset
-    generated with ``seed``, ``samples_per_scene`` and ``omit_classes``; world time 0 is the
-    first keyframe."""
+    generated with ``seed``, ``samples_per_scene``, ``omit_classes`` and ``one_way``; world
+    time 0 is the first keyframe."""
     return scene_world(seed, scene_index, _SceneSpec(seed, scene_index, "", samples_per_scene, 0).duration,
-                       check_omit_classes(omit_classes))
+                       check_omit_classes(omit_classes), bool(one_way))
 
 
 def _write_npz(path: str, arrays: Dict[str, np.ndarray]) -> None:
@@ -174,7 +177,7 @@ def _time_of(task: _FrameTask) -> Tuple[float, int]:
 def _render_frame(task: _FrameTask) -> dict:
     """Render, cast and write one keyframe (or sweep); returns the annotation candidates."""
     spec = task.spec
-    world = scene_world(spec.seed, spec.index, spec.duration, spec.omit_classes)
+    world = scene_world(spec.seed, spec.index, spec.duration, spec.omit_classes, spec.one_way)
     t, _ = _time_of(task)
     ego2global = world.ego_pose(t)
     boxes = world.boxes(t)
@@ -282,7 +285,7 @@ def _link(records: List[dict]) -> None:
 def generate_synthetic_dataset(output: str, version: str = "v1.0-mini", scenes: int = 2, samples_per_scene: int = 20,
                                image_size: Sequence[int] = (704, 256), sweeps: int = 0, seed: int = 0,
                                workers: int = 1, overwrite: bool = False, progress: bool = False,
-                               omit_classes: Sequence[str] = ()) -> dict:
+                               omit_classes: Sequence[str] = (), one_way: bool = False) -> dict:
     """Generate the dataset into ``output`` (see the module docstring for the layout).
 
     Args:
@@ -298,6 +301,7 @@ def generate_synthetic_dataset(output: str, version: str = "v1.0-mini", scenes: 
         omit_classes: object classes to leave out of every world (see ``world.OMITTABLE_CLASSES``):
             the label set stays, those classes just never occur. Recorded in each scene's
             description.
+        one_way: all traffic of each main road goes the ego's way (also in the description).
     Returns:
         dict with ``root``, ``version``, ``scenes`` (names), ``samples_per_scene``, ``bytes`` (size on disk).
     """
@@ -313,7 +317,8 @@ def generate_synthetic_dataset(output: str, version: str = "v1.0-mini", scenes: 
     output = os.path.abspath(output)
     names = synthetic_scene_names(version, scenes)
     with staged_folder(output, overwrite) as stage:
-        tables, tasks = _plan(stage, version, names, samples_per_scene, (width, height), sweeps, seed, omit_classes)
+        tables, tasks = _plan(stage, version, names, samples_per_scene, (width, height), sweeps, seed, omit_classes,
+                              bool(one_way))
         results = _run_tasks(tasks, workers, progress)
         _add_annotations(tables, tasks, results, seed)
         table_dir = os.path.join(stage, version)
@@ -326,7 +331,7 @@ def generate_synthetic_dataset(output: str, version: str = "v1.0-mini", scenes: 
 
 
 def _plan(root: str, version: str, names: List[str], num_keyframes: int, image_size: Tuple[int, int], sweeps: int,
-          seed: int, omit_classes: Tuple[str, ...] = ()):
+          seed: int, omit_classes: Tuple[str, ...] = (), one_way: bool = False):
     """Every table except sample_annotation/instance, and the render tasks."""
     import cv2
 
@@ -349,8 +354,8 @@ def _plan(root: str, version: str, names: List[str], num_keyframes: int, image_s
     rig = {c["channel"]: c for c in camera_rig(width, height)}
     tasks: List[_FrameTask] = []
     for index, name in enumerate(names):
-        spec = _SceneSpec(seed, index, name, num_keyframes, sweeps, omit_classes)
-        world = scene_world(seed, index, spec.duration, omit_classes)
+        spec = _SceneSpec(seed, index, name, num_keyframes, sweeps, omit_classes, one_way)
+        world = scene_world(seed, index, spec.duration, omit_classes, one_way)
         log_token = _token(seed, name, "log")
         tables["log"].append(dict(token=log_token, logfile=spec.log_name, vehicle="n015", date_captured="2018-07-24",
                                   location="singapore-onenorth"))
@@ -381,6 +386,8 @@ def _plan(root: str, version: str, names: List[str], num_keyframes: int, image_s
                        f"{world.ego.speed:.1f} m/s, seed {seed}")
         if omit_classes:
             description += f", without {', '.join(omit_classes)}"
+        if one_way:
+            description += ", one-way main road"
         tables["scene"].append(dict(token=scene_token, log_token=log_token, nbr_samples=num_keyframes,
                                     first_sample_token=samples[0]["token"], last_sample_token=samples[-1]["token"],
                                     name=name, description=description))
