@@ -109,6 +109,10 @@ class _SceneSpec:
     def duration(self) -> float:
         return (self.num_keyframes - 1) * KEYFRAME_INTERVAL_US * 1e-6 + 0.1
 
+    def world(self) -> World:
+        """This scene's world (cached per process by :func:`scene_world`)."""
+        return scene_world(self.seed, self.index, self.duration, self.omit_classes, self.one_way)
+
     @property
     def log_name(self) -> str:
         return f"n015-synthetic-s{self.seed & 0xFFFFFFFF:08x}-{self.index:03d}"
@@ -135,8 +139,8 @@ def scene_world_for(seed: int, scene_index: int, samples_per_scene: int, omit_cl
     """The world of scene ``scene_index`` (position in the sorted scene names) of a dataset
     generated with ``seed``, ``samples_per_scene``, ``omit_classes`` and ``one_way``; world
     time 0 is the first keyframe."""
-    return scene_world(seed, scene_index, _SceneSpec(seed, scene_index, "", samples_per_scene, 0).duration,
-                       check_omit_classes(omit_classes), bool(one_way))
+    return _SceneSpec(seed, scene_index, "", samples_per_scene, 0, check_omit_classes(omit_classes),
+                      bool(one_way)).world()
 
 
 def _write_npz(path: str, arrays: Dict[str, np.ndarray]) -> None:
@@ -177,7 +181,7 @@ def _time_of(task: _FrameTask) -> Tuple[float, int]:
 def _render_frame(task: _FrameTask) -> dict:
     """Render, cast and write one keyframe (or sweep); returns the annotation candidates."""
     spec = task.spec
-    world = scene_world(spec.seed, spec.index, spec.duration, spec.omit_classes, spec.one_way)
+    world = spec.world()
     t, _ = _time_of(task)
     ego2global = world.ego_pose(t)
     boxes = world.boxes(t)
@@ -355,7 +359,7 @@ def _plan(root: str, version: str, names: List[str], num_keyframes: int, image_s
     tasks: List[_FrameTask] = []
     for index, name in enumerate(names):
         spec = _SceneSpec(seed, index, name, num_keyframes, sweeps, omit_classes, one_way)
-        world = scene_world(seed, index, spec.duration, omit_classes, one_way)
+        world = spec.world()
         log_token = _token(seed, name, "log")
         tables["log"].append(dict(token=log_token, logfile=spec.log_name, vehicle="n015", date_captured="2018-07-24",
                                   location="singapore-onenorth"))
