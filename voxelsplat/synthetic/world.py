@@ -245,10 +245,12 @@ class _StaticBuilder:
         self.rows.append((x, y, z_min + 0.5 * height, length, width, height, yaw, CLASS[label], *colour,
                           int(self.rng.integers(1 << 30))))
 
-    def build(self) -> BoxSet:
-        if not self.rows:
+    def build(self, omit_labels=()) -> BoxSet:
+        """The boxes added, without those of the class ids ``omit_labels``."""
+        rows = [r for r in self.rows if r[7] not in omit_labels]
+        if not rows:
             return _empty_boxes()
-        a = np.array(self.rows, dtype=np.float64)
+        a = np.array(rows, dtype=np.float64)
         n = len(a)
         return BoxSet(a[:, 0:3].copy(), a[:, 3:6].copy(), a[:, 6].copy(), a[:, 7].astype(np.int64), a[:, 8:11].copy(),
                       np.zeros((n, 2)), a[:, 11].astype(np.int64), -1 - np.arange(n, dtype=np.int64))
@@ -328,11 +330,8 @@ def build_world(seed: int, scene_index: int, duration: float, omit_classes=(), o
     _place_traffic(rng, agents, static, ground, roads, ego_s0, ego_speed, ego_lane_offset, duration, one_way)
     ego = Agent("car", AGENT_TYPES["car"][1], main.path.offset(ego_lane_offset), ego_s0, ego_speed, (0, 0, 0), 0)
     agents = _clear_of_ego(agents, ego, duration)
-    static_boxes = static.build()
-    if omit:
-        agents = [a for a in agents if a.kind not in omit]
-        static_boxes = static_boxes.select(~np.isin(static_boxes.labels, [CLASS[c] for c in omit]))
-        static_boxes.ids = -1 - np.arange(len(static_boxes), dtype=np.int64)
+    agents = [a for a in agents if a.kind not in omit]
+    static_boxes = static.build(omit_labels={CLASS[c] for c in omit})
     world = World(seed=seed, ground=ground, static=static_boxes, agents=agents, ego=ego, roads=[r.path for r in roads])
     return world
 
