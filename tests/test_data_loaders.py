@@ -44,6 +44,9 @@ def test_train_loader_from_config_walks_scenes_in_order_with_workers(synthetic_d
             assert sample["img"].shape[-2:] == (64, 176) and sample["img"].dtype == torch.uint8
             assert sample["gaussian_voxel_indices"].shape == (500, 3)
             assert sample["render_viewmats"].shape[0] == 3 * len(records[sample["sample_token"]]["cameras"])
+            # the synthetic config neither rotates nor flips the BEV frame: velocities keep the
+            # direction the images show (with the release's flips, half the samples would differ)
+            np.testing.assert_array_equal(sample["bda"].numpy(), np.eye(4))
     chunk = len(records) // cfg.dataloader.train.total_batch_size  # steps per slot and epoch
     for slot in range(cfg.dataloader.train.total_batch_size):
         walk = [batch[slot] for batch in batches]

@@ -2,7 +2,7 @@
 nuScenes data config (``nuscenes_occ.py``) with what differs on a 2-core CPU and on the
 synthetic world: OpenOcc v2 labels with flow and ray visibility, official mini_train / mini_val
 scene names (``version="v1.0-trainval"`` for more than 10 scenes), 352x128 images, no BEV
-rotation, batch 2, whole scenes walked in time order, and the voxel mIoU over the labels'
+rotation and no BEV flips (below), batch 2, whole scenes walked in time order, and the voxel mIoU over the labels'
 ray-visible voxels beside RayIoU / mAVE.
 
 Switch the VoxelSplat inputs on with ``dataloader.train.mapper.regularizer = dict(...)``
@@ -21,6 +21,13 @@ del _split, _name, _dataset
 
 dataloader.train.mapper.input_size = (352, 128)
 dataloader.train.mapper.bda_rotation_range = (0.0, 0.0)
+# No BEV flips either (the release flips x and y with p = 0.5). A flip mirrors the voxel grid and
+# the velocities but not the image features that say "vehicle here", so at the few hundred
+# iterations a CPU run gets, the velocity a vehicle's features imply is +v or -v with equal odds
+# and the flow loss's optimum is zero flow everywhere (docs/RESULTS.md, "BEV flips and the flow
+# head": a linear read-out of a trained model's features fits the flow without flips and not with).
+dataloader.train.mapper.bda_flip_x_prob = 0.0
+dataloader.train.mapper.bda_flip_y_prob = 0.0
 dataloader.train.total_batch_size = 2
 dataloader.train.split_scenes_in_half = False
 
