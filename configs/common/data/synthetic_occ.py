@@ -2,8 +2,8 @@
 nuScenes data config (``nuscenes_occ.py``) with what differs on a 2-core CPU and on the
 synthetic world: OpenOcc v2 labels with flow and ray visibility, official mini_train / mini_val
 scene names (``version="v1.0-trainval"`` for more than 10 scenes), 352x128 images, no BEV
-rotation and no BEV flips (below), batch 2, whole scenes walked in time order, and the voxel mIoU over the labels'
-ray-visible voxels beside RayIoU / mAVE.
+rotation and no BEV flips (below), batch 2, whole scenes walked in time order, and the voxel
+mIoU over the labels' ray-visible voxels beside RayIoU / mAVE.
 
 Switch the VoxelSplat inputs on with ``dataloader.train.mapper.regularizer = dict(...)``
 (keys: voxelsplat.data.mapper.DEFAULT_REGULARIZER_OPTIONS).
