@@ -38,6 +38,10 @@ def parse_args(argv=None):
                         "pedestrian bicycle motorcycle traffic_cone barrier")
     parser.add_argument("--one-way-traffic", action="store_true",
                         help="every lane of the main road carries traffic the ego's way")
+    parser.add_argument("--point-cloud-range", type=float, nargs=6, default=None,
+                        metavar=("X0", "Y0", "Z0", "X1", "Y1", "Z1"),
+                        help="extent of the occupancy labels' grid in metres, 0.4 m voxels (default: OpenOcc v2's "
+                        "-40 -40 -1 40 40 5.4, 200x200x16); written to occupancy_grid.json in the dataset root")
     parser.add_argument("--overwrite", action="store_true",
                         help="replace an existing output folder once the new dataset is complete")
     return parser.parse_args(argv)
@@ -59,7 +63,8 @@ def main(argv=None) -> int:
                                           samples_per_scene=args.samples_per_scene, image_size=args.image_size,
                                           sweeps=args.sweeps, seed=args.seed, workers=args.workers,
                                           overwrite=args.overwrite, progress=True,
-                                          omit_classes=args.omit_classes, one_way=args.one_way_traffic)
+                                          omit_classes=args.omit_classes, one_way=args.one_way_traffic,
+                                          point_cloud_range=args.point_cloud_range)
     except (FileExistsError, ValueError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 2

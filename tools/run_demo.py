@@ -76,6 +76,10 @@ def parse_args(argv=None):
                         help="object classes the synthetic worlds leave out (tools/make_synthetic_dataset.py)")
     parser.add_argument("--one-way-traffic", action="store_true",
                         help="the synthetic worlds' main roads carry all traffic the ego's way")
+    parser.add_argument("--point-cloud-range", type=float, nargs=6, default=None,
+                        metavar=("X0", "Y0", "Z0", "X1", "Y1", "Z1"),
+                        help="extent of the synthetic labels' grid in metres (tools/make_synthetic_dataset.py; "
+                             "default: OpenOcc v2's 80x80x6.4 m around the ego)")
     parser.add_argument("--quick", action="store_true",
                         help="tiny run: 2 scenes x 4 keyframes, 176x64 images, 6 iterations")
     parser.add_argument("--skip-pictures", action="store_true")
@@ -151,6 +155,8 @@ def dataset_settings(args):
         settings["omit_classes"] = sorted(set(args.omit_classes))
     if args.one_way_traffic:
         settings["one_way_traffic"] = True
+    if args.point_cloud_range is not None:
+        settings["point_cloud_range"] = [float(v) for v in args.point_cloud_range]
     return settings
 
 
@@ -171,7 +177,8 @@ def ensure_dataset(args):
                    "--image-size", str(args.image_size[0]), str(args.image_size[1]),
                    "--seed", str(args.seed), "--overwrite",
                    *(["--omit-classes", *args.omit_classes] if args.omit_classes else []),
-                   *(["--one-way-traffic"] if args.one_way_traffic else [])])
+                   *(["--one-way-traffic"] if args.one_way_traffic else []),
+                   *(["--point-cloud-range", *map(str, args.point_cloud_range)] if args.point_cloud_range else [])])
     write_json(marker, wanted)
     return seconds
 
@@ -188,8 +195,9 @@ def ensure_depth_pretraining(args):
     if not args.pretrain_iters:
         return None
     opts = [o for o in args.opts if o != "--" and o.startswith(PRETRAIN_OVERRIDE_PREFIXES)]
-    wanted = {"config": PRETRAIN_CONFIG, "iters": args.pretrain_iters, "dataset": dataset_settings(args),
-              "overrides": opts}
+    # the labels' grid is left out: the pretraining reads the images and the LiDAR, which it does not change
+    dataset = {k: v for k, v in dataset_settings(args).items() if k != "point_cloud_range"}
+    wanted = {"config": PRETRAIN_CONFIG, "iters": args.pretrain_iters, "dataset": dataset, "overrides": opts}
     final = os.path.join(args.pretrain_dir, "model_final.pth")
     marker = os.path.join(args.pretrain_dir, "depth_pretrain.json")
     if os.path.isfile(marker):

@@ -61,6 +61,9 @@ def main(argv=None):
                         help="object classes the synthetic worlds leave out (the label set stays)")
     parser.add_argument("--one-way-traffic", action="store_true",
                         help="the synthetic worlds' main roads carry all traffic the ego's way")
+    parser.add_argument("--point-cloud-range", type=float, nargs=6, default=None,
+                        metavar=("X0", "Y0", "Z0", "X1", "Y1", "Z1"),
+                        help="extent of the synthetic labels' grid in metres (default: OpenOcc v2's)")
     parser.add_argument("--pretrain-iters", type=int, default=BENCHMARK_PRETRAIN_ITERS,
                         help="shared depth pretraining of the image branch, run once for every seed and model "
                              "(0: none)")
@@ -80,6 +83,8 @@ def main(argv=None):
         shared_args += ["--omit-classes", *args.omit_classes]
     if args.one_way_traffic:
         shared_args += ["--one-way-traffic"]
+    if args.point_cloud_range is not None:
+        shared_args += ["--point-cloud-range", *map(str, args.point_cloud_range)]
     shared_args += ["--models", *(args.models or [name for _, name, _ in run_demo.MODELS])]
     if args.iters:
         shared_args += ["--iters", str(args.iters)]

@@ -49,7 +49,7 @@ from voxelsplat.utils.geometry import pose_to_transform, select_lidar_origins
 from voxelsplat.utils.io import atomic_write_json, read_json
 
 from .loading import DEFAULT_VISIBLE_MASK_KEY
-from ..structures import LABEL_SETS, occupancy_metadata
+from ..structures import LABEL_SETS, dataset_grid, occupancy_metadata
 
 logger = logging.getLogger(__name__)
 
@@ -379,7 +379,8 @@ def register_nuscenes_occupancy(name: str, dataroot: str, version: str, split: s
                                                                           gt_root, cache_dir, visible_mask_root,
                                                                           visible_mask_key))
     # "class_names" is detectron2's deprecated alias of "thing_classes" (which holds the same list)
-    entries = {k: v for k, v in occupancy_metadata(gt_format).items() if k != "class_names"}
+    # the labels' grid: the default one unless the dataset root describes another (structures.GRID_FILE)
+    entries = {k: v for k, v in occupancy_metadata(gt_format, dataset_grid(dataroot)).items() if k != "class_names"}
     MetadataCatalog.get(name).set(evaluator_type="occupancy", dataroot=dataroot, version=version, split=split,
                                   gt_root=gt_root, record_cache_dir=cache_dir, visible_mask_root=visible_mask_root,
                                   visible_mask_key=visible_mask_key, **entries)

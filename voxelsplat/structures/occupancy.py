@@ -7,6 +7,8 @@ defined, once. A dataset's registration puts its spec into detectron2's ``Metada
 """
 from __future__ import annotations
 
+import json
+import os
 from dataclasses import dataclass, field
 from typing import Dict, List, Mapping, Optional, Sequence, Tuple
 
@@ -242,11 +244,48 @@ class OccupancySpec:
                 f"{self.grid.voxel_size:g} m)")
 
 
+# A dataset whose labels lie on another grid than the default says so in this file at its root
+# (the synthetic generator writes it); nuScenes' OpenOcc v2 / Occ3D labels have none.
+GRID_FILE = "occupancy_grid.json"
+
+
+def grid_to_json(grid: OccupancyGrid) -> str:
+    """The text of a :data:`GRID_FILE` describing ``grid``."""
+    return json.dumps({"point_cloud_range": list(grid.point_cloud_range), "voxel_size": grid.voxel_size,
+                       "grid_shape": list(grid.shape)}, indent=1) + "\n"
+
+
+def dataset_grid(dataroot: Optional[str]) -> OccupancyGrid:
+    """The grid of the labels under ``dataroot``: the one its :data:`GRID_FILE` describes, else
+    (no file, or no dataroot) the default grid. A file that cannot be read as a grid is an
+    error naming it."""
+    if not dataroot:
+        return DEFAULT_GRID
+    path = os.path.join(str(dataroot), GRID_FILE)
+    if not os.path.isfile(path):
+        return DEFAULT_GRID
+    try:
+        with open(path) as f:
+            entries = json.load(f)
+        grid = OccupancyGrid(tuple(float(v) for v in entries["point_cloud_range"]), float(entries["voxel_size"]))
+    except (OSError, ValueError, KeyError, TypeError) as error:
+        raise ValueError(f"{path}: not a readable occupancy grid ({type(error).__name__}: {error}); expected JSON "
+                         f"with point_cloud_range (6 numbers) and voxel_size") from error
+    shape = entries.get("grid_shape")
+    if shape is not None and [int(v) for v in shape] != list(grid.shape):
+        raise ValueError(f"{path}: grid_shape {shape} disagrees with point_cloud_range {grid.point_cloud_range} "
+                         f"at {grid.voxel_size} m voxels ({list(grid.shape)})")
+    return grid
+
+
 def occupancy_spec(label_set: str = "openocc_v2", point_cloud_range: Optional[Sequence[float]] = None,
-                   voxel_size: Optional[float] = None) -> OccupancySpec:
-    """The :class:`OccupancySpec` of a label set, on the default grid unless given (LazyConfig entry point:
-    ``L(occupancy_spec)(label_set="${dataloader.train.dataset.gt_format}")``)."""
-    grid = DEFAULT_GRID
+                   voxel_size: Optional[float] = None, dataroot: Optional[str] = None) -> OccupancySpec:
+    """The :class:`OccupancySpec` of a label set (LazyConfig entry point:
+    ``L(occupancy_spec)(label_set="${dataloader.train.dataset.gt_format}",
+    dataroot="${dataloader.train.dataset.dataroot}")``). The grid: ``point_cloud_range`` /
+    ``voxel_size`` where given, else the grid of the dataset at ``dataroot``
+    (:func:`dataset_grid`: the default grid unless its root has a :data:`GRID_FILE`)."""
+    grid = dataset_grid(dataroot)
     if point_cloud_range is not None or voxel_size is not None:
         grid = OccupancyGrid(tuple(point_cloud_range if point_cloud_range is not None else grid.point_cloud_range),
                              float(voxel_size if voxel_size is not None else grid.voxel_size))

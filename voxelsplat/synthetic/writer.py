@@ -9,6 +9,7 @@ Layout under the output folder (the same as real data, see datasets/README.md)::
     maps/<token>.png                         driveable-area mask per scene
     openocc_v2/<scene>/<sample>/labels.npz   semantics, flow, visible
     gts/<scene>/<sample>/labels.npz          Occ3D: semantics, mask_lidar, mask_camera
+    occupancy_grid.json                      the labels' grid (voxelsplat.structures.GRID_FILE)
 
 The dataset is built in a staging folder of its own beside the output and swapped into place
 at the end (:mod:`.staging`), so that the output folder is always either the previous complete
@@ -31,7 +32,9 @@ from typing import Dict, List, Optional, Sequence, Tuple
 import numpy as np
 
 from voxelsplat.data.datasets import CAMERA_CHANNELS
-from voxelsplat.structures import DEFAULT_GRID, OPENOCC_V2_CLASSES, openocc_to_occ3d_lut
+from voxelsplat.structures import (
+    DEFAULT_GRID, GRID_FILE, OPENOCC_V2_CLASSES, OccupancyGrid, grid_to_json, openocc_to_occ3d_lut,
+)
 from voxelsplat.utils.geometry import matrix_to_quaternion, yaw_to_quaternion
 from voxelsplat.utils.io import folder_bytes
 
@@ -171,6 +174,7 @@ class _FrameTask:
     sample_token: str
     lidar_file: str
     camera_files: Tuple[str, ...]  # empty for sweeps
+    grid: OccupancyGrid = DEFAULT_GRID  # of the occupancy labels
 
 
 def _time_of(task: _FrameTask) -> Tuple[float, int]:
@@ -194,7 +198,7 @@ def _render_frame(task: _FrameTask) -> dict:
     if task.sweep:
         return {}
 
-    grid = DEFAULT_GRID
+    grid = task.grid
     global2ego = np.linalg.inv(ego2global)
     width, height = task.image_size
     mask_camera = np.zeros(grid.shape, dtype=bool)
@@ -289,7 +293,8 @@ def _link(records: List[dict]) -> None:
 def generate_synthetic_dataset(output: str, version: str = "v1.0-mini", scenes: int = 2, samples_per_scene: int = 20,
                                image_size: Sequence[int] = (704, 256), sweeps: int = 0, seed: int = 0,
                                workers: int = 1, overwrite: bool = False, progress: bool = False,
-                               omit_classes: Sequence[str] = (), one_way: bool = False) -> dict:
+                               omit_classes: Sequence[str] = (), one_way: bool = False,
+                               point_cloud_range: Optional[Sequence[float]] = None) -> dict:
     """Generate the dataset into ``output`` (see the module docstring for the layout).
 
     Args:
@@ -306,6 +311,10 @@ def generate_synthetic_dataset(output: str, version: str = "v1.0-mini", scenes: 
             the label set stays, those classes just never occur. Recorded in each scene's
             description.
         one_way: all traffic of each main road goes the ego's way (also in the description).
+        point_cloud_range: (x_min, y_min, z_min, x_max, y_max, z_max) of the occupancy labels'
+            grid, in metres, at 0.4 m voxels (default: OpenOcc v2's, 200x200x16 around the ego).
+            Written to ``occupancy_grid.json``, from which the dataset's registration and the
+            configs' model spec take it.
     Returns:
         dict with ``root``, ``version``, ``scenes`` (names), ``samples_per_scene``, ``bytes`` (size on disk).
     """
@@ -318,11 +327,20 @@ def generate_synthetic_dataset(output: str, version: str = "v1.0-mini", scenes: 
     if width < 16 or height < 16:
         raise ValueError(f"image_size must be at least 16x16 pixels, got {width}x{height}")
     omit_classes = check_omit_classes(omit_classes)
+    grid = DEFAULT_GRID
+    if point_cloud_range is not None:
+        try:
+            grid = OccupancyGrid(tuple(float(v) for v in point_cloud_range), DEFAULT_GRID.voxel_size)
+        except (TypeError, ValueError) as error:
+            raise ValueError(f"point_cloud_range {point_cloud_range!r}: {error}") from error
+        lo, hi = grid.range_min, grid.range_max
+        if not (np.all(lo[:2] < 0) and np.all(hi[:2] > 0)):
+            raise ValueError(f"point_cloud_range {point_cloud_range!r} must hold the ego (x and y ranges around 0)")
     output = os.path.abspath(output)
     names = synthetic_scene_names(version, scenes)
     with staged_folder(output, overwrite) as stage:
         tables, tasks = _plan(stage, version, names, samples_per_scene, (width, height), sweeps, seed, omit_classes,
-                              bool(one_way))
+                              bool(one_way), grid)
         results = _run_tasks(tasks, workers, progress)
         _add_annotations(tables, tasks, results, seed)
         table_dir = os.path.join(stage, version)
@@ -330,12 +348,14 @@ def generate_synthetic_dataset(output: str, version: str = "v1.0-mini", scenes: 
         for name, records in tables.items():
             with open(os.path.join(table_dir, f"{name}.json"), "w") as f:
                 json.dump(records, f, indent=1)
+        with open(os.path.join(stage, GRID_FILE), "w") as f:
+            f.write(grid_to_json(grid))
         size = folder_bytes(stage)
     return dict(root=output, version=version, scenes=names, samples_per_scene=samples_per_scene, bytes=size)
 
 
 def _plan(root: str, version: str, names: List[str], num_keyframes: int, image_size: Tuple[int, int], sweeps: int,
-          seed: int, omit_classes: Tuple[str, ...] = (), one_way: bool = False):
+          seed: int, omit_classes: Tuple[str, ...] = (), one_way: bool = False, grid: OccupancyGrid = DEFAULT_GRID):
     """Every table except sample_annotation/instance, and the render tasks."""
     import cv2
 
@@ -423,7 +443,8 @@ def _plan(root: str, version: str, names: List[str], num_keyframes: int, image_s
                 pose = world.ego_pose((timestamp - spec.start_us) * 1e-6)
                 tables["ego_pose"].append(_pose_record(token, timestamp, pose))
                 cameras = tuple(channel_chain[c][frame]["filename"] for c in CAMERA_CHANNELS) if sweep == 0 else ()
-                tasks.append(_FrameTask(spec, frame, sweep, root, (width, height), sample["token"], filename, cameras))
+                tasks.append(_FrameTask(spec, frame, sweep, root, (width, height), sample["token"], filename, cameras,
+                                        grid))
         for chain in channel_chain.values():
             _link(chain)
             tables["sample_data"].extend(chain)

@@ -7,7 +7,8 @@ temporal fusion (80 ch) -> 1x1 80->64, 3D ResNet-18 + FPN3D (3 levels of 256) ->
 200x200x16 GT grid. docs/reproducing.md lists each module with its release file.
 
 Label set and grid: ``model.spec``, the :class:`~voxelsplat.structures.OccupancySpec` of the
-training dataset's ``gt_format``; every component reads it (``${..spec}``) and the model checks
+training dataset's ``gt_format`` on its grid (200x200x16 unless the dataset root has an
+``occupancy_grid.json``, as a synthetic dataset made with ``--point-cloud-range`` does); every component reads it (``${..spec}``) and the model checks
 the first batch against it. ``dataloader.train.dataset.gt_format=occ3d`` switches data, model
 and evaluation to Occ3D.
 """
@@ -24,7 +25,8 @@ from voxelsplat.modeling.neck import FusionFPN
 from voxelsplat.modeling.voxel_encoder import ResNet3DFPN
 
 model = L(OccupancyFlowModel)(
-    spec=L(occupancy_spec)(label_set="${dataloader.train.dataset.gt_format}"),
+    spec=L(occupancy_spec)(label_set="${dataloader.train.dataset.gt_format}",
+                           dataroot="${dataloader.train.dataset.dataroot}"),
     backbone=L(TimmBackbone)(
         model_name="resnet50", out_indices=(3, 4), init_checkpoint="", norm="BN", frozen_stages=-1,
         grad_checkpointing=True,
