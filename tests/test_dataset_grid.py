@@ -15,25 +15,25 @@ from voxelsplat.structures import (
 from voxelsplat.synthetic import generate_synthetic_dataset
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-SMALL_RANGE = (-12.8, -8.0, -1.0, 12.8, 8.0, 5.4)  # 64 x 40 x 16: not square, to catch swapped axes
+SMALL_RANGE = (-25.6, -12.8, -1.0, 25.6, 12.8, 5.4)  # 128 x 64 x 16: not square, to catch swapped axes
 
 
 def test_dataset_grid_reads_the_file_and_names_it_when_it_is_bad(tmp_path):
     assert dataset_grid(None) == DEFAULT_GRID and dataset_grid(str(tmp_path)) == DEFAULT_GRID
     grid = OccupancyGrid(SMALL_RANGE, 0.4)
     (tmp_path / GRID_FILE).write_text(grid_to_json(grid))
-    assert dataset_grid(str(tmp_path)) == grid and grid.shape == (64, 40, 16)
+    assert dataset_grid(str(tmp_path)) == grid and grid.shape == (128, 64, 16)
     spec = occupancy_spec("openocc_v2", dataroot=str(tmp_path))
     assert spec.grid == grid and spec.num_classes == 17
     # an explicit range wins over the dataset's file; voxel size alone keeps the file's range
     assert occupancy_spec("openocc_v2", point_cloud_range=DEFAULT_GRID.point_cloud_range,
                           dataroot=str(tmp_path)).grid == DEFAULT_GRID
-    assert occupancy_spec("openocc_v2", voxel_size=0.8, dataroot=str(tmp_path)).grid.shape == (32, 20, 8)
+    assert occupancy_spec("openocc_v2", voxel_size=0.8, dataroot=str(tmp_path)).grid.shape == (64, 32, 8)
     bad = {
         "{not json": "JSONDecodeError",
         json.dumps({"voxel_size": 0.4}): "point_cloud_range",
         json.dumps({"point_cloud_range": [0, 0, 0, 1, 1], "voxel_size": 0.4}): "6 values",
-        json.dumps({"point_cloud_range": list(SMALL_RANGE), "voxel_size": 0.4, "grid_shape": [64, 64, 16]}):
+        json.dumps({"point_cloud_range": list(SMALL_RANGE), "voxel_size": 0.4, "grid_shape": [64, 128, 16]}):
             "disagrees",
         json.dumps({"point_cloud_range": [-1, -1, -1, 1, 1, 1.1], "voxel_size": 0.4}): "whole number",
     }
@@ -58,7 +58,7 @@ def test_generator_labels_on_a_smaller_grid_are_the_crop_of_the_default_ones_and
 
     from voxelsplat.data.datasets import register_nuscenes_occupancy
 
-    kwargs = dict(version="v1.0-mini", scenes=1, samples_per_scene=2, image_size=(64, 32), seed=3, workers=1)
+    kwargs = dict(version="v1.0-mini", scenes=1, samples_per_scene=2, image_size=(64, 32), seed=0, workers=1)
     small = generate_synthetic_dataset(str(tmp_path / "small"), point_cloud_range=SMALL_RANGE, **kwargs)["root"]
     full = generate_synthetic_dataset(str(tmp_path / "full"), **kwargs)["root"]
     grid = OccupancyGrid(SMALL_RANGE, 0.4)

@@ -12,7 +12,7 @@ from typing import Callable, Dict, Optional, Tuple
 
 import numpy as np
 
-from voxelsplat.structures import OccupancyGrid
+from voxelsplat.structures import DEFAULT_GRID, OccupancyGrid
 
 from .world import CLASS, FREE, BoxSet, World
 
@@ -327,6 +327,19 @@ def points_in_boxes(points_global: np.ndarray, boxes: BoxSet) -> np.ndarray:
 _PRIORITY = {CLASS["vegetation"]: 0, CLASS["manmade"]: 1, CLASS["barrier"]: 2, CLASS["traffic_cone"]: 3}
 
 
+def _lattice(grid: OccupancyGrid) -> Tuple[np.ndarray, np.ndarray]:
+    """(anchor, shift): voxel ``i`` of ``grid`` along axis ``a`` has its centre at
+    ``anchor[a] + voxel_size * (i + shift[a] + 0.5)``. A grid on the default grid's lattice
+    (same voxel size, range shifted by whole voxels) is computed on that lattice, so that its
+    labels are exactly the crop of the default grid's, up to the last bit of every voxel centre."""
+    vs = grid.voxel_size
+    if vs == DEFAULT_GRID.voxel_size:
+        shift = (grid.range_min - DEFAULT_GRID.range_min) / vs
+        if np.all(np.abs(shift - np.round(shift)) < 1e-6):
+            return DEFAULT_GRID.range_min, np.round(shift).astype(np.int64)
+    return grid.range_min, np.zeros(3, dtype=np.int64)
+
+
 def occupancy_labels(world: World, boxes: BoxSet, ego2global: np.ndarray,
                      grid: OccupancyGrid) -> Tuple[np.ndarray, np.ndarray]:
     """Voxel semantics (X, Y, Z) uint8 (OpenOcc v2 classes) and flow (X, Y, Z, 2) float32
@@ -336,12 +349,12 @@ def occupancy_labels(world: World, boxes: BoxSet, ego2global: np.ndarray,
     semantics = np.full(shape, FREE, dtype=np.uint8)
     flow = np.zeros(shape + (2,), dtype=np.float32)
     vs = grid.voxel_size
-    lo = grid.range_min
+    lo, shift = _lattice(grid)
     # the ground layer: the voxels holding z = 0
-    k_ground = int(np.floor((0.0 - lo[2]) / vs))
+    k_ground = int(np.floor((0.0 - lo[2]) / vs)) - int(shift[2])
     if 0 <= k_ground < shape[2]:
-        xs = lo[0] + vs * (np.arange(shape[0]) + 0.5)
-        ys = lo[1] + vs * (np.arange(shape[1]) + 0.5)
+        xs = lo[0] + vs * (np.arange(shape[0]) + shift[0] + 0.5)
+        ys = lo[1] + vs * (np.arange(shape[1]) + shift[1] + 0.5)
         gx, gy = np.meshgrid(xs, ys, indexing="ij")
         global_xy = ego2global[:2, :2] @ np.stack([gx.ravel(), gy.ravel()]) + ego2global[:2, 3:4]
         semantics[:, :, k_ground] = world.ground.label_at(global_xy[0], global_xy[1]).reshape(shape[:2])
@@ -350,7 +363,7 @@ def occupancy_labels(world: World, boxes: BoxSet, ego2global: np.ndarray,
     centers = boxes.centers @ global2ego[:3, :3].T + global2ego[:3, 3]
     yaw = boxes.yaw - ego_yaw
     velocity = np.stack([boxes.velocity[:, 0], boxes.velocity[:, 1], np.zeros(len(boxes))], axis=1) @ global2ego[:3, :3].T
-    half_range = np.maximum(np.abs(lo[:2]), np.abs(grid.range_max[:2]))
+    half_range = np.maximum(np.abs(grid.range_min[:2]), np.abs(grid.range_max[:2]))
     reach = np.all(np.abs(centers[:, :2]) - 0.5 * np.linalg.norm(boxes.sizes[:, :2], axis=1)[:, None] < half_range, axis=1)
     order = sorted(np.flatnonzero(reach), key=lambda b: (_PRIORITY.get(int(boxes.labels[b]), 10), b))
     for b in order:
@@ -362,11 +375,11 @@ def occupancy_labels(world: World, boxes: BoxSet, ego2global: np.ndarray,
         half = 0.5 * boxes.sizes[b] + np.array([grow, grow, 0.5 * vs])
         extent = np.array([abs(np.cos(relative)) * half[0] + abs(np.sin(relative)) * half[1],
                            abs(np.sin(relative)) * half[0] + abs(np.cos(relative)) * half[1], half[2]])
-        low = np.clip(np.floor((centers[b] - extent - lo) / vs).astype(int), 0, shape)
-        high = np.clip(np.floor((centers[b] + extent - lo) / vs).astype(int) + 1, 0, shape)
+        low = np.clip(np.floor((centers[b] - extent - lo) / vs).astype(int) - shift, 0, shape)
+        high = np.clip(np.floor((centers[b] + extent - lo) / vs).astype(int) + 1 - shift, 0, shape)
         if np.any(high <= low):
             continue
-        axes = [lo[a] + vs * (np.arange(low[a], high[a]) + 0.5) - centers[b][a] for a in range(3)]
+        axes = [lo[a] + vs * (np.arange(low[a], high[a]) + shift[a] + 0.5) - centers[b][a] for a in range(3)]
         rel = np.stack(np.meshgrid(*axes, indexing="ij"), axis=-1)
         c, s = np.cos(-relative), np.sin(-relative)
         lx = c * rel[..., 0] - s * rel[..., 1]
