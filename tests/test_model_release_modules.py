@@ -332,6 +332,29 @@ def test_head_resamples_predictions_to_a_finer_gt_grid_and_keeps_single_layer_cl
     torch.testing.assert_close(outputs["flow"], linear.flow_mlp(fused))
 
 
+@pytest.mark.parametrize("hidden, flow_hidden", [(0, 3), (3, 0), (1, 2)])
+def test_head_flow_mlp_may_have_its_own_hidden_width(hidden, flow_hidden):
+    gen = torch.Generator().manual_seed(13)
+    levels = [torch.randn(2, 4, *s, generator=gen, dtype=torch.float64) for s in ((3, 3, 2), (2, 2, 1), (1, 1, 1))]
+    head = OccFlowHead(4, 6, num_classes=3, output_shape=(6, 6, 4), hidden_channels=hidden,
+                       flow_hidden_channels=flow_hidden).double().eval()
+    _randomize_norms(head, gen)
+    assert len(head.occ_mlp) == (4 if hidden else 1) and len(head.flow_mlp) == (4 if flow_hidden else 1)
+    assert head.flow_mlp[0].out_channels == (flow_hidden or 2) and head.occ_mlp[0].out_channels == (hidden or 3)
+    # the modules applied one after the other, in eval mode
+    deblocked = head.deblock(levels[0])
+    parts = [deblocked] + [conv(v) for conv, v in zip(head.level_convs, levels)]
+    weights = torch.softmax(head.level_weights(deblocked), dim=1)
+    fused = sum(weights[:, k:k + 1] * F.interpolate(p, size=(6, 6, 4), mode="trilinear", align_corners=False)
+                for k, p in enumerate(parts))
+    for return_features in (False, True):
+        outputs = head(levels, return_features=return_features)
+        torch.testing.assert_close(outputs["occ_logits"], head.occ_mlp(fused), rtol=1e-9, atol=1e-9)
+        torch.testing.assert_close(outputs["flow"], head.flow_mlp(fused), rtol=1e-9, atol=1e-9)
+    with pytest.raises(ValueError, match="flow_hidden_channels must be >= 0"):
+        OccFlowHead(4, 6, num_classes=3, output_shape=(6, 6, 4), flow_hidden_channels=-1)
+
+
 def test_flow_head_ends_in_softplus_then_linear_as_released():
     head = OccFlowHead(256, spec=OPENOCC)
     kinds = lambda seq: [type(m) for m in seq]  # noqa: E731

@@ -84,6 +84,8 @@ class OccFlowHead(nn.Module):
         num_classes, output_shape: the same two parts given directly, without a spec.
         hidden_channels: hidden width of the three per-voxel MLPs (released: mid_channels // 2
             = 64; None: that; 0: each MLP is one 1x1x1 conv with a bias).
+        flow_hidden_channels: the flow MLP's own hidden width (None: ``hidden_channels``; 0:
+            one 1x1x1 conv with a bias), e.g. the released flow MLP beside linear classifiers.
         flow_dims: velocity components (2: vx, vy).
         grad_checkpointing: recompute the deconvolution, the level convs and the fusion with
             the MLPs in the backward pass.
@@ -106,7 +108,7 @@ class OccFlowHead(nn.Module):
                  spec: Optional[OccupancySpec] = None, num_classes: Optional[int] = None,
                  output_shape: Optional[Sequence[int]] = None, hidden_channels: Optional[int] = None,
                  flow_dims: int = 2, grad_checkpointing: bool = False, num_levels: Optional[int] = None,
-                 subvoxel_factors: Optional[Sequence[int]] = None):
+                 subvoxel_factors: Optional[Sequence[int]] = None, flow_hidden_channels: Optional[int] = None):
         super().__init__()
         if spec is not None:
             for key, given, from_spec in (("num_classes", num_classes, spec.num_classes),
@@ -129,7 +131,9 @@ class OccFlowHead(nn.Module):
             raise ValueError(f"OccFlowHead: output_shape must be (X, Y, Z), got {output_shape}")
         mid_channels = in_channels[0] // 2 if mid_channels is None else int(mid_channels)
         hidden_channels = mid_channels // 2 if hidden_channels is None else int(hidden_channels)
+        flow_hidden_channels = hidden_channels if flow_hidden_channels is None else int(flow_hidden_channels)
         for name, value, low in (("mid_channels", mid_channels, 1), ("hidden_channels", hidden_channels, 0),
+                                 ("flow_hidden_channels", flow_hidden_channels, 0),
                                  ("num_classes", num_classes, 1), ("flow_dims", flow_dims, 1)):
             if value < low:
                 raise ValueError(f"OccFlowHead: {name} must be >= {low}, got {value}")
@@ -139,6 +143,7 @@ class OccFlowHead(nn.Module):
         self.flow_dims = int(flow_dims)
         self.mid_channels = mid_channels
         self.hidden_channels = hidden_channels
+        self.flow_hidden_channels = flow_hidden_channels
         self.subvoxel_factors = None
         if subvoxel_factors is not None:
             factors = tuple(int(f) for f in subvoxel_factors)
@@ -160,7 +165,7 @@ class OccFlowHead(nn.Module):
         )
         self.level_weights = _voxel_mlp(mid_channels, hidden_channels, self.num_levels + 1, nn.ReLU(inplace=True))
         self.occ_mlp = _voxel_mlp(mid_channels, hidden_channels, self.num_classes * children, nn.ReLU(inplace=True))
-        self.flow_mlp = _voxel_mlp(mid_channels, hidden_channels, self.flow_dims * children, nn.Softplus())
+        self.flow_mlp = _voxel_mlp(mid_channels, flow_hidden_channels, self.flow_dims * children, nn.Softplus())
         self.grad_checkpointing = grad_checkpointing
 
     # ------------------------------------------------------------------ parts
@@ -195,11 +200,13 @@ class OccFlowHead(nn.Module):
         for k, part in enumerate(parts):
             term = weights[:, k:k + 1] * _resample(part, size)
             fused = term if fused is None else fused + term
-        if self.hidden_channels:
+        if self.hidden_channels and self.flow_hidden_channels:
             first = fused if project_first else self._first_layers(fused)
-            occ_first, flow_first = first.split(self.hidden_channels, dim=1)
+            occ_first, flow_first = first.split([self.hidden_channels, self.flow_hidden_channels], dim=1)
             predicted = torch.cat([_run_voxel_mlp(self.occ_mlp[1:], occ_first),
                                    _run_voxel_mlp(self.flow_mlp[1:], flow_first)], dim=1)
+        elif self.hidden_channels or self.flow_hidden_channels:  # one MLP, one linear layer
+            predicted = torch.cat([_run_voxel_mlp(self.occ_mlp, fused), _run_voxel_mlp(self.flow_mlp, fused)], dim=1)
         else:  # single linear layers: one product for both
             occ_linear, flow_linear = self.occ_mlp[0], self.flow_mlp[0]
             predicted = _pointwise(fused, torch.cat([occ_linear.weight, flow_linear.weight]),
@@ -230,7 +237,9 @@ class OccFlowHead(nn.Module):
         deblocked = maybe_checkpoint(self.deblock, volumes[0], enabled=checkpointing)
         levels = [maybe_checkpoint(conv, volume, enabled=checkpointing)
                   for conv, volume in zip(self.level_convs, volumes)]
-        project_first = not return_features and 0 < 2 * self.hidden_channels < self.mid_channels
+        both_hidden = self.hidden_channels > 0 and self.flow_hidden_channels > 0
+        project_first = (not return_features and both_hidden
+                         and self.hidden_channels + self.flow_hidden_channels < self.mid_channels)
 
         def fuse_and_predict(*inputs):
             return self._fuse_and_predict(*inputs, project_first=project_first)
