@@ -62,6 +62,13 @@ def reference_results(samples, outputs, ray_directions=None):
                                [s["occ_flow"] for s in samples], ray_directions=ray_directions)
 
 
+def on_gt_flow_classes(sample, flow):
+    """``flow`` kept where the sample's GT holds a flow class, zero elsewhere (the flow the
+    GT-occupancy floor reads)."""
+    keep = np.isin(np.asarray(sample["occ_semantics"]), SPEC.flow_classes)
+    return torch.as_tensor(flow) * torch.from_numpy(keep)[..., None]
+
+
 def assert_same_numbers(got, expected, exact=False):
     assert set(expected) <= set(got)
     for key, value in expected.items():
@@ -347,7 +354,7 @@ def test_flow_floors_equal_the_reference_with_zero_flow_and_with_gt_occupancy(ca
     with caplog.at_level("INFO", logger="voxelsplat.evaluation.evaluator"):
         results = evaluator.evaluate()["occupancy"]
     zero = [dict(o, flow=torch.zeros_like(o["flow"])) for o in outputs]
-    on_gt = [dict(o, occ=s["occ_semantics"]) for s, o in zip(samples, outputs)]
+    on_gt = [dict(o, occ=s["occ_semantics"], flow=on_gt_flow_classes(s, o["flow"])) for s, o in zip(samples, outputs)]
     reference = {"zero_flow": reference_results(samples, zero, FEW_RAYS),
                  "gt_occupancy": reference_results(samples, on_gt, FEW_RAYS)}
     for name, expected in reference.items():
@@ -378,10 +385,21 @@ def test_gt_occupancy_flow_floor_reads_the_unmasked_flow_when_the_model_gives_it
     evaluator = OccupancyEvaluator(distributed=False, ray_directions=FEW_RAYS)
     evaluator.process(samples, masked)
     results = evaluator.evaluate()["occupancy"]
-    on_gt = [dict(o, occ=s["occ_semantics"], flow=u) for s, o, u in zip(samples, outputs, unmasked)]
+    on_gt = [dict(o, occ=s["occ_semantics"], flow=on_gt_flow_classes(s, u)) for s, o, u in zip(samples, outputs, unmasked)]
     expected = reference_results(samples, on_gt, FEW_RAYS)
     assert results["mAVE_gt_occupancy"] == pytest.approx(expected["mAVE"], rel=1e-12)
     assert results["mAVE_TP_gt_occupancy"] == pytest.approx(expected["mAVE_TP"], rel=1e-12)
+    # only the GT's flow-class voxels count: the flow the head puts on the road and buildings does
+    # not (a model's output never shows it there either), so the unmasked flow read everywhere differs
+    everywhere = reference_results(samples, [dict(o, occ=s["occ_semantics"], flow=u)
+                                             for s, o, u in zip(samples, outputs, unmasked)], FEW_RAYS)
+    assert everywhere["mAVE"] != pytest.approx(expected["mAVE"])
+    loud = [dict(m, flow_unmasked=torch.where(on_gt_flow_classes(s, torch.ones_like(u)) > 0, u, 50 * u))
+            for s, m, u in zip(samples, masked, unmasked)]
+    again = OccupancyEvaluator(distributed=False, ray_directions=FEW_RAYS)
+    again.process(samples, loud)
+    assert again.evaluate()["occupancy"]["mAVE_gt_occupancy"] == pytest.approx(results["mAVE_gt_occupancy"],
+                                                                               rel=1e-12)
     # the submitted (masked) flow still decides mAVE itself: zero here, so it equals its zero-flow floor
     assert results["mAVE"] == pytest.approx(results["mAVE_zero_flow"])
     assert results["mAVE_gt_occupancy"] != pytest.approx(results["mAVE_zero_flow"])

@@ -20,8 +20,10 @@ others, which tell what the predicted flow adds:
   ``mAVE`` is not below its ``mAVE_zero_flow`` has learnt no useful flow.
 - ``mAVE_gt_occupancy`` / ``mAVE_TP_gt_occupancy``: the predicted flow read on the ground
   truth's occupancy (prediction semantics := GT semantics, so every counted ray is a true
-  positive at its GT hit, and the ray's flow is the predicted flow at that voxel): flow
-  quality independent of the occupancy. The flow read there is the output's
+  positive at its GT hit, and the ray's flow is the predicted flow at that voxel where the GT
+  holds a flow class, zero elsewhere, as a model's own output shows flow only on the voxels
+  it classifies as a flow class): flow quality independent of the occupancy. The flow read
+  there is the output's
   ``flow_unmasked`` when it has one (the model's flow before it zeroes the voxels it does not
   classify as a flow class), else its ``flow``: otherwise a model that misses a car would
   score zero flow on it, whatever its flow head predicts.
@@ -398,8 +400,16 @@ class OccupancyEvaluator(DatasetEvaluator):
         # the model's rays and true positives, zero flow at every predicted hit
         zero_flow = replace(rays, pred_flow=torch.zeros_like(rays.pred_flow))
         # the GT's own rays as the prediction (every counted ray a true positive), with the
-        # predicted flow read at the GT's stop voxel: the cast already walked the GT
+        # predicted flow read at the GT's stop voxel (the cast already walked the GT) where the GT
+        # holds a flow class, zero elsewhere: with the GT's occupancy, flow shows only on the GT's
+        # flow-class voxels, as a model's output shows it only on its own (the released test code
+        # keeps the flow of the voxels it classifies as classes 0-7)
         at_gt_hits = flow_at_voxels(pred_flow, rays.gt_voxel_index, self.grid, token, "predicted flow")
+        flow_lut = torch.zeros(num_classes, dtype=torch.bool, device=at_gt_hits.device)
+        flow_lut[self.flow_classes] = True
+        gt_class = rays.gt_class.to(at_gt_hits.device).long()
+        valid = (gt_class >= 0) & (gt_class < num_classes)
+        at_gt_hits = at_gt_hits * (flow_lut[gt_class.clamp(0, num_classes - 1)] & valid)[:, None]
         gt_occupancy = replace(rays, pred_class=rays.gt_class, pred_depth=rays.gt_depth,
                                pred_depth_voxels=rays.gt_depth_voxels, pred_flow=at_gt_hits)
         return {name: sample_stats(floor_rays, num_classes=num_classes, voxel_size=voxel_size)
