@@ -8,7 +8,9 @@ v0.6 does not support (its workers assert CUDA and use NCCL).
 from __future__ import annotations
 
 import logging
+import os
 import socket
+import sys
 from datetime import timedelta
 
 import torch
@@ -82,9 +84,16 @@ def _gloo_worker(local_rank, main_func, world_size, per_machine, machine_rank, d
     comm.synchronize()
     try:
         main_func(*args)
-        # Leave together: gloo can abort a process ("terminate called without an active
-        # exception") that tears its group down while a peer is still finishing (e.g. the main
-        # process writing results). A failing process skips this; spawn stops the others.
+        # Leave together: the main process may still be writing results.
         comm.synchronize()
-    finally:
-        dist.destroy_process_group()
+    except BaseException:
+        dist.destroy_process_group()  # a failing process; spawn stops the others
+        raise
+    # Then end without tearing the gloo group down: a rank whose peer has already closed its
+    # sockets can abort inside the teardown ("terminate called without an active exception",
+    # SIGABRT), which happened now and then after a barrier too. Everything is written by now;
+    # flush what is buffered and leave as the process group's destructor never runs.
+    logging.shutdown()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)
