@@ -405,11 +405,8 @@ class OccupancyEvaluator(DatasetEvaluator):
         # flow-class voxels, as a model's output shows it only on its own (the released test code
         # keeps the flow of the voxels it classifies as classes 0-7)
         at_gt_hits = flow_at_voxels(pred_flow, rays.gt_voxel_index, self.grid, token, "predicted flow")
-        flow_lut = torch.zeros(num_classes, dtype=torch.bool, device=at_gt_hits.device)
-        flow_lut[self.flow_classes] = True
-        gt_class = rays.gt_class.to(at_gt_hits.device).long()
-        valid = (gt_class >= 0) & (gt_class < num_classes)
-        at_gt_hits = at_gt_hits * (flow_lut[gt_class.clamp(0, num_classes - 1)] & valid)[:, None]
+        gt_class = rays.gt_class.to(at_gt_hits.device)
+        at_gt_hits = at_gt_hits * torch.isin(gt_class, gt_class.new_tensor(self.flow_classes))[:, None]
         gt_occupancy = replace(rays, pred_class=rays.gt_class, pred_depth=rays.gt_depth,
                                pred_depth_voxels=rays.gt_depth_voxels, pred_flow=at_gt_hits)
         return {name: sample_stats(floor_rays, num_classes=num_classes, voxel_size=voxel_size)
