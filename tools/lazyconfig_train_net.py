@@ -19,19 +19,21 @@ from detectron2.engine import default_argument_parser, default_setup  # noqa: E4
 from detectron2.utils import comm  # noqa: E402
 from detectron2.utils.logger import setup_logger  # noqa: E402
 
-from voxelsplat.engine import do_eval_only, do_train, launch, load_config  # noqa: E402
+from voxelsplat.engine import configure_reproducibility, do_eval_only, do_train, launch, load_config  # noqa: E402
 from voxelsplat.utils.io import atomic_write_bytes  # noqa: E402
 
 logger = logging.getLogger("voxelsplat")
 
 
 def setup(cfg, args):
-    """detectron2's ``default_setup`` (logging, seeds, ``<output_dir>/config.yaml``). An
+    """detectron2's ``default_setup`` (logging, seeds, ``<output_dir>/config.yaml``), then
+    ``train.num_threads`` and ``train.deterministic`` (``configure_reproducibility``). An
     ``--eval-only`` run leaves the folder's ``config.yaml`` as it was, since it is often the
     folder of the training run that config.yaml describes; ``do_eval_only`` saves the eval
     config as config_eval.yaml once the checkpoint has loaded."""
     if not args.eval_only:
         default_setup(cfg, args)
+        configure_reproducibility(cfg)
         return
     config_yaml = os.path.join(cfg.train.output_dir, "config.yaml") if cfg.train.output_dir else None
     previous = None
@@ -45,6 +47,7 @@ def setup(cfg, args):
                 os.remove(config_yaml)
         else:
             atomic_write_bytes(config_yaml, previous)
+    configure_reproducibility(cfg)
 
 
 def main(args):

@@ -35,7 +35,18 @@ MODELS = (
     ("VoxelSplat", "voxelsplat_tiny", "configs/synthetic/voxelsplat_tiny.py"),
     ("VoxelSplat corrected", "voxelsplat_tiny_corrected", "configs/synthetic/voxelsplat_tiny_corrected.py"),
 )
-# what `make demo` trains (tools/run_experiment.py trains every model)
+# The ablation ladder of the regularizer: its render losses one by one, then the propagated
+# state (the last step is VoxelSplat itself, above). tools/run_experiment.py trains it at one seed.
+ABLATION_MODELS = (
+    ("VoxelSplat: semantic render loss only", "voxelsplat_tiny_semantic_only",
+     "configs/synthetic/voxelsplat_tiny_semantic_only.py"),
+    ("VoxelSplat: + depth render loss", "voxelsplat_tiny_semantic_depth",
+     "configs/synthetic/voxelsplat_tiny_semantic_depth.py"),
+    ("VoxelSplat: + flow render loss", "voxelsplat_tiny_no_propagation",
+     "configs/synthetic/voxelsplat_tiny_no_propagation.py"),
+)
+ALL_MODELS = MODELS + ABLATION_MODELS
+# what `make demo` trains (tools/run_experiment.py trains every model of MODELS)
 DEMO_MODELS = ("fbocc_tiny", "voxelsplat_tiny")
 METRICS = ("RayIoU", "RayIoU@1", "RayIoU@2", "RayIoU@4", "mAVE", "mAVE_zero_flow", "mAVE_gt_occupancy", "mAVE_TP",
            "mAVE_TP_zero_flow", "mAVE_TP_gt_occupancy", "OccScore", "mIoU")
@@ -49,7 +60,10 @@ FLOORS = (
 # The shared depth pretraining (--pretrain-iters) and the overrides it takes from the command line.
 PRETRAIN_CONFIG = "configs/synthetic/depth_pretrain_tiny.py"
 PRETRAIN_OVERRIDE_PREFIXES = ("model.backbone.", "model.neck.", "model.depth_net.", "model.pixel_", "model.input_",
-                              "dataloader.train.mapper.")
+                              "dataloader.train.mapper.", "train.num_threads=", "train.deterministic=")
+# <run folder>/RUN_MARKER: a finished training run (its config, overrides and wall time); a later
+# call with the same config and overrides reads the run instead of starting it again
+RUN_MARKER = "demo_run.json"
 # floors.json entry with the splits' motion statistics (voxelsplat.engine.floors.motion_statistics)
 SPLIT_MOTION = "split_motion"
 # Bumped when the floors or their cache change, so an older floors.json is recomputed.
@@ -71,7 +85,10 @@ def parse_args(argv=None):
     parser.add_argument("--iters", type=int, default=None, help="training iterations (default: the configs')")
     parser.add_argument("--eval-period", type=int, default=None,
                         help="also evaluate every this many iterations (learning curves; default: at the end only)")
-    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--checkpoint-period", type=int, default=None,
+                        help="save a checkpoint every this many iterations, where an interrupted run resumes "
+                             "(default: at each evaluation)")
+    parser.add_argument("--seed", type=int, default=0, help="seed of the synthetic dataset")
     parser.add_argument("--omit-classes", nargs="*", default=[], metavar="CLASS",
                         help="object classes the synthetic worlds leave out (tools/make_synthetic_dataset.py)")
     parser.add_argument("--one-way-traffic", action="store_true",
@@ -83,7 +100,7 @@ def parse_args(argv=None):
     parser.add_argument("--quick", action="store_true",
                         help="tiny run: 2 scenes x 4 keyframes, 176x64 images, 6 iterations")
     parser.add_argument("--skip-pictures", action="store_true")
-    parser.add_argument("--models", nargs="+", default=list(DEMO_MODELS), choices=[name for _, name, _ in MODELS],
+    parser.add_argument("--models", nargs="+", default=list(DEMO_MODELS), choices=[name for _, name, _ in ALL_MODELS],
                         help="which models to train, in this order (default: %(default)s)")
     parser.add_argument("--pretrain-iters", type=int, default=0,
                         help="first pretrain the image backbone, neck and depth net on the synthetic LiDAR depth for "
@@ -104,6 +121,10 @@ def parse_args(argv=None):
         args.floors_cache = os.path.join(args.output_dir, "floors.json")
     if args.pretrain_dir is None:
         args.pretrain_dir = os.path.join(args.output_dir, "depth_pretrain")
+    for name in ("iters", "eval_period", "checkpoint_period"):
+        value = getattr(args, name)
+        if value is not None and value < 1:
+            parser.error(f"--{name.replace('_', '-')} must be >= 1, got {value}")
     if args.pretrain_iters < 0:
         parser.error(f"--pretrain-iters must be >= 0, got {args.pretrain_iters}")
     return args
@@ -111,7 +132,7 @@ def parse_args(argv=None):
 
 def selected_models(args):
     """The ``(title, run name, config)`` of the models ``args.models`` names, in that order."""
-    by_name = {name: (title, name, config) for title, name, config in MODELS}
+    by_name = {name: (title, name, config) for title, name, config in ALL_MODELS}
     return [by_name[name] for name in args.models]
 
 
@@ -119,12 +140,13 @@ def step(message):
     print(f"\n[demo] {message}", flush=True)
 
 
-def run(cmd, log_path=None):
-    """Run a command, streaming its output (and teeing it to ``log_path``)."""
+def run(cmd, log_path=None, append=False):
+    """Run a command, streaming its output (and teeing it to ``log_path``, after what the file
+    holds with ``append``)."""
     env = dict(os.environ, PYTHONWARNINGS="ignore", PYTHONUNBUFFERED="1")
     start = time.perf_counter()
     with subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env,
-                          cwd=ROOT) as proc, open(log_path or os.devnull, "w") as log:
+                          cwd=ROOT) as proc, open(log_path or os.devnull, "a" if append else "w") as log:
         for line in proc.stdout:
             log.write(line)
             if "[demo-quiet]" not in line:
@@ -291,6 +313,19 @@ def floor_rows(floors):
     return [(title, dict(floors[name], kind="floor", floor=name)) for title, name in FLOORS]
 
 
+def finished_run(run_dir, config, overrides):
+    """The wall time of the finished run in ``run_dir`` when it was trained with ``config`` and
+    ``overrides`` (its :data:`RUN_MARKER` and final checkpoint are there), else None."""
+    marker = os.path.join(run_dir, RUN_MARKER)
+    if not (os.path.isfile(marker) and os.path.isfile(os.path.join(run_dir, "model_final.pth"))):
+        return None
+    with open(marker) as f:
+        found = json.load(f)
+    if found.get("config") != config or found.get("overrides") != list(overrides):
+        return None
+    return float(found["train_time_s"])
+
+
 def read_run(output_dir):
     """Last evaluation and training statistics of a run, from its metrics.json (a line cut by a
     killed run is skipped with a warning)."""
@@ -343,15 +378,24 @@ def main(argv=None):
             overrides.append(f"train.init_checkpoint={os.path.abspath(pretrained)}")
         if args.iters:
             overrides += [f"train.max_iter={args.iters}", f"train.eval_period={args.eval_period or args.iters}",
-                          f"train.checkpointer.period={args.eval_period or args.iters}"]
-        elif args.eval_period:
-            overrides += [f"train.eval_period={args.eval_period}"]
+                          f"train.checkpointer.period={args.checkpoint_period or args.eval_period or args.iters}"]
+        else:
+            if args.eval_period:
+                overrides += [f"train.eval_period={args.eval_period}"]
+            if args.checkpoint_period:
+                overrides += [f"train.checkpointer.period={args.checkpoint_period}"]
         overrides += [o for o in args.opts if o != "--"]
-        step(f"training {title}: {config} -> {run_dir}")
-        # --resume: a run interrupted part-way continues from its last checkpoint
-        seconds = run([sys.executable, "tools/lazyconfig_train_net.py", "--config-file", config, "--resume",
-                       *overrides],
-                      log_path=os.path.join(args.output_dir, f"{name}.log"))
+        seconds = finished_run(run_dir, config, overrides)
+        if seconds is None:
+            step(f"training {title}: {config} -> {run_dir}")
+            # --resume: a run interrupted part-way continues from its last checkpoint (its log goes on)
+            seconds = run([sys.executable, "tools/lazyconfig_train_net.py", "--config-file", config, "--resume",
+                           *overrides],
+                          log_path=os.path.join(args.output_dir, f"{name}.log"), append=True)
+            write_json(os.path.join(run_dir, RUN_MARKER),
+                       {"config": config, "overrides": overrides, "train_time_s": seconds})
+        else:
+            step(f"{title}: finished run in {run_dir}, read instead of trained again")
         metrics = read_run(run_dir)
         metrics["train_time_s"] = seconds
         metrics["kind"] = "model"

@@ -38,6 +38,11 @@ import run_demo  # noqa: E402
 # iterations of the shared depth pretraining (configs/synthetic/depth_pretrain_tiny.py)
 BENCHMARK_PRETRAIN_ITERS = 1000
 BENCHMARK_ITERS = 1600
+# evaluations during each run (the learning curves' points) and checkpoints (where an interrupted run resumes)
+BENCHMARK_EVAL_PERIOD = 400
+BENCHMARK_CHECKPOINT_PERIOD = 200
+# intra-op threads of every training process (the results' last bits depend on it)
+BENCHMARK_THREADS = 2
 # object classes the benchmark's worlds leave out (too small and rare to learn in the budget)
 BENCHMARK_OMITTED_CLASSES = ("pedestrian", "bicycle", "motorcycle", "traffic_cone", "barrier")
 # the benchmark labels' grid: 128x128x16 voxels of 0.4 m around the ego
@@ -61,8 +66,19 @@ def main(argv=None):
     parser.add_argument("--data-dir", default="datasets/synthetic_benchmark")
     parser.add_argument("--seeds", type=int, nargs="+", default=(0, 1, 2, 3, 4))
     parser.add_argument("--iters", type=int, default=BENCHMARK_ITERS, help="training iterations per run")
-    parser.add_argument("--eval-period", type=int, default=None,
-                        help="evaluate every this many iterations too (the learning curves' points)")
+    parser.add_argument("--eval-period", type=int, default=BENCHMARK_EVAL_PERIOD,
+                        help="evaluate every this many iterations (the learning curves' points; default: "
+                             "%(default)s)")
+    parser.add_argument("--checkpoint-period", type=int, default=BENCHMARK_CHECKPOINT_PERIOD,
+                        help="checkpoint every this many iterations: an interrupted run resumes from there "
+                             "(default: %(default)s)")
+    parser.add_argument("--num-threads", type=int, default=BENCHMARK_THREADS,
+                        help="PyTorch threads of every training process (train.num_threads; default: %(default)s)")
+    parser.add_argument("--no-deterministic", action="store_true",
+                        help="leave torch.use_deterministic_algorithms off (default: on, train.deterministic)")
+    parser.add_argument("--ablation-seed", type=int, default=0,
+                        help="the seed at which the ablation ladder trains (default: %(default)s)")
+    parser.add_argument("--no-ablation", action="store_true", help="skip the ablation ladder")
     # the benchmark's dataset: 16 training and 4 validation scenes of 20 keyframes
     parser.add_argument("--version", default="v1.0-trainval")
     parser.add_argument("--scenes", type=int, default=20)
@@ -85,7 +101,11 @@ def main(argv=None):
     parser.add_argument("opts", nargs=argparse.REMAINDER)
     args = parser.parse_args(argv)
     start = time.perf_counter()
-    opts = [o for o in args.opts if o != "--"]
+    if args.num_threads is not None and args.num_threads < 1:
+        parser.error(f"--num-threads must be >= 1, got {args.num_threads}")
+    # pinned for every training process, the depth pretraining included
+    opts = [f"train.num_threads={args.num_threads}", f"train.deterministic={not args.no_deterministic}"]
+    opts += [o for o in args.opts if o != "--"]
     # one dataset for every seed (the seed varies the training only), so one set of floors
     shared_args = ["--data-dir", args.data_dir, "--version", args.version, "--scenes", str(args.scenes),
                    "--samples-per-scene", str(args.samples_per_scene), "--image-size", *map(str, args.image_size),
@@ -98,24 +118,25 @@ def main(argv=None):
         shared_args += ["--one-way-traffic"]
     if args.point_cloud_range is not None:
         shared_args += ["--point-cloud-range", *map(str, args.point_cloud_range)]
-    shared_args += ["--models", *(args.models or [name for _, name, _ in run_demo.MODELS])]
     if args.iters:
         shared_args += ["--iters", str(args.iters)]
     if args.eval_period:
         shared_args += ["--eval-period", str(args.eval_period)]
+    if args.checkpoint_period:
+        shared_args += ["--checkpoint-period", str(args.checkpoint_period)]
+    models = args.models or [name for _, name, _ in run_demo.MODELS]
     per_model = {}
     for seed in args.seeds:
-        demo_args = ["--output-dir", os.path.join(args.output_dir, f"seed{seed}"), *shared_args]
-        finished = os.path.join(args.output_dir, f"seed{seed}", "results.json")
-        if os.path.isfile(finished):  # an interrupted experiment resumes where it stopped
-            with open(finished) as f:
-                results = json.load(f)
-            print(f"[experiment] seed {seed}: reusing {finished}", flush=True)
-        else:
-            results = run_demo.main(demo_args + [f"train.seed={seed}"] + opts)
+        results = run_seed(args, os.path.join(args.output_dir, f"seed{seed}"), seed, models, shared_args, opts)
         for model, metrics in results.items():
             if metrics.get("kind", "model") == "model":  # the floors are read once, below
                 per_model.setdefault(model, []).append(metrics)
+    ladder = None
+    if not args.no_ablation:
+        ladder_dir = os.path.join(args.output_dir, f"ablation_seed{args.ablation_seed}")
+        ladder = run_seed(args, ladder_dir, args.ablation_seed, [name for _, name, _ in run_demo.ABLATION_MODELS],
+                          shared_args, opts)
+    shared_args = ["--models", *models, *shared_args]
     # the seeds' shared floors: from the cache the runs above filled (computed here when every seed was resumed)
     demo = run_demo.parse_args(["--output-dir", args.output_dir, *shared_args, *opts])
     run_demo.ensure_dataset(demo)
@@ -152,6 +173,11 @@ def main(argv=None):
 
         lines.append("")
         lines += format_markdown(gate, comparisons, baseline_name=base)
+    ladder_rows = {}
+    if ladder is not None:
+        # like the paired comparisons, the ladder's differences only behind a passed gate
+        ladder_rows = ablation_ladder(args, names, per_model, ladder, with_differences=gate is not None and gate.passed)
+        lines += [""] + ablation_lines(args.ablation_seed, ladder_rows, base)
     os.makedirs(args.output_dir, exist_ok=True)
     passed = gate is not None and gate.passed
     pictures = write_pictures(args, names, per_model, floors, comparisons if passed else {})
@@ -167,6 +193,7 @@ def main(argv=None):
                "comparisons": {model: {metric: {"difference": r.difference, "interval": list(r.interval),
                                                 "verdict": r.verdict} for metric, r in results.items()}
                                for model, results in comparisons.items()},
+               "ablation": None if ladder is None else {"seed": args.ablation_seed, "rows": ladder_rows},
                "ratios": ratios, "wall_time_s": time.perf_counter() - start}
     with open(os.path.join(args.output_dir, "experiment.json"), "w") as f:
         json.dump(payload, f, indent=2)
@@ -174,6 +201,107 @@ def main(argv=None):
         f.write(table + "\n")
     print("\n" + table)
     return payload
+
+
+def run_seed(args, output_dir, seed, models, shared_args, opts):
+    """``run_demo`` of ``models`` at training seed ``seed`` into ``output_dir``: the same
+    initialisation (``train.seed``) and data order and augmentation (``dataloader.train.seed``)
+    for every model of the seed. A folder whose ``results.json`` exists is read instead (an
+    interrupted experiment resumes; a run stopped part-way continues from its last checkpoint)."""
+    finished = os.path.join(output_dir, "results.json")
+    if os.path.isfile(finished):
+        with open(finished) as f:
+            results = json.load(f)
+        print(f"[experiment] seed {seed}: reusing {finished}", flush=True)
+        return results
+    return run_demo.main(["--output-dir", output_dir, "--models", *models, *shared_args,
+                          f"train.seed={seed}", f"dataloader.train.seed={seed}", *opts])
+
+
+LADDER_KEYS = ("RayIoU", "RayIoU@1", "mIoU", "mAVE", "mAVE_TP", "mAVE_gt_occupancy", "step_time_s")
+LADDER_COMPARED = ("RayIoU", "mAVE")
+
+
+def ablation_ladder(args, names, per_model, ladder, with_differences=True):
+    """The ladder's rows at ``args.ablation_seed``: the baseline, the three steps (``ladder``,
+    that seed's ``run_demo`` results) and, as the last step, VoxelSplat itself, each with its
+    metrics and, against the baseline of the same seed, the paired difference of
+    :data:`LADDER_COMPARED` with a 95 % bootstrap interval over the validation frames (with
+    ``with_differences``; the experiment passes whether the baseline passed the gate).
+    ``{row title: {"metrics": {...}, "differences": {metric: {...}}}}``, in ladder order."""
+    from voxelsplat.evaluation import paired_bootstrap
+    from voxelsplat.structures import occupancy_metadata
+
+    seed = args.ablation_seed
+    base = names[0]
+    rows = []
+    if seed in args.seeds:
+        position = list(args.seeds).index(seed)
+        rows.append((base, os.path.join(args.output_dir, f"seed{seed}"), per_model[base][position]))
+    for title, _, _ in run_demo.ABLATION_MODELS:
+        rows.append((title, os.path.join(args.output_dir, f"ablation_seed{seed}"), ladder[title]))
+    full = "VoxelSplat"
+    if seed in args.seeds and full in per_model:
+        rows.append((f"{full} (+ propagated state)", os.path.join(args.output_dir, f"seed{seed}"),
+                     per_model[full][list(args.seeds).index(seed)]))
+    meta = occupancy_metadata("openocc_v2")
+    label_set = dict(class_names=meta["class_names"], free_index=meta["free_index"])
+    folders = {title: name for title, name, _ in run_demo.ALL_MODELS}
+    folders[f"{full} (+ propagated state)"] = folders[full]
+    frames = {title: load_frames(os.path.join(folder, folders[title])) for title, folder, _ in rows}
+    result = {}
+    for title, _, metrics in rows:
+        differences = {}
+        if (with_differences and rows[0][0] == base and title != base and frames[base] is not None
+                and frames[title] is not None):
+            compared = paired_bootstrap([frames[base]], [frames[title]], LADDER_COMPARED,
+                                        flow_classes=meta["flow_classes"], rng=0, **label_set)
+            differences = {metric: {"difference": r.difference, "interval": list(r.interval), "verdict": r.verdict}
+                           for metric, r in compared.items()}
+        result[title] = {"metrics": {k: metrics.get(k) for k in LADDER_KEYS}, "differences": differences}
+    return result
+
+
+def ablation_lines(seed, rows, base):
+    """The ladder as a markdown table (metrics, then each compared metric's difference to the
+    baseline with its 95 % interval over the validation frames)."""
+    header = ["step", *LADDER_KEYS, *(f"{m} - baseline [95% CI]" for m in LADDER_COMPARED)]
+    lines = [f"Ablation ladder (seed {seed}; intervals over the validation frames of this one seed):", "",
+             "| " + " | ".join(header) + " |", "|---" * len(header) + "|"]
+    for title, row in rows.items():
+        cells = [title]
+        for key in LADDER_KEYS:
+            value = row["metrics"].get(key)
+            digits = 4 if key.startswith("mAVE") else 3 if key == "step_time_s" else 2
+            cells.append("-" if value is None or (isinstance(value, float) and math.isnan(value))
+                         else f"{value:.{digits}f}")
+        for metric in LADDER_COMPARED:
+            d = row["differences"].get(metric)
+            digits = 4 if metric.startswith("mAVE") else 2
+            cells.append("-" if d is None else
+                         f"{d['difference']:+.{digits}f} [{d['interval'][0]:+.{digits}f}, "
+                         f"{d['interval'][1]:+.{digits}f}] ({d['verdict']})")
+        lines.append("| " + " | ".join(cells) + " |")
+    if base not in rows:
+        lines += ["", f"(no {base} run at seed {seed}: no differences)"]
+    elif not any(row["differences"] for row in rows.values()):
+        lines += ["", "(differences withheld: the baseline did not pass the gate, or per-frame counts are missing)"]
+    return lines
+
+
+def load_frames(run_dir):
+    """The per-frame counts of a run's last evaluation (``{token: SampleStats}``), or None
+    when the run has none (made before the evaluator wrote them)."""
+    import numpy as np
+
+    from voxelsplat.evaluation import SAMPLE_STATS_FILE, sample_stats_from_arrays
+
+    path = os.path.join(run_dir, "inference", SAMPLE_STATS_FILE)
+    if not os.path.isfile(path):
+        print(f"[experiment] no per-frame counts in {path}", flush=True)
+        return None
+    with np.load(path) as arrays:
+        return sample_stats_from_arrays(arrays)
 
 
 CURVE_METRICS = ("RayIoU", "mAVE")
@@ -239,24 +367,19 @@ def paired_statistics(args, names, per_model, floors, motion=None):
     model against it, from the per-frame counts of each seed's evaluation. Returns
     ``(gate, {model: {metric: PairedBootstrapResult}})``, or ``(None, {})`` when a run's counts
     are missing (runs made before the evaluator wrote them)."""
-    import numpy as np
-
     from voxelsplat.structures import occupancy_metadata
-    from voxelsplat.evaluation import (
-        SAMPLE_STATS_FILE, SampleStats, benchmark_gate, paired_bootstrap, sample_stats_from_arrays,
-    )
+    from voxelsplat.evaluation import SampleStats, benchmark_gate, paired_bootstrap
 
     folders = {title: name for title, name, _ in run_demo.MODELS}
     frames = {}
     for title in names:
         frames[title] = []
         for seed in args.seeds:
-            path = os.path.join(args.output_dir, f"seed{seed}", folders[title], "inference", SAMPLE_STATS_FILE)
-            if not os.path.isfile(path):
-                print(f"[experiment] no per-frame counts in {path}: gate and paired statistics skipped", flush=True)
+            seed_frames = load_frames(os.path.join(args.output_dir, f"seed{seed}", folders[title]))
+            if seed_frames is None:
+                print("[experiment] gate and paired statistics skipped", flush=True)
                 return None, {}
-            with np.load(path) as arrays:
-                frames[title].append(sample_stats_from_arrays(arrays))
+            frames[title].append(seed_frames)
     meta = occupancy_metadata("openocc_v2")
     label_set = dict(class_names=meta["class_names"], free_index=meta["free_index"])
     base = names[0]

@@ -15,5 +15,7 @@ train = dict(
     seed=0,
     clip_grad=dict(enabled=True, max_norm=5.0, norm_type=2.0),
     cudnn_benchmark=False,
+    num_threads=None,         # CPU threads per process for PyTorch's ops (None: PyTorch's / the launcher's share)
+    deterministic=False,      # torch.use_deterministic_algorithms: a run repeats its numbers exactly
     extra_hooks=[],           # project hooks: [LazyCall(SomeHook)(...), ...]
 )

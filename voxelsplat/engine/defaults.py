@@ -111,6 +111,36 @@ def do_test(cfg, model):
     return results
 
 
+def configure_reproducibility(cfg) -> None:
+    """Apply ``train.num_threads`` and ``train.deterministic`` to this process.
+
+    ``num_threads`` (a positive int; None leaves PyTorch's default, or the share the CPU
+    launcher gave each process) fixes the intra-op thread count, on which CPU reductions and
+    so the last bits of a run depend. ``deterministic`` switches on
+    ``torch.use_deterministic_algorithms`` (an op without a deterministic implementation is
+    then an error that names it), cuDNN's deterministic mode and, for cuBLAS, the workspace
+    setting it needs; it cannot go with ``train.cudnn_benchmark``. Called by
+    ``tools/lazyconfig_train_net.py`` after detectron2's ``default_setup``."""
+    train = cfg.train
+    threads = train.get("num_threads", None)
+    if threads is not None:
+        if isinstance(threads, bool) or not isinstance(threads, int) or threads < 1:
+            raise ValueError(f"train.num_threads must be a positive integer or None, got {threads!r}")
+        torch.set_num_threads(threads)
+    deterministic = train.get("deterministic", False)
+    if not isinstance(deterministic, bool):
+        raise ValueError(f"train.deterministic must be True or False, got {deterministic!r}")
+    if deterministic and train.get("cudnn_benchmark", False):
+        raise ValueError("train.deterministic=True cannot go with train.cudnn_benchmark=True "
+                         "(cuDNN's benchmark picks algorithms by timing)")
+    if deterministic:
+        # cuBLAS reproduces its results only with a fixed workspace (read when CUDA starts)
+        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+        torch.backends.cudnn.deterministic = True
+    torch.use_deterministic_algorithms(deterministic)
+    logger.info("Threads per process: %d; deterministic algorithms: %s", torch.get_num_threads(), deterministic)
+
+
 def build_model(cfg) -> torch.nn.Module:
     model = instantiate(cfg.model)
     model.to(cfg.train.device)
