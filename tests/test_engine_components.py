@@ -194,3 +194,27 @@ def test_train_net_accepts_resume_and_eval_only_after_the_overrides():
     assert tool.parse_args(["--config-file", "c.py", "a=1", "--eval-only"]).eval_only
     with pytest.raises(SystemExit):
         tool.parse_args(["--config-file", "c.py", "a=1", "--num-gpus", "2"])
+
+
+def test_configure_reproducibility_pins_threads_and_deterministic_algorithms():
+    from omegaconf import OmegaConf
+
+    from voxelsplat.engine import configure_reproducibility
+
+    threads, deterministic = torch.get_num_threads(), torch.are_deterministic_algorithms_enabled()
+    cudnn_deterministic = torch.backends.cudnn.deterministic
+    try:
+        configure_reproducibility(OmegaConf.create({"train": {"num_threads": 1, "deterministic": True}}))
+        assert torch.get_num_threads() == 1 and torch.are_deterministic_algorithms_enabled()
+        assert torch.backends.cudnn.deterministic and os.environ["CUBLAS_WORKSPACE_CONFIG"]
+        configure_reproducibility(OmegaConf.create({"train": {"num_threads": None, "deterministic": False}}))
+        assert torch.get_num_threads() == 1 and not torch.are_deterministic_algorithms_enabled()
+        for bad, match in (({"num_threads": 0}, "num_threads"), ({"num_threads": 1.5}, "num_threads"),
+                           ({"deterministic": "yes"}, "deterministic"),
+                           ({"deterministic": True, "cudnn_benchmark": True}, "cudnn_benchmark")):
+            with pytest.raises(ValueError, match=match):
+                configure_reproducibility(OmegaConf.create({"train": bad}))
+    finally:
+        torch.set_num_threads(threads)
+        torch.use_deterministic_algorithms(deterministic)
+        torch.backends.cudnn.deterministic = cudnn_deterministic

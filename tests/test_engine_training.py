@@ -31,7 +31,10 @@ def final_weights(output_dir):
 
 def test_toy_training_writes_checkpoints_metrics_and_tensorboard(tmp_path):
     out = str(tmp_path / "run")
-    run_train_net("--config-file", TOY_CONFIG, f"train.output_dir={out}")
+    run_train_net("--config-file", TOY_CONFIG, f"train.output_dir={out}", "train.num_threads=1",
+                  "train.deterministic=True")
+    with open(os.path.join(out, "log.txt")) as f:  # the tool applied the pinned settings
+        assert "Threads per process: 1; deterministic algorithms: True" in f.read()
     assert os.path.isfile(os.path.join(out, "model_final.pth"))
     assert os.path.isfile(os.path.join(out, "model_0000009.pth"))
     with open(os.path.join(out, "last_checkpoint")) as f:

@@ -67,3 +67,105 @@ def test_paired_statistics_reads_every_seeds_frames_gates_and_compares(tmp_path)
     # a seed without counts (a run made before the evaluator wrote them): statistics skipped
     os.remove(tmp_path / "seed1" / run_demo.MODELS[1][1] / "inference" / SAMPLE_STATS_FILE)
     assert run_experiment.paired_statistics(args, names, per_model, floors) == (None, {})
+
+
+def _write_frames(run_dir, by_token):
+    out = run_dir / "inference"
+    out.mkdir(parents=True)
+    with open(out / SAMPLE_STATS_FILE, "wb") as f:
+        np.savez(f, **sample_stats_to_arrays(by_token))
+
+
+def test_ablation_ladder_rows_in_order_with_frame_bootstrap_against_the_same_seeds_baseline(tmp_path):
+    rng = np.random.default_rng(1)
+    names = [title for title, _, _ in run_demo.MODELS]
+    seed = 3
+    car_rays = {names[0]: 40, names[1]: 70}
+    car_rays.update({title: 40 + 10 * step for step, (title, _, _) in enumerate(run_demo.ABLATION_MODELS)})
+    frames = {}
+    for title, folder, _ in run_demo.ALL_MODELS:
+        if title == names[2]:
+            continue
+        frames[title] = {f"tok{i}": _frame(rng, car_rays[title]) for i in range(4)}
+        where = "ablation_seed3" if (title, folder, _) in run_demo.ABLATION_MODELS else "seed3"
+        _write_frames(tmp_path / where / folder, frames[title])
+    # the seeds' runs: metrics of seeds 1 and 3 (the ladder reads the entry of seed 3)
+    per_model = {title: [{"RayIoU": 1.0, "mAVE": 0.1}, {"RayIoU": 3.0 + i, "mAVE": 0.3, "step_time_s": 0.7}]
+                 for i, title in enumerate(names[:2])}
+    ladder = {title: {"RayIoU": 10.0 + i, "mAVE": 0.5} for i, (title, _, _) in enumerate(run_demo.ABLATION_MODELS)}
+    args = SimpleNamespace(output_dir=str(tmp_path), seeds=(1, 3), ablation_seed=seed)
+    rows = run_experiment.ablation_ladder(args, names, per_model, ladder)
+    titles = list(rows)
+    assert titles == [names[0], *(t for t, _, _ in run_demo.ABLATION_MODELS), "VoxelSplat (+ propagated state)"]
+    assert rows[names[0]]["metrics"]["RayIoU"] == 3.0 and rows[titles[-1]]["metrics"]["RayIoU"] == 4.0
+    assert rows[titles[2]]["metrics"]["RayIoU"] == 11.0 and rows[names[0]]["differences"] == {}
+    label_set = dict(class_names=META["class_names"], free_index=META["free_index"])
+    for title, folder_title in zip(titles[1:], [t for t, _, _ in run_demo.ABLATION_MODELS] + [names[1]]):
+        # the difference is the pooled RayIoU over the seed's frames, variant - baseline
+        expected = (summarize(SampleStats.total(frames[folder_title].values()), **label_set)["RayIoU"]
+                    - summarize(SampleStats.total(frames[names[0]].values()), **label_set)["RayIoU"])
+        difference = rows[title]["differences"]["RayIoU"]
+        assert difference["difference"] == pytest.approx(expected)
+        assert difference["interval"][0] <= expected <= difference["interval"][1]
+    assert rows[titles[-1]]["differences"]["RayIoU"]["difference"] > 0
+    table = "\n".join(run_experiment.ablation_lines(seed, rows, names[0]))
+    assert "Ablation ladder (seed 3" in table and table.count("\n| ") == len(titles) + 1
+    # behind a failed gate: the rows without differences, and the table says so
+    withheld = run_experiment.ablation_ladder(args, names, per_model, ladder, with_differences=False)
+    assert all(row["differences"] == {} for row in withheld.values())
+    assert "differences withheld" in "\n".join(run_experiment.ablation_lines(seed, withheld, names[0]))
+
+
+def test_run_seed_pairs_initialisation_and_data_order_and_reuses_finished_seeds(tmp_path, monkeypatch):
+    calls = []
+    monkeypatch.setattr(run_demo, "main", lambda argv: calls.append(argv) or {"m": {"kind": "model"}})
+    args = SimpleNamespace()
+    out = tmp_path / "seed4"
+    results = run_experiment.run_seed(args, str(out), 4, ["fbocc_tiny", "voxelsplat_tiny"], ["--iters", "8"],
+                                      ["train.num_threads=2"])
+    assert results == {"m": {"kind": "model"}}
+    argv = calls[0]
+    assert argv[argv.index("--models") + 1:argv.index("--iters")] == ["fbocc_tiny", "voxelsplat_tiny"]
+    # the same initialisation and the same data order and augmentation for every model of the seed
+    assert "train.seed=4" in argv and "dataloader.train.seed=4" in argv and argv[-1] == "train.num_threads=2"
+    run_demo.parse_args(argv)  # run_demo accepts it: the models are not swallowed by the overrides
+    out.mkdir()
+    (out / "results.json").write_text('{"x": {"kind": "model", "RayIoU": 1.0}}')
+    assert run_experiment.run_seed(args, str(out), 4, ["fbocc_tiny"], [], []) == {"x": {"kind": "model",
+                                                                                       "RayIoU": 1.0}}
+    assert len(calls) == 1
+
+
+def test_finished_run_is_read_only_with_the_same_config_and_overrides(tmp_path):
+    run_dir = tmp_path / "fbocc_tiny"
+    run_dir.mkdir()
+    config, overrides = "configs/synthetic/fbocc_tiny.py", ["train.max_iter=8", "train.seed=1"]
+    assert run_demo.finished_run(str(run_dir), config, overrides) is None  # nothing there
+    run_demo.write_json(str(run_dir / run_demo.RUN_MARKER),
+                        {"config": config, "overrides": overrides, "train_time_s": 12.5})
+    assert run_demo.finished_run(str(run_dir), config, overrides) is None  # no final checkpoint yet
+    (run_dir / "model_final.pth").write_bytes(b"")
+    assert run_demo.finished_run(str(run_dir), config, overrides) == 12.5
+    assert run_demo.finished_run(str(run_dir), config, ["train.max_iter=16", "train.seed=1"]) is None
+    assert run_demo.finished_run(str(run_dir), "configs/synthetic/voxelsplat_tiny.py", overrides) is None
+
+
+def test_ablation_ladder_configs_switch_the_render_losses_on_one_by_one():
+    from voxelsplat.engine import load_config
+
+    steps = [config for _, _, config in run_demo.ABLATION_MODELS] + ["configs/synthetic/voxelsplat_tiny.py"]
+    found = []
+    for config in steps:
+        regularizer = load_config(os.path.join(ROOT, config)).model.regularizer
+        weights = regularizer.loss_weights
+        found.append((weights["semantic"] > 0, weights["depth"] > 0, weights["flow"] > 0,
+                      regularizer.propagate_by_flow))
+    assert found == [(True, False, False, False), (True, True, False, False), (True, True, True, False),
+                     (True, True, True, True)]
+    full = load_config(os.path.join(ROOT, steps[-1]))
+    for config in steps[:-1]:  # otherwise the VoxelSplat config: weights of the losses that are on, and the rest
+        cfg = load_config(os.path.join(ROOT, config))
+        for name, weight in cfg.model.regularizer.loss_weights.items():
+            assert weight in (0.0, full.model.regularizer.loss_weights[name])
+        assert cfg.optimizer.params.lr_multipliers == full.optimizer.params.lr_multipliers
+        assert cfg.dataloader.train.mapper.regularizer == full.dataloader.train.mapper.regularizer

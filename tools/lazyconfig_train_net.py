@@ -26,14 +26,12 @@ logger = logging.getLogger("voxelsplat")
 
 
 def setup(cfg, args):
-    """detectron2's ``default_setup`` (logging, seeds, ``<output_dir>/config.yaml``), then
-    ``train.num_threads`` and ``train.deterministic`` (``configure_reproducibility``). An
+    """detectron2's ``default_setup`` (logging, seeds, ``<output_dir>/config.yaml``). An
     ``--eval-only`` run leaves the folder's ``config.yaml`` as it was, since it is often the
     folder of the training run that config.yaml describes; ``do_eval_only`` saves the eval
     config as config_eval.yaml once the checkpoint has loaded."""
     if not args.eval_only:
         default_setup(cfg, args)
-        configure_reproducibility(cfg)
         return
     config_yaml = os.path.join(cfg.train.output_dir, "config.yaml") if cfg.train.output_dir else None
     previous = None
@@ -47,7 +45,6 @@ def setup(cfg, args):
                 os.remove(config_yaml)
         else:
             atomic_write_bytes(config_yaml, previous)
-    configure_reproducibility(cfg)
 
 
 def main(args):
@@ -55,6 +52,7 @@ def main(args):
     setup(cfg, args)
     # the library's own loggers (evaluation tables, data, hooks) go to the console and log.txt too
     setup_logger(cfg.train.output_dir, distributed_rank=comm.get_rank(), name="voxelsplat", abbrev_name="vs")
+    configure_reproducibility(cfg)  # train.num_threads, train.deterministic
     if args.eval_only:
         results = do_eval_only(cfg)
         logger.info("Evaluation results: %s", results)
