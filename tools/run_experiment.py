@@ -8,10 +8,23 @@ seeds; reports mean and spread of every metric and the time/memory ratios.
 The benchmark's data and schedule are the defaults (docs/RESULTS.md says why): 20 synthetic
 scenes of 20 keyframes (16 training, 4 validation) without the small object classes, labels on
 51.2 m x 51.2 m around the ego (128x128x16), 1600 iterations per run after a shared depth
-pretraining of 1000 iterations. Each run takes about 20 minutes on 2 CPU cores.
+pretraining of 1000 iterations, evaluated every 400 iterations (the learning curves). Each run
+takes 20 to 25 minutes on 2 CPU cores.
 
-A seed whose ``<output-dir>/seed<N>/results.json`` exists is read instead of re-run (an
-interrupted experiment resumes). Writes ``<output-dir>/experiment.json`` and ``<output-dir>/experiment.md`` (the table that
+Paired seeds: every model of seed N starts from the same weights (``train.seed=N``) and sees the
+same frames in the same order with the same augmentation (``dataloader.train.seed=N``). Every
+training process runs on ``--num-threads`` threads with deterministic algorithms
+(``train.num_threads``, ``train.deterministic``), so a run repeats its numbers.
+
+After the seeds, the ablation ladder of the regularizer trains at ``--ablation-seed`` into
+``<output-dir>/ablation_seed<N>/``: semantic render loss only, + depth, + flow (the configs
+``configs/synthetic/voxelsplat_tiny_{semantic_only,semantic_depth,no_propagation}.py``); its last
+step, + the propagated state, is VoxelSplat itself, read from that seed's folder.
+
+The experiment resumes where it stopped: a seed whose ``<output-dir>/seed<N>/results.json``
+exists is read instead of re-run, a finished run of a seed stopped part-way is read from its
+folder, and a run stopped part-way continues from its last checkpoint (every 200 iterations).
+Writes ``<output-dir>/experiment.json`` and ``<output-dir>/experiment.md`` (the table that
 docs/RESULTS.md quotes).
 
 The table ends with the floors (see ``tools/run_demo.py``): predictors without a model, the
