@@ -1,5 +1,8 @@
 """FB-Occ tiny config (configs/synthetic/fbocc_tiny.py) on CPU: training step time, peak
-memory and inference latency per sample, at batch size 1.
+memory and inference latency per sample, at batch size 1, on two label grids: OpenOcc v2's
+(200x200x16) and the synthetic benchmark's (128x128x16 around the ego,
+``tools/run_experiment.py``), with ``benchmark_grid_step_over_openocc_grid`` the ratio of
+their training steps.
 
 Inputs come from the synthetic dataset through the config's mapper when the synthetic
 generator is installed, else from samples built to the mapper contract at the same
@@ -34,8 +37,13 @@ def _contract_samples(spec, image_size, count: int) -> List[dict]:
     return make_sequence(spec, 0, num_frames=count, image_size=tuple(image_size), scene_token="bench")
 
 
-def _synthetic_samples(cfg, workdir: str, count: int):
-    """Mapped samples of the synthetic dataset, or None when its generator is unavailable."""
+# the synthetic benchmark's label grid (tools/run_experiment.py)
+BENCHMARK_POINT_CLOUD_RANGE = (-25.6, -25.6, -1.0, 25.6, 25.6, 5.4)
+
+
+def _synthetic_samples(cfg, workdir: str, count: int, point_cloud_range=None):
+    """Mapped samples of the synthetic dataset (labels on ``point_cloud_range``'s grid, the
+    config's model spec pointed at it), or None when its generator is unavailable."""
     try:
         from voxelsplat.synthetic import generate_synthetic_dataset  # noqa: F401
     except ImportError:
@@ -44,11 +52,15 @@ def _synthetic_samples(cfg, workdir: str, count: int):
 
     from voxelsplat.data.datasets import register_nuscenes_occupancy
 
-    root = os.path.join(workdir, "model_synthetic")
+    suffix = "" if point_cloud_range is None else "_" + "_".join(f"{v:g}" for v in point_cloud_range)
+    root = os.path.join(workdir, "model_synthetic" + suffix)
     if not os.path.isdir(os.path.join(root, "v1.0-mini")):
-        generate_synthetic_dataset(root, version="v1.0-mini", scenes=1, samples_per_scene=count, seed=0)
-    name = register_nuscenes_occupancy("benchmark_model_all", root, "v1.0-mini", "all",
-                                       cache_dir=os.path.join(workdir, "record_cache"))
+        generate_synthetic_dataset(root, version="v1.0-mini", scenes=1, samples_per_scene=count, seed=0,
+                                   point_cloud_range=point_cloud_range)
+    cfg.dataloader.train.dataset.dataroot = root  # the model spec reads the dataset's grid from here
+    cfg.dataloader.train.dataset.version = "v1.0-mini"
+    name = register_nuscenes_occupancy("benchmark_model_all" + suffix, root, "v1.0-mini", "all",
+                                       cache_dir=os.path.join(workdir, "record_cache" + suffix))
     mapper_cfg = cfg.dataloader.train.mapper
     mapper_cfg.dataset_name = name
     mapper = instantiate(mapper_cfg)
@@ -58,7 +70,7 @@ def _synthetic_samples(cfg, workdir: str, count: int):
     return [mapper(dict(record, sequence_start=i == 0)) for i, record in enumerate(records)]
 
 
-def _measure(config_path: str, workdir: str, steps: int, queue) -> None:
+def _measure(config_path: str, workdir: str, steps: int, queue, point_cloud_range=None) -> None:
     """Child process: build, train ``steps`` iterations, time inference; report via ``queue``."""
     import torch
     from detectron2.config import LazyConfig, instantiate
@@ -68,7 +80,7 @@ def _measure(config_path: str, workdir: str, steps: int, queue) -> None:
     width, height = cfg.dataloader.train.mapper.input_size
     samples, source = None, "mapper contract"
     try:
-        samples = _synthetic_samples(cfg, workdir, steps + 2)
+        samples = _synthetic_samples(cfg, workdir, steps + 2, point_cloud_range)
         source = "synthetic dataset" if samples else source
     except Exception as error:  # the data pipeline is not this benchmark's subject
         source = f"mapper contract (synthetic dataset failed: {type(error).__name__}: {error})"
@@ -110,7 +122,8 @@ def _measure(config_path: str, workdir: str, steps: int, queue) -> None:
     shipped = _time_losses(lambda x: _shipped_losses(occ_losses, model, x, target), logits)
     reference = _time_losses(lambda x: _reference_losses(occ_losses, model, x, target), logits)
     queue.put(dict(
-        input_source=source, image_size_wh=[int(width), int(height)], cameras=int(batch[0]["img"].shape[0]),
+        input_source=source, grid_shape=[int(v) for v in model.grid_shape],
+        image_size_wh=[int(width), int(height)], cameras=int(batch[0]["img"].shape[0]),
         batch_size=1, steps_timed=steps, threads=torch.get_num_threads(),
         parameters=int(sum(p.numel() for p in model.parameters())),
         train_step_s_median=round(float(np.median(step_times)), 3),
@@ -180,12 +193,22 @@ def run(args) -> Dict[str, object]:
     quick = bool(getattr(args, "quick", False))
     workdir = os.path.abspath(getattr(args, "workdir", os.path.join(ROOT, "output", "benchmark")))
     os.makedirs(workdir, exist_ok=True)
+    openocc = _measure_in_fresh_process(workdir, 2 if quick else 8, None)
+    benchmark = _measure_in_fresh_process(workdir, 2 if quick else 8, BENCHMARK_POINT_CLOUD_RANGE)
+    result = dict(config=os.path.relpath(CONFIG, ROOT), **openocc)
+    if benchmark["grid_shape"] != openocc["grid_shape"]:  # the contract samples have no grid of their own
+        result["benchmark_grid"] = benchmark
+        result["benchmark_grid_step_over_openocc_grid"] = round(
+            benchmark["train_step_s_median"] / openocc["train_step_s_median"], 3)
+    return result
+
+
+def _measure_in_fresh_process(workdir: str, steps: int, point_cloud_range) -> Dict[str, object]:
     context = multiprocessing.get_context("spawn")  # a fresh process: clean peak-memory figures
     queue = context.Queue()
-    process = context.Process(target=_measure, args=(CONFIG, workdir, 2 if quick else 8, queue))
+    process = context.Process(target=_measure, args=(CONFIG, workdir, steps, queue, point_cloud_range))
     process.start()
     try:
-        result = queue.get(timeout=1800)
+        return queue.get(timeout=1800)
     finally:
         process.join(timeout=60)
-    return dict(config=os.path.relpath(CONFIG, ROOT), **result)
