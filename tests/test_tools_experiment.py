@@ -145,7 +145,10 @@ def test_finished_run_is_read_only_with_the_same_config_and_overrides(tmp_path):
                         {"config": config, "overrides": overrides, "train_time_s": 12.5})
     assert run_demo.finished_run(str(run_dir), config, overrides) is None  # no final checkpoint yet
     (run_dir / "model_final.pth").write_bytes(b"")
-    assert run_demo.finished_run(str(run_dir), config, overrides) == 12.5
+    assert run_demo.finished_run(str(run_dir), config, overrides) == (12.5, False)
+    run_demo.write_json(str(run_dir / run_demo.RUN_MARKER),
+                        {"config": config, "overrides": overrides, "train_time_s": 7.0, "resumed": True})
+    assert run_demo.finished_run(str(run_dir), config, overrides) == (7.0, True)
     assert run_demo.finished_run(str(run_dir), config, ["train.max_iter=16", "train.seed=1"]) is None
     assert run_demo.finished_run(str(run_dir), "configs/synthetic/voxelsplat_tiny.py", overrides) is None
 

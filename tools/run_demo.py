@@ -314,8 +314,9 @@ def floor_rows(floors):
 
 
 def finished_run(run_dir, config, overrides):
-    """The wall time of the finished run in ``run_dir`` when it was trained with ``config`` and
-    ``overrides`` (its :data:`RUN_MARKER` and final checkpoint are there), else None."""
+    """``(wall time, resumed)`` of the finished run in ``run_dir`` when it was trained with
+    ``config`` and ``overrides`` (its :data:`RUN_MARKER` and final checkpoint are there), else
+    None. ``resumed``: the run continued a checkpoint, so the time covers the part after it."""
     marker = os.path.join(run_dir, RUN_MARKER)
     if not (os.path.isfile(marker) and os.path.isfile(os.path.join(run_dir, "model_final.pth"))):
         return None
@@ -323,7 +324,7 @@ def finished_run(run_dir, config, overrides):
         found = json.load(f)
     if found.get("config") != config or found.get("overrides") != list(overrides):
         return None
-    return float(found["train_time_s"])
+    return float(found["train_time_s"]), bool(found.get("resumed", False))
 
 
 def read_run(output_dir):
@@ -385,19 +386,23 @@ def main(argv=None):
             if args.checkpoint_period:
                 overrides += [f"train.checkpointer.period={args.checkpoint_period}"]
         overrides += [o for o in args.opts if o != "--"]
-        seconds = finished_run(run_dir, config, overrides)
-        if seconds is None:
+        finished = finished_run(run_dir, config, overrides)
+        seconds, resumed = finished if finished is not None else (None, False)
+        if finished is None:
+            # a checkpoint already there: the run continues it, and its wall time covers this part only
+            resumed = os.path.isfile(os.path.join(run_dir, "last_checkpoint"))
             step(f"training {title}: {config} -> {run_dir}")
             # --resume: a run interrupted part-way continues from its last checkpoint (its log goes on)
             seconds = run([sys.executable, "tools/lazyconfig_train_net.py", "--config-file", config, "--resume",
                            *overrides],
                           log_path=os.path.join(args.output_dir, f"{name}.log"), append=True)
             write_json(os.path.join(run_dir, RUN_MARKER),
-                       {"config": config, "overrides": overrides, "train_time_s": seconds})
+                       {"config": config, "overrides": overrides, "train_time_s": seconds, "resumed": resumed})
         else:
             step(f"{title}: finished run in {run_dir}, read instead of trained again")
         metrics = read_run(run_dir)
         metrics["train_time_s"] = seconds
+        metrics["resumed"] = resumed  # train_time_s then covers the part after the checkpoint only
         metrics["kind"] = "model"
         rows.append((title, metrics))
         if not args.skip_pictures:
