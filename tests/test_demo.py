@@ -75,8 +75,8 @@ def test_quick_demo_writes_metrics_table_tensorboard_and_pictures(tmp_path):
     assert "total_loss" in log and "loss_occ" not in log and "loss_flow" not in log
     assert any(k.startswith("depth_net.") for k in weights) and any(k.startswith("head.") for k in weights)
     # A second run with the same settings reuses the dataset, the depth pretraining, the floors and
-    # the finished model runs (resumed at their last iteration): nothing is regenerated or retrained,
-    # and the same weights give the same metrics.
+    # the finished model runs (read from their folders): nothing is regenerated or retrained, and
+    # the same weights give the same metrics.
     files = [p for p in data.rglob("*") if p.is_file() and p.suffix in (".npz", ".jpg", ".json")]
     stamps = {p: p.stat().st_mtime_ns for p in files}
     pretrain_stamp = pretrained.stat().st_mtime_ns
@@ -85,6 +85,8 @@ def test_quick_demo_writes_metrics_table_tensorboard_and_pictures(tmp_path):
     for reused in ("synthetic dataset already in", "depth-pretrained checkpoint already in", "floors already in"):
         assert reused in again.stdout, (reused, again.stdout[-3000:])
     assert "generating the synthetic dataset" not in again.stdout
+    assert again.stdout.count("read instead of trained again") == len(results) - len(run_demo_floors(results))
+    assert "Starting training" not in again.stdout
     assert len(files) > 20 and {p: p.stat().st_mtime_ns for p in files} == stamps
     assert pretrained.stat().st_mtime_ns == pretrain_stamp
     second = json.loads((out / "results.json").read_text())
@@ -95,3 +97,8 @@ def test_quick_demo_writes_metrics_table_tensorboard_and_pictures(tmp_path):
                                                                 and math.isnan(results[name][key])), (name, key)
     marker = json.loads((data / "demo_dataset.json").read_text())
     assert marker["scenes"] == 2 and marker["samples_per_scene"] == 4
+
+
+def run_demo_floors(results):
+    """The rows of a demo's results.json that are floors (no training run of their own)."""
+    return [name for name, metrics in results.items() if metrics.get("kind") != "model"]
