@@ -119,9 +119,8 @@ def test_ablation_ladder_rows_in_order_with_frame_bootstrap_against_the_same_see
 def test_run_seed_pairs_initialisation_and_data_order_and_reuses_finished_seeds(tmp_path, monkeypatch):
     calls = []
     monkeypatch.setattr(run_demo, "main", lambda argv: calls.append(argv) or {"m": {"kind": "model"}})
-    args = SimpleNamespace()
     out = tmp_path / "seed4"
-    results = run_experiment.run_seed(args, str(out), 4, ["fbocc_tiny", "voxelsplat_tiny"], ["--iters", "8"],
+    results = run_experiment.run_seed(str(out), 4, ["fbocc_tiny", "voxelsplat_tiny"], ["--iters", "8"],
                                       ["train.num_threads=2"])
     assert results == {"m": {"kind": "model"}}
     argv = calls[0]
@@ -131,7 +130,7 @@ def test_run_seed_pairs_initialisation_and_data_order_and_reuses_finished_seeds(
     run_demo.parse_args(argv)  # run_demo accepts it: the models are not swallowed by the overrides
     out.mkdir()
     (out / "results.json").write_text('{"x": {"kind": "model", "RayIoU": 1.0}}')
-    assert run_experiment.run_seed(args, str(out), 4, ["fbocc_tiny"], [], []) == {"x": {"kind": "model",
+    assert run_experiment.run_seed(str(out), 4, ["fbocc_tiny"], [], []) == {"x": {"kind": "model",
                                                                                        "RayIoU": 1.0}}
     assert len(calls) == 1
 

@@ -140,14 +140,14 @@ def main(argv=None):
     models = args.models or [name for _, name, _ in run_demo.MODELS]
     per_model = {}
     for seed in args.seeds:
-        results = run_seed(args, os.path.join(args.output_dir, f"seed{seed}"), seed, models, shared_args, opts)
+        results = run_seed(os.path.join(args.output_dir, f"seed{seed}"), seed, models, shared_args, opts)
         for model, metrics in results.items():
             if metrics.get("kind", "model") == "model":  # the floors are read once, below
                 per_model.setdefault(model, []).append(metrics)
     ladder = None
     if not args.no_ablation:
         ladder_dir = os.path.join(args.output_dir, f"ablation_seed{args.ablation_seed}")
-        ladder = run_seed(args, ladder_dir, args.ablation_seed, [name for _, name, _ in run_demo.ABLATION_MODELS],
+        ladder = run_seed(ladder_dir, args.ablation_seed, [name for _, name, _ in run_demo.ABLATION_MODELS],
                           shared_args, opts)
     shared_args = ["--models", *models, *shared_args]
     # the seeds' shared floors: from the cache the runs above filled (computed here when every seed was resumed)
@@ -216,7 +216,7 @@ def main(argv=None):
     return payload
 
 
-def run_seed(args, output_dir, seed, models, shared_args, opts):
+def run_seed(output_dir, seed, models, shared_args, opts):
     """``run_demo`` of ``models`` at training seed ``seed`` into ``output_dir``: the same
     initialisation (``train.seed``) and data order and augmentation (``dataloader.train.seed``)
     for every model of the seed. A folder whose ``results.json`` exists is read instead (an
