@@ -45,6 +45,43 @@ def test_timm_backbone_frozen_bn_stages_and_local_checkpoint(tmp_path):
         TimmBackbone("resnet18", init_checkpoint=str(tmp_path / "missing.pth"))
 
 
+def _checkpoint_each_child(features_net, images):
+    """The forward of timm's feature extractors before 1.0.31 under grad checkpointing: every child
+    module but the first and the last checkpointed on its own, in-place ones too."""
+    from torch.utils.checkpoint import checkpoint
+
+    children = list(features_net.named_children())
+    outputs, x = {}, images
+    for i, (name, module) in enumerate(children):
+        x = module(x) if i in (0, len(children) - 1) else checkpoint(module, x, use_reentrant=False)
+        outputs[name] = x
+    return outputs
+
+
+def test_checkpointed_timm_backbone_survives_per_module_checkpointing():
+    # The stem's ReLU(inplace=True), checkpointed on its own, overwrote the tensor saved for its
+    # recomputation: fbocc_r50's first CUDA step failed in backward with timm 1.0.29.
+    torch.manual_seed(0)
+    plain = TimmBackbone("resnet18", out_indices=(2, 3, 4), norm="BN",
+                         model_kwargs=dict(channels=(16, 32, 64, 128), stem_width=16)).train()
+    checkpointed = TimmBackbone("resnet18", out_indices=(2, 3, 4), norm="BN", grad_checkpointing=True,
+                                model_kwargs=dict(channels=(16, 32, 64, 128), stem_width=16)).train()
+    checkpointed.load_state_dict(plain.state_dict())
+    assert not any(getattr(m, "inplace", False) for m in checkpointed.modules())
+    assert any(getattr(m, "inplace", False) for m in plain.modules())  # the hazard the option removes
+    images = torch.randn(2, 3, 64, 96)
+    weights = torch.randn(2, 128, 2, 3)
+    grads = []
+    for net, forward in ((plain, lambda x: net.model(x)[-1]),
+                         (checkpointed, lambda x: _checkpoint_each_child(net.model, x)["layer4"])):
+        net.zero_grad()
+        x = images.clone().requires_grad_(True)
+        (forward(x) * weights).sum().backward()
+        grads.append((x.grad, net.model.conv1.weight.grad))
+    torch.testing.assert_close(grads[1][0], grads[0][0], rtol=1e-4, atol=1e-6)
+    torch.testing.assert_close(grads[1][1], grads[0][1], rtol=1e-4, atol=1e-6)
+
+
 class _PhasedModel(nn.Module):
     def __init__(self):
         super().__init__()

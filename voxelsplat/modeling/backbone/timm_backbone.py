@@ -50,6 +50,16 @@ def _freeze_module(module: nn.Module) -> None:
         param.requires_grad_(False)
 
 
+def _disable_inplace(model: nn.Module) -> None:
+    """Make in-place activations out-of-place. timm's feature extractors before 1.0.31 checkpoint
+    every child module apart, the stem's ``ReLU(inplace=True)`` too, which then overwrites the
+    tensor saved for its recomputation, and the backward pass fails ("modified by an inplace
+    operation"); seen on CUDA with timm 1.0.29. Out-of-place activations give the same values."""
+    for module in model.modules():
+        if getattr(module, "inplace", None) is True:
+            module.inplace = False
+
+
 class TimmBackbone(nn.Module):
     """A timm CNN (e.g. ``resnet18``/``resnet50``) as a multi-stage feature extractor.
 
@@ -61,7 +71,8 @@ class TimmBackbone(nn.Module):
             ``"BN"`` (trainable BatchNorm).
         frozen_stages: freeze the stem and the first ``frozen_stages`` stages (-1: none,
             0: stem only).
-        grad_checkpointing: recompute stage activations in the backward pass.
+        grad_checkpointing: recompute stage activations in the backward pass (activations then
+            run out of place: see ``_disable_inplace``).
         model_kwargs: extra ``timm.create_model`` arguments, e.g. ``{"channels": (32, 64, 128, 256)}``
             for a slimmer ResNet.
 
@@ -90,6 +101,7 @@ class TimmBackbone(nn.Module):
         self._freeze_stages(frozen_stages)
         if grad_checkpointing:
             self.model.set_grad_checkpointing(True)
+            _disable_inplace(self.model)
         self.out_channels: List[int] = list(self.model.feature_info.channels())
         self.out_strides: List[int] = list(self.model.feature_info.reduction())
         self.out_names: List[str] = [f"stride{s}" for s in self.out_strides]
