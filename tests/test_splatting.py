@@ -375,8 +375,12 @@ def _cuda_scene(seed):
     return {k: (v.cuda() if torch.is_tensor(v) else v) for k, v in scene.items()}
 
 
-def _compare_backends(backend, atol):
+def _compare_backends(backend, atol, per_camera_means=False):
     scene = _cuda_scene(12)
+    if per_camera_means:  # a position per camera, as the regularizer's propagated Gaussians have
+        g = torch.Generator().manual_seed(5)
+        shift = torch.randn(scene["viewmats"].shape[0], *scene["means"].shape, generator=g) * 0.2
+        scene["means"] = scene["means"][None] + shift.to(scene["means"])
     names = ("means", "quats", "scales", "opacities", "features")
     results = {}
     for name in ("torch", backend):
@@ -397,6 +401,13 @@ def _compare_backends(backend, atol):
 def test_gsplat_backend_matches_torch_backend():
     pytest.importorskip("gsplat")
     _compare_backends("gsplat", atol=1e-4)
+
+
+@pytest.mark.skipif(not CUDA, reason="needs a CUDA GPU")
+def test_gsplat_backend_with_per_camera_means_matches_torch_backend():
+    # (C, N, 3) means render in one gsplat call, a camera per batch element
+    pytest.importorskip("gsplat")
+    _compare_backends("gsplat", atol=1e-4, per_camera_means=True)
 
 
 @pytest.mark.skipif(not CUDA, reason="needs a CUDA GPU")

@@ -215,8 +215,9 @@ def rasterize_gaussians(
     module, function = _RASTERIZERS[chosen]
     rasterize = getattr(importlib.import_module(module, __package__), function)
     options = (width, height, near_plane, far_plane, eps2d)
-    if means.dim() == 3 and chosen not in ("torch", "native"):
-        # The CUDA rasterizers take one position per Gaussian: one call per camera.
+    if means.dim() == 3 and chosen == "inria":
+        # The Inria rasterizer takes one position per Gaussian: one call per camera (gsplat
+        # renders the (C, N, 3) form in one call, a camera per batch element).
         per_camera = [rasterize(means[c], quats, scales, opacities, features[c] if features.dim() == 3 else features,
                                 viewmats[c:c + 1], Ks[c:c + 1], *options) for c in range(viewmats.shape[0])]
         return tuple(torch.cat(parts) for parts in zip(*per_camera))
