@@ -1,5 +1,6 @@
 """tools/run_experiment.py's statistics: it reads each seed's per-frame counts, gates the
 baseline and compares every other model with it, pairing seeds and frames."""
+import json
 import os
 import sys
 from types import SimpleNamespace
@@ -129,10 +130,14 @@ def test_run_seed_pairs_initialisation_and_data_order_and_reuses_finished_seeds(
     assert "train.seed=4" in argv and "dataloader.train.seed=4" in argv and argv[-1] == "train.num_threads=2"
     run_demo.parse_args(argv)  # run_demo accepts it: the models are not swallowed by the overrides
     out.mkdir()
-    (out / "results.json").write_text('{"x": {"kind": "model", "RayIoU": 1.0}}')
-    assert run_experiment.run_seed(str(out), 4, ["fbocc_tiny"], [], []) == {"x": {"kind": "model",
-                                                                                       "RayIoU": 1.0}}
+    finished = {"FB-Occ (baseline)": {"kind": "model", "RayIoU": 1.0}}
+    (out / "results.json").write_text(json.dumps(finished))
+    assert run_experiment.run_seed(str(out), 4, ["fbocc_tiny"], [], []) == finished
     assert len(calls) == 1
+    # a seed whose results lack a model asked for (its baseline trained alone first) runs again:
+    # run_demo reads the finished baseline back and trains the rest
+    assert run_experiment.run_seed(str(out), 4, ["fbocc_tiny", "voxelsplat_tiny"], [], []) == {"m": {"kind": "model"}}
+    assert len(calls) == 2 and calls[1][calls[1].index("--models") + 1:][:2] == ["fbocc_tiny", "voxelsplat_tiny"]
 
 
 def test_finished_run_is_read_only_with_the_same_config_and_overrides(tmp_path):

@@ -219,14 +219,20 @@ def main(argv=None):
 def run_seed(output_dir, seed, models, shared_args, opts):
     """``run_demo`` of ``models`` at training seed ``seed`` into ``output_dir``: the same
     initialisation (``train.seed``) and data order and augmentation (``dataloader.train.seed``)
-    for every model of the seed. A folder whose ``results.json`` exists is read instead (an
-    interrupted experiment resumes; a run stopped part-way continues from its last checkpoint)."""
+    for every model of the seed. A folder whose ``results.json`` holds every model asked for is
+    read instead (an interrupted experiment resumes); otherwise ``run_demo`` runs, which reads the
+    seed's finished runs back and trains the others (a run stopped part-way continues from its
+    last checkpoint): e.g. the baselines of every seed first, the other models later."""
     finished = os.path.join(output_dir, "results.json")
     if os.path.isfile(finished):
         with open(finished) as f:
             results = json.load(f)
-        print(f"[experiment] seed {seed}: reusing {finished}", flush=True)
-        return results
+        names = {key: name for name, key, _ in run_demo.ALL_MODELS}
+        missing = [key for key in models if names.get(key, key) not in results]
+        if not missing:
+            print(f"[experiment] seed {seed}: reusing {finished}", flush=True)
+            return results
+        print(f"[experiment] seed {seed}: {finished} lacks {', '.join(missing)}; training them", flush=True)
     return run_demo.main(["--output-dir", output_dir, "--models", *models, *shared_args,
                           f"train.seed={seed}", f"dataloader.train.seed={seed}", *opts])
 
