@@ -227,8 +227,8 @@ def run_seed(output_dir, seed, models, shared_args, opts):
     if os.path.isfile(finished):
         with open(finished) as f:
             results = json.load(f)
-        names = {key: name for name, key, _ in run_demo.ALL_MODELS}
-        missing = [key for key in models if names.get(key, key) not in results]
+        titles = {name: title for title, name, _ in run_demo.ALL_MODELS}
+        missing = [name for name in models if titles[name] not in results]
         if not missing:
             print(f"[experiment] seed {seed}: reusing {finished}", flush=True)
             return results
