@@ -79,8 +79,9 @@ lr_multiplier.warmup_iters = 20
 # The flow loss over the voxels of the flow classes only (the release: every voxel, static and
 # free ones supervised towards zero flow), with the release's weight and normalisation. With the
 # released loss, 1600 iterations at batch 2 left the flow head at zero flow in 3 of 5 paired runs
-# (baseline seed 1, VoxelSplat seeds 0 and 1); this one learned flow in every pilot run
-# (docs/RESULTS.md, "The flow loss of the benchmark").
+# (baseline seed 1, VoxelSplat seeds 0 and 1); this one learned flow in every run so far (the five
+# baseline seeds at 0.38-0.68x zero flow on the GT occupancy; docs/RESULTS.md, "The flow loss of
+# the benchmark").
 model.loss.flow_voxels = "flow_classes"
 # History fusion and the flow loss start after a warm-up (published: 2 epochs; here 1/4 of
 # the run, so a demo-length run still trains with both for most of its iterations).
