@@ -147,14 +147,37 @@ def test_finished_run_is_read_only_with_the_same_config_and_overrides(tmp_path):
     assert run_demo.finished_run(str(run_dir), config, overrides) is None  # nothing there
     run_demo.write_json(str(run_dir / run_demo.RUN_MARKER),
                         {"config": config, "overrides": overrides, "train_time_s": 12.5})
-    assert run_demo.finished_run(str(run_dir), config, overrides) is None  # no final checkpoint yet
-    (run_dir / "model_final.pth").write_bytes(b"")
+    assert run_demo.finished_run(str(run_dir), config, overrides) is None  # no metrics.json yet
+    (run_dir / "metrics.json").write_text('{"iteration": 7}\n')
+    # the record is enough: the weights need not be kept
     assert run_demo.finished_run(str(run_dir), config, overrides) == (12.5, False)
     run_demo.write_json(str(run_dir / run_demo.RUN_MARKER),
                         {"config": config, "overrides": overrides, "train_time_s": 7.0, "resumed": True})
     assert run_demo.finished_run(str(run_dir), config, overrides) == (7.0, True)
     assert run_demo.finished_run(str(run_dir), config, ["train.max_iter=16", "train.seed=1"]) is None
     assert run_demo.finished_run(str(run_dir), "configs/synthetic/voxelsplat_tiny.py", overrides) is None
+
+
+def test_finished_run_matches_its_paths_in_another_checkout(tmp_path):
+    """A run's marker names the repository's paths relative to it: a record kept with the
+    repository is read back in a checkout elsewhere; a path outside the repository stays as it is."""
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    (run_dir / "metrics.json").write_text('{"iteration": 7}\n')
+    config = "configs/synthetic/fbocc_tiny.py"
+    here = [f"train.init_checkpoint={os.path.join(ROOT, 'output', 'p', 'model_final.pth')}", "train.seed=1",
+            f"dataloader.train.dataset.dataroot={tmp_path / 'data'}"]
+    assert run_demo.portable_overrides(here) == [os.path.join("train.init_checkpoint=output", "p", "model_final.pth"),
+                                                 "train.seed=1", f"dataloader.train.dataset.dataroot={tmp_path / 'data'}"]
+    elsewhere = ["train.init_checkpoint=/elsewhere/checkout/output/p/model_final.pth", "train.seed=1",
+                 f"dataloader.train.dataset.dataroot={tmp_path / 'data'}"]
+    run_demo.write_json(str(run_dir / run_demo.RUN_MARKER),
+                        {"config": config, "overrides": ["train.init_checkpoint=output/p/model_final.pth",
+                                                         "train.seed=1",
+                                                         f"dataloader.train.dataset.dataroot={tmp_path / 'data'}"],
+                         "train_time_s": 3.0})
+    assert run_demo.finished_run(str(run_dir), config, here) == (3.0, False)
+    assert run_demo.finished_run(str(run_dir), config, elsewhere) is None
 
 
 def test_ablation_ladder_configs_switch_the_render_losses_on_one_by_one():

@@ -313,16 +313,32 @@ def floor_rows(floors):
     return [(title, dict(floors[name], kind="floor", floor=name)) for title, name in FLOORS]
 
 
+def portable_overrides(overrides):
+    """``overrides`` with every ``key=value`` whose value is an absolute path inside the
+    repository written relative to it, so a run's :data:`RUN_MARKER` matches in another checkout."""
+    portable = []
+    for override in overrides:
+        key, sep, value = override.partition("=")
+        if sep and os.path.isabs(value):
+            relative = os.path.relpath(value, ROOT)
+            if not relative.startswith(os.pardir):
+                override = f"{key}={relative}"
+        portable.append(override)
+    return portable
+
+
 def finished_run(run_dir, config, overrides):
     """``(wall time, resumed)`` of the finished run in ``run_dir`` when it was trained with
-    ``config`` and ``overrides`` (its :data:`RUN_MARKER` and final checkpoint are there), else
-    None. ``resumed``: the run continued a checkpoint, so the time covers the part after it."""
+    ``config`` and ``overrides`` (its :data:`RUN_MARKER` and its ``metrics.json`` are there; the
+    checkpoints need not be, so a run's record can be kept without its weights), else None.
+    ``resumed``: the run continued a checkpoint, so the time covers the part after it."""
     marker = os.path.join(run_dir, RUN_MARKER)
-    if not (os.path.isfile(marker) and os.path.isfile(os.path.join(run_dir, "model_final.pth"))):
+    if not (os.path.isfile(marker) and os.path.isfile(os.path.join(run_dir, "metrics.json"))):
         return None
     with open(marker) as f:
         found = json.load(f)
-    if found.get("config") != config or found.get("overrides") != list(overrides):
+    if found.get("config") != config or (portable_overrides(found.get("overrides", []))
+                                         != portable_overrides(overrides)):
         return None
     return float(found["train_time_s"]), bool(found.get("resumed", False))
 
@@ -397,7 +413,7 @@ def main(argv=None):
                            *overrides],
                           log_path=os.path.join(args.output_dir, f"{name}.log"), append=True)
             write_json(os.path.join(run_dir, RUN_MARKER),
-                       {"config": config, "overrides": overrides, "train_time_s": seconds, "resumed": resumed})
+                       {"config": config, "overrides": portable_overrides(overrides), "train_time_s": seconds, "resumed": resumed})
         else:
             step(f"{title}: finished run in {run_dir}, read instead of trained again")
         metrics = read_run(run_dir)
@@ -405,7 +421,10 @@ def main(argv=None):
         metrics["resumed"] = resumed  # train_time_s then covers the part after the checkpoint only
         metrics["kind"] = "model"
         rows.append((title, metrics))
-        if not args.skip_pictures:
+        if not args.skip_pictures and not os.path.isfile(os.path.join(run_dir, "model_final.pth")):
+            step(f"pictures of {title}: skipped, {run_dir}/model_final.pth is not there (a run kept without "
+                 f"its weights)")
+        elif not args.skip_pictures:
             step(f"pictures of {title} -> {run_dir}/pictures")
             run([sys.executable, "tools/visualize.py", "--config-file", config,
                  "--checkpoint", os.path.join(run_dir, "model_final.pth"),
