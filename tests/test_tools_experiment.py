@@ -199,3 +199,51 @@ def test_ablation_ladder_configs_switch_the_render_losses_on_one_by_one():
             assert weight in (0.0, full.model.regularizer.loss_weights[name])
         assert cfg.optimizer.params.lr_multipliers == full.optimizer.params.lr_multipliers
         assert cfg.dataloader.train.mapper.regularizer == full.dataloader.train.mapper.regularizer
+
+
+def _finished_run(folder, config, overrides, iteration):
+    """A finished run as run_demo leaves it: marker, metrics, per-frame counts and weights."""
+    (folder / "inference").mkdir(parents=True)
+    run_demo.write_json(str(folder / run_demo.RUN_MARKER), {"config": config, "overrides": overrides,
+                                                             "train_time_s": 1.0})
+    (folder / "metrics.json").write_text(json.dumps({"iteration": iteration, "occupancy/RayIoU": 20.0 + iteration})
+                                         + "\n")
+    (folder / "config.yaml").write_text("train: {}\n")
+    (folder / "inference" / SAMPLE_STATS_FILE).write_bytes(b"counts %d" % iteration)
+    (folder / "model_final.pth").write_bytes(b"weights")
+    (folder / "last_checkpoint").write_text("model_final.pth")
+
+
+def test_records_keep_finished_runs_without_weights_and_are_read_back(tmp_path):
+    """--records: the record of each finished run (not its weights, nor a run part-way) is kept;
+    restored into an empty output folder, the runs read back as finished; a run already in the
+    output folder, finished or part-way, is not overwritten."""
+    out, records = tmp_path / "out", tmp_path / "records"
+    config, overrides = "configs/synthetic/fbocc_tiny.py", ["train.seed=0"]
+    _finished_run(out / "seed0" / "fbocc_tiny", config, overrides, 7)
+    _finished_run(out / "seed0" / "voxelsplat_tiny", "configs/synthetic/voxelsplat_tiny.py", overrides, 9)
+    part_way = out / "seed1" / "fbocc_tiny"
+    part_way.mkdir(parents=True)
+    (part_way / "metrics.json").write_text('{"iteration": 3}\n')
+    (part_way / "last_checkpoint").write_text("model_0000199.pth")
+    (out / "floors.json").write_text("{}")
+    saved = run_experiment.save_records(str(out), str(records))
+    assert "floors.json" in saved
+    kept = sorted(os.path.relpath(os.path.join(r, f), records) for r, _, fs in os.walk(records) for f in fs)
+    assert kept == sorted(["floors.json"] + [os.path.join("seed0", run, name) for run in ("fbocc_tiny", "voxelsplat_tiny")
+                                             for name in (run_demo.RUN_MARKER, "metrics.json", "config.yaml",
+                                                          os.path.join("inference", SAMPLE_STATS_FILE))])
+    # a fresh output folder: every record comes back and reads as a finished run
+    fresh = tmp_path / "fresh"
+    restored = run_experiment.restore_records(str(records), str(fresh))
+    assert sorted(restored) == kept
+    assert run_demo.finished_run(str(fresh / "seed0" / "fbocc_tiny"), config, overrides) == (1.0, False)
+    assert (fresh / "seed0" / "voxelsplat_tiny" / "inference" / SAMPLE_STATS_FILE).read_bytes() == b"counts 9"
+    # a run already there is left as it is: here part-way (a checkpoint, no marker)
+    (fresh / "seed0" / "fbocc_tiny" / run_demo.RUN_MARKER).unlink()
+    (fresh / "seed0" / "fbocc_tiny" / "metrics.json").write_text('{"iteration": 2}\n')
+    (fresh / "seed0" / "fbocc_tiny" / "last_checkpoint").write_text("model_0000199.pth")
+    assert run_experiment.restore_records(str(records), str(fresh)) == []
+    assert (fresh / "seed0" / "fbocc_tiny" / "metrics.json").read_text() == '{"iteration": 2}\n'
+    assert not (fresh / "seed0" / "fbocc_tiny" / run_demo.RUN_MARKER).exists()
+    assert run_experiment.restore_records(str(tmp_path / "missing"), str(fresh)) == []

@@ -111,6 +111,11 @@ def main(argv=None):
                              "(0: none)")
     parser.add_argument("--models", nargs="+", default=None, choices=[name for _, name, _ in run_demo.MODELS],
                         help="which models to train (default: all; the first is the baseline)")
+    parser.add_argument("--records", default=None, metavar="DIR",
+                        help="keep the record of every finished run (no weights) in DIR, in the layout of "
+                             "--output-dir, and start from the records already there: runs recorded there are "
+                             "read instead of trained (docs/results/synthetic_benchmark holds those of "
+                             "docs/RESULTS.md)")
     parser.add_argument("opts", nargs=argparse.REMAINDER)
     args = parser.parse_args(argv)
     start = time.perf_counter()
@@ -138,17 +143,28 @@ def main(argv=None):
     if args.checkpoint_period:
         shared_args += ["--checkpoint-period", str(args.checkpoint_period)]
     models = args.models or [name for _, name, _ in run_demo.MODELS]
+    if args.records:
+        restored = restore_records(args.records, args.output_dir)
+        print(f"[experiment] {len(restored)} record files from {args.records} -> {args.output_dir}", flush=True)
     per_model = {}
     for seed in args.seeds:
-        results = run_seed(os.path.join(args.output_dir, f"seed{seed}"), seed, models, shared_args, opts)
+        try:
+            results = run_seed(os.path.join(args.output_dir, f"seed{seed}"), seed, models, shared_args, opts)
+        finally:  # an interrupted seed keeps the records of its finished runs
+            if args.records:
+                save_records(args.output_dir, args.records)
         for model, metrics in results.items():
             if metrics.get("kind", "model") == "model":  # the floors are read once, below
                 per_model.setdefault(model, []).append(metrics)
     ladder = None
     if not args.no_ablation:
         ladder_dir = os.path.join(args.output_dir, f"ablation_seed{args.ablation_seed}")
-        ladder = run_seed(ladder_dir, args.ablation_seed, [name for _, name, _ in run_demo.ABLATION_MODELS],
-                          shared_args, opts)
+        try:
+            ladder = run_seed(ladder_dir, args.ablation_seed, [name for _, name, _ in run_demo.ABLATION_MODELS],
+                              shared_args, opts)
+        finally:
+            if args.records:
+                save_records(args.output_dir, args.records)
     shared_args = ["--models", *models, *shared_args]
     # the seeds' shared floors: from the cache the runs above filled (computed here when every seed was resumed)
     demo = run_demo.parse_args(["--output-dir", args.output_dir, *shared_args, *opts])
@@ -212,8 +228,68 @@ def main(argv=None):
         json.dump(payload, f, indent=2)
     with open(os.path.join(args.output_dir, "experiment.md"), "w") as f:
         f.write(table + "\n")
+    if args.records:
+        save_records(args.output_dir, args.records)
     print("\n" + table)
     return payload
+
+
+# What the record of a finished run keeps (paths inside its folder): enough to read it back
+# (run_demo.finished_run), tabulate it, draw its learning curves and bootstrap its frames.
+RUN_RECORD_FILES = (run_demo.RUN_MARKER, "metrics.json", "config.yaml", os.path.join("inference", "occupancy_results.json"),
+                    os.path.join("inference", "occupancy_sample_stats.npz"))
+# ... and of the experiment's folder: the floors' cache, the tables, the pictures.
+EXPERIMENT_RECORD_FILES = ("floors.json", "experiment.json", "experiment.md")
+
+
+def _record_paths(output_dir):
+    """Paths (relative to ``output_dir``) of the records of the finished runs there and of the
+    experiment itself."""
+    paths = [name for name in EXPERIMENT_RECORD_FILES if os.path.isfile(os.path.join(output_dir, name))]
+    pictures = os.path.join(output_dir, "pictures")
+    if os.path.isdir(pictures):
+        paths += [os.path.join("pictures", name) for name in sorted(os.listdir(pictures)) if name.endswith(".png")]
+    for root, _, files in sorted(os.walk(output_dir)):
+        if run_demo.RUN_MARKER in files:
+            run_dir = os.path.relpath(root, output_dir)
+            paths += [os.path.join(run_dir, name) for name in RUN_RECORD_FILES
+                      if os.path.isfile(os.path.join(root, name))]
+    return paths
+
+
+def _copy_files(source, target, paths):
+    import shutil
+
+    from voxelsplat.utils.io import atomic_write
+
+    for path in paths:
+        destination = os.path.join(target, path)
+        os.makedirs(os.path.dirname(destination), exist_ok=True)
+        with open(os.path.join(source, path), "rb") as f, atomic_write(destination, "wb") as out:
+            shutil.copyfileobj(f, out)
+
+
+def save_records(output_dir, records_dir):
+    """Copy the record of every finished run in ``output_dir`` (:data:`RUN_RECORD_FILES`, no
+    checkpoints) and the experiment's own (:data:`EXPERIMENT_RECORD_FILES`, pictures) into
+    ``records_dir``, in the same layout. Returns the copied paths."""
+    paths = _record_paths(output_dir)
+    _copy_files(output_dir, records_dir, paths)
+    return paths
+
+
+def restore_records(records_dir, output_dir):
+    """Copy the runs recorded in ``records_dir`` into ``output_dir`` where that has no such
+    run yet (a run there, finished or part-way, is left as it is). Returns the copied paths."""
+    if not os.path.isdir(records_dir):
+        return []
+    paths = [path for path in _record_paths(records_dir) if not os.path.exists(os.path.join(output_dir, path))]
+    runs_here = {os.path.dirname(path) for path in _record_paths(output_dir)}
+    paths = [path for path in paths
+             if os.path.dirname(path) not in runs_here
+             and not os.path.isfile(os.path.join(output_dir, os.path.dirname(path), "last_checkpoint"))]
+    _copy_files(records_dir, output_dir, paths)
+    return paths
 
 
 def run_seed(output_dir, seed, models, shared_args, opts):
