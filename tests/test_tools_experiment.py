@@ -227,12 +227,28 @@ def test_records_keep_finished_runs_without_weights_and_are_read_back(tmp_path):
     (part_way / "metrics.json").write_text('{"iteration": 3}\n')
     (part_way / "last_checkpoint").write_text("model_0000199.pth")
     (out / "floors.json").write_text("{}")
+    # the shared pretraining: kept with its weights alone, once
+    import torch
+
+    weights = {"conv.weight": torch.randn(4, 3, generator=torch.Generator().manual_seed(0))}
+    (out / "depth_pretrain").mkdir()
+    (out / "depth_pretrain" / "depth_pretrain.json").write_text('{"iters": 10}')
+    torch.save({"model": weights, "trainer": {"iteration": 9}, "iteration": 9}, out / "depth_pretrain" / "model_final.pth")
     saved = run_experiment.save_records(str(out), str(records))
     assert "floors.json" in saved
     kept = sorted(os.path.relpath(os.path.join(r, f), records) for r, _, fs in os.walk(records) for f in fs)
-    assert kept == sorted(["floors.json"] + [os.path.join("seed0", run, name) for run in ("fbocc_tiny", "voxelsplat_tiny")
-                                             for name in (run_demo.RUN_MARKER, "metrics.json", "config.yaml",
-                                                          os.path.join("inference", SAMPLE_STATS_FILE))])
+    pretraining = [os.path.join("depth_pretrain", "depth_pretrain.json"), os.path.join("depth_pretrain", "model_final.pth")]
+    assert kept == sorted(["floors.json"] + pretraining
+                          + [os.path.join("seed0", run, name) for run in ("fbocc_tiny", "voxelsplat_tiny")
+                             for name in (run_demo.RUN_MARKER, "metrics.json", "config.yaml",
+                                          os.path.join("inference", SAMPLE_STATS_FILE))])
+    kept_weights = torch.load(records / "depth_pretrain" / "model_final.pth", weights_only=True)
+    assert list(kept_weights) == ["model"] and torch.equal(kept_weights["model"]["conv.weight"], weights["conv.weight"])
+    # a pretraining repeated later (here: other weights) does not replace the one the runs started from
+    torch.save({"model": {"conv.weight": weights["conv.weight"] + 1}}, out / "depth_pretrain" / "model_final.pth")
+    assert not set(pretraining) & set(run_experiment.save_records(str(out), str(records)))
+    assert torch.equal(torch.load(records / "depth_pretrain" / "model_final.pth", weights_only=True)["model"]["conv.weight"],
+                       weights["conv.weight"])
     # a fresh output folder: every record comes back and reads as a finished run
     fresh = tmp_path / "fresh"
     restored = run_experiment.restore_records(str(records), str(fresh))

@@ -240,12 +240,19 @@ RUN_RECORD_FILES = (run_demo.RUN_MARKER, "metrics.json", "config.yaml", os.path.
                     os.path.join("inference", "occupancy_sample_stats.npz"))
 # ... and of the experiment's folder: the floors' cache, the tables, the pictures.
 EXPERIMENT_RECORD_FILES = ("floors.json", "experiment.json", "experiment.md")
+# The shared depth pretraining's marker and weights (model only), kept so that every run of the
+# experiment starts from the same weights, whichever sitting or machine trains it (floating-point
+# results differ between CPUs, so a pretraining repeated elsewhere would break the pairing).
+PRETRAIN_DIR = "depth_pretrain"
+PRETRAIN_RECORD_FILES = (os.path.join(PRETRAIN_DIR, "depth_pretrain.json"), os.path.join(PRETRAIN_DIR, "model_final.pth"))
 
 
 def _record_paths(output_dir):
     """Paths (relative to ``output_dir``) of the records of the finished runs there and of the
     experiment itself."""
     paths = [name for name in EXPERIMENT_RECORD_FILES if os.path.isfile(os.path.join(output_dir, name))]
+    if all(os.path.isfile(os.path.join(output_dir, name)) for name in PRETRAIN_RECORD_FILES):
+        paths += list(PRETRAIN_RECORD_FILES)
     pictures = os.path.join(output_dir, "pictures")
     if os.path.isdir(pictures):
         paths += [os.path.join("pictures", name) for name in sorted(os.listdir(pictures)) if name.endswith(".png")]
@@ -257,14 +264,23 @@ def _record_paths(output_dir):
     return paths
 
 
-def _copy_files(source, target, paths):
+def _copy_files(source, target, paths, weights_only=False):
+    """Copy ``paths`` from ``source`` to ``target`` (each file written atomically); with
+    ``weights_only``, a checkpoint is written with its ``model`` entry alone."""
     import shutil
+
+    import torch
 
     from voxelsplat.utils.io import atomic_write
 
     for path in paths:
         destination = os.path.join(target, path)
         os.makedirs(os.path.dirname(destination), exist_ok=True)
+        if weights_only and path.endswith(".pth"):
+            state = torch.load(os.path.join(source, path), map_location="cpu", weights_only=True)
+            with atomic_write(destination, "wb", suffix=".pth") as out:
+                torch.save({"model": state["model"]}, out)
+            continue
         with open(os.path.join(source, path), "rb") as f, atomic_write(destination, "wb") as out:
             shutil.copyfileobj(f, out)
 
@@ -274,7 +290,10 @@ def save_records(output_dir, records_dir):
     checkpoints) and the experiment's own (:data:`EXPERIMENT_RECORD_FILES`, pictures) into
     ``records_dir``, in the same layout. Returns the copied paths."""
     paths = _record_paths(output_dir)
-    _copy_files(output_dir, records_dir, paths)
+    # the pretrained weights once: every later run starts from the copy kept first
+    paths = [path for path in paths
+             if path not in PRETRAIN_RECORD_FILES or not os.path.isfile(os.path.join(records_dir, path))]
+    _copy_files(output_dir, records_dir, paths, weights_only=True)
     return paths
 
 
