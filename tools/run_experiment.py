@@ -9,12 +9,13 @@ The benchmark's data and schedule are the defaults (docs/RESULTS.md says why): 2
 scenes of 20 keyframes (16 training, 4 validation) without the small object classes, labels on
 51.2 m x 51.2 m around the ego (128x128x16), 1600 iterations per run after a shared depth
 pretraining of 1000 iterations, evaluated every 400 iterations (the learning curves). Each run
-takes 20 to 25 minutes on 2 CPU cores.
+takes 13 to 15 minutes on 2 CPU cores (19 to 25 on a slower machine).
 
 Paired seeds: every model of seed N starts from the same weights (``train.seed=N``) and sees the
 same frames in the same order with the same augmentation (``dataloader.train.seed=N``). Every
 training process runs on ``--num-threads`` threads with deterministic algorithms
-(``train.num_threads``, ``train.deterministic``), so a run repeats its numbers.
+(``train.num_threads``, ``train.deterministic``), so a run repeats its numbers on the same kind
+of CPU (another CPU rounds differently, and the runs then differ as much as seeds do).
 
 After the seeds, the ablation ladder of the regularizer trains at ``--ablation-seed`` into
 ``<output-dir>/ablation_seed<N>/``: semantic render loss only, + depth, + flow (the configs
@@ -26,6 +27,14 @@ exists is read instead of re-run, a finished run of a seed stopped part-way is r
 folder, and a run stopped part-way continues from its last checkpoint (every 200 iterations).
 Writes ``<output-dir>/experiment.json`` and ``<output-dir>/experiment.md`` (the table that
 docs/RESULTS.md quotes).
+
+With ``--records DIR`` the record of every finished run (its marker, metrics, config and
+per-frame counts: :data:`RUN_RECORD_FILES`, no checkpoints), the experiment's tables and pictures
+and the shared pretrained weights are copied into DIR after each seed, and the runs recorded there
+are copied into ``--output-dir`` first and read instead of trained. The experiment can so span
+sittings on machines that keep nothing but the repository
+(``--records docs/results/synthetic_benchmark``, the runs of docs/RESULTS.md), and every run starts
+from the one pretraining kept there.
 
 The table ends with the floors (see ``tools/run_demo.py``): predictors without a model, the
 same for every seed (the seeds share one dataset), computed once into
