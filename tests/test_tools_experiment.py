@@ -169,6 +169,10 @@ def test_finished_run_matches_its_paths_in_another_checkout(tmp_path):
             f"dataloader.train.dataset.dataroot={tmp_path / 'data'}"]
     assert run_demo.portable_overrides(here) == [os.path.join("train.init_checkpoint=output", "p", "model_final.pth"),
                                                  "train.seed=1", f"dataloader.train.dataset.dataroot={tmp_path / 'data'}"]
+    # nested records (the floors' cache key): each string converted
+    assert run_demo.portable_path({"train": {"dataroot": os.path.join(ROOT, "datasets", "b")}, "split": ["val", 3],
+                                   "other": "/elsewhere/datasets/b"}) == {
+        "train": {"dataroot": os.path.join("datasets", "b")}, "split": ["val", 3], "other": "/elsewhere/datasets/b"}
     elsewhere = ["train.init_checkpoint=/elsewhere/checkout/output/p/model_final.pth", "train.seed=1",
                  f"dataloader.train.dataset.dataroot={tmp_path / 'data'}"]
     run_demo.write_json(str(run_dir / run_demo.RUN_MARKER),

@@ -286,10 +286,11 @@ def floor_results(args):
                   **{part: OmegaConf.to_container(node, resolve=True) for part, node in (
                       ("train_dataset", cfg.dataloader.train.dataset), ("val_dataset", cfg.dataloader.test.dataset),
                       ("evaluator", cfg.dataloader.evaluator))}})
+    key = portable_path(key)  # the dataset's folder relative to the repository
     if os.path.isfile(args.floors_cache):
         with open(args.floors_cache) as f:
             cached = json.load(f)
-        if cached.get("key") == key:
+        if portable_path(cached.get("key")) == key:
             step(f"floors already in {args.floors_cache}")
             return {name: {k: float("nan") if v is None else v for k, v in results.items()}
                     for name, results in cached["floors"].items()}
@@ -313,17 +314,28 @@ def floor_rows(floors):
     return [(title, dict(floors[name], kind="floor", floor=name)) for title, name in FLOORS]
 
 
+def portable_path(value):
+    """``value`` relative to the repository when it is an absolute path inside it, else as it is
+    (so that records such as a run's :data:`RUN_MARKER` or the floors' cache key match in another
+    checkout); dicts and lists are converted item by item."""
+    if isinstance(value, dict):
+        return {k: portable_path(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [portable_path(v) for v in value]
+    if isinstance(value, str) and os.path.isabs(value):
+        relative = os.path.relpath(value, ROOT)
+        if not relative.startswith(os.pardir):
+            return relative
+    return value
+
+
 def portable_overrides(overrides):
     """``overrides`` with every ``key=value`` whose value is an absolute path inside the
-    repository written relative to it, so a run's :data:`RUN_MARKER` matches in another checkout."""
+    repository written relative to it (:func:`portable_path`)."""
     portable = []
     for override in overrides:
         key, sep, value = override.partition("=")
-        if sep and os.path.isabs(value):
-            relative = os.path.relpath(value, ROOT)
-            if not relative.startswith(os.pardir):
-                override = f"{key}={relative}"
-        portable.append(override)
+        portable.append(f"{key}={portable_path(value)}" if sep else override)
     return portable
 
 
