@@ -64,6 +64,10 @@ PRETRAIN_OVERRIDE_PREFIXES = ("model.backbone.", "model.neck.", "model.depth_net
 # <run folder>/RUN_MARKER: a finished training run (its config, overrides and wall time); a later
 # call with the same config and overrides reads the run instead of starting it again
 RUN_MARKER = "demo_run.json"
+# <output dir>/PRETRAIN_DIR: the depth pretraining (default --pretrain-dir); its PRETRAIN_MARKER
+# holds the settings it was trained with
+PRETRAIN_DIR = "depth_pretrain"
+PRETRAIN_MARKER = "depth_pretrain.json"
 # floors.json entry with the splits' motion statistics (voxelsplat.engine.floors.motion_statistics)
 SPLIT_MOTION = "split_motion"
 # Bumped when the floors or their cache change, so an older floors.json is recomputed.
@@ -120,7 +124,7 @@ def parse_args(argv=None):
     if args.floors_cache is None:
         args.floors_cache = os.path.join(args.output_dir, "floors.json")
     if args.pretrain_dir is None:
-        args.pretrain_dir = os.path.join(args.output_dir, "depth_pretrain")
+        args.pretrain_dir = os.path.join(args.output_dir, PRETRAIN_DIR)
     for name in ("iters", "eval_period", "checkpoint_period"):
         value = getattr(args, name)
         if value is not None and value < 1:
@@ -221,7 +225,7 @@ def ensure_depth_pretraining(args):
     dataset = {k: v for k, v in dataset_settings(args).items() if k != "point_cloud_range"}
     wanted = {"config": PRETRAIN_CONFIG, "iters": args.pretrain_iters, "dataset": dataset, "overrides": opts}
     final = os.path.join(args.pretrain_dir, "model_final.pth")
-    marker = os.path.join(args.pretrain_dir, "depth_pretrain.json")
+    marker = os.path.join(args.pretrain_dir, PRETRAIN_MARKER)
     if os.path.isfile(marker):
         with open(marker) as f:
             found = json.load(f)
@@ -425,7 +429,8 @@ def main(argv=None):
                            *overrides],
                           log_path=os.path.join(args.output_dir, f"{name}.log"), append=True)
             write_json(os.path.join(run_dir, RUN_MARKER),
-                       {"config": config, "overrides": portable_overrides(overrides), "train_time_s": seconds, "resumed": resumed})
+                       {"config": config, "overrides": portable_overrides(overrides), "train_time_s": seconds,
+                        "resumed": resumed})
         else:
             step(f"{title}: finished run in {run_dir}, read instead of trained again")
         metrics = read_run(run_dir)

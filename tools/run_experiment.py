@@ -138,7 +138,7 @@ def main(argv=None):
                    "--samples-per-scene", str(args.samples_per_scene), "--image-size", *map(str, args.image_size),
                    "--skip-pictures", "--seed", "0", "--floors-cache", os.path.join(args.output_dir, "floors.json"),
                    "--pretrain-iters", str(args.pretrain_iters),
-                   "--pretrain-dir", os.path.join(args.output_dir, "depth_pretrain")]
+                   "--pretrain-dir", os.path.join(args.output_dir, run_demo.PRETRAIN_DIR)]
     if args.omit_classes:
         shared_args += ["--omit-classes", *args.omit_classes]
     if args.one_way_traffic:
@@ -245,15 +245,17 @@ def main(argv=None):
 
 # What the record of a finished run keeps (paths inside its folder): enough to read it back
 # (run_demo.finished_run), tabulate it, draw its learning curves and bootstrap its frames.
-RUN_RECORD_FILES = (run_demo.RUN_MARKER, "metrics.json", "config.yaml", os.path.join("inference", "occupancy_results.json"),
+RUN_RECORD_FILES = (run_demo.RUN_MARKER, "metrics.json", "config.yaml",
+                    os.path.join("inference", "occupancy_results.json"),
                     os.path.join("inference", "occupancy_sample_stats.npz"))
 # ... and of the experiment's folder: the floors' cache, the tables, the pictures.
 EXPERIMENT_RECORD_FILES = ("floors.json", "experiment.json", "experiment.md")
 # The shared depth pretraining's marker and weights (model only), kept so that every run of the
 # experiment starts from the same weights, whichever sitting or machine trains it (floating-point
 # results differ between CPUs, so a pretraining repeated elsewhere would break the pairing).
-PRETRAIN_DIR = "depth_pretrain"
-PRETRAIN_RECORD_FILES = (os.path.join(PRETRAIN_DIR, "depth_pretrain.json"), os.path.join(PRETRAIN_DIR, "model_final.pth"))
+PRETRAIN_DIR = run_demo.PRETRAIN_DIR
+PRETRAIN_RECORD_FILES = (os.path.join(PRETRAIN_DIR, run_demo.PRETRAIN_MARKER),
+                         os.path.join(PRETRAIN_DIR, "model_final.pth"))
 
 
 def _record_paths(output_dir):
