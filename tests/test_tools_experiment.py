@@ -267,3 +267,27 @@ def test_records_keep_finished_runs_without_weights_and_are_read_back(tmp_path):
     assert (fresh / "seed0" / "fbocc_tiny" / "metrics.json").read_text() == '{"iteration": 2}\n'
     assert not (fresh / "seed0" / "fbocc_tiny" / run_demo.RUN_MARKER).exists()
     assert run_experiment.restore_records(str(tmp_path / "missing"), str(fresh)) == []
+
+
+def test_records_name_the_output_folder_their_runs_were_trained_under(tmp_path):
+    """A run's settings name its folder, so records restored under another --output-dir do not
+    read back as finished: the tool finds the folder they were recorded under, to say so."""
+    trained, other = tmp_path / "experiment", tmp_path / "elsewhere"
+    for seed, run in ((0, "fbocc_tiny"), (3, "voxelsplat_tiny")):
+        run_dir = trained / f"seed{seed}" / run
+        overrides = [f"train.output_dir={run_dir}", f"train.seed={seed}"]
+        _finished_run(run_dir, "configs/synthetic/fbocc_tiny.py", overrides, 5)
+    (trained / "ablation_seed0" / "voxelsplat_tiny_semantic").mkdir(parents=True)
+    run_demo.write_json(str(trained / "ablation_seed0" / "voxelsplat_tiny_semantic" / run_demo.RUN_MARKER),
+                        {"config": "c.py", "overrides": ["train.seed=0"], "train_time_s": 1.0})  # no folder named
+    recorded = run_experiment._comparable_path(str(trained))
+    assert run_experiment.recorded_output_dirs(str(trained)) == {recorded}
+    run_experiment.restore_records(str(trained), str(other))
+    assert run_experiment.recorded_output_dirs(str(other)) == {recorded}
+    assert recorded != run_experiment._comparable_path(str(other))
+    overrides = [f"train.output_dir={other / 'seed0' / 'fbocc_tiny'}", "train.seed=0"]
+    assert run_demo.finished_run(str(other / "seed0" / "fbocc_tiny"), "configs/synthetic/fbocc_tiny.py",
+                                 overrides) is None
+    # inside the repository the folders are written relative to it, as the markers write them
+    assert run_experiment._comparable_path(os.path.join(run_demo.ROOT, "output", "experiment", ".")) == \
+        os.path.join("output", "experiment")

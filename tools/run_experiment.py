@@ -34,7 +34,9 @@ and the shared pretrained weights are copied into DIR after each seed, and the r
 are copied into ``--output-dir`` first and read instead of trained. The experiment can so span
 sittings on machines that keep nothing but the repository
 (``--records docs/results/synthetic_benchmark``, the runs of docs/RESULTS.md), and every run starts
-from the one pretraining kept there.
+from the one pretraining kept there. A run's settings name its folder, so the records read back
+under the ``--output-dir`` they were made in (``output/experiment`` for the kept ones); under
+another the tool warns and trains them again.
 
 The table ends with the floors (see ``tools/run_demo.py``): predictors without a model, the
 same for every seed (the seeds share one dataset), computed once into
@@ -155,6 +157,12 @@ def main(argv=None):
     if args.records:
         restored = restore_records(args.records, args.output_dir)
         print(f"[experiment] {len(restored)} record files from {args.records} -> {args.output_dir}", flush=True)
+        elsewhere = recorded_output_dirs(args.output_dir) - {_comparable_path(args.output_dir)}
+        if elsewhere:
+            # a run's settings name its folder, so a run recorded under another one trains again here
+            print(f"[experiment] warning: runs in {args.records} were recorded with --output-dir "
+                  f"{' / '.join(sorted(elsewhere))}; under {args.output_dir} they do not match and train again "
+                  f"(pass --output-dir {sorted(elsewhere)[0]} to read them back)", flush=True)
     per_model = {}
     for seed in args.seeds:
         try:
@@ -320,6 +328,31 @@ def restore_records(records_dir, output_dir):
              and not os.path.isfile(os.path.join(output_dir, os.path.dirname(path), "last_checkpoint"))]
     _copy_files(records_dir, output_dir, paths)
     return paths
+
+
+def _comparable_path(path):
+    """``path`` as the run markers write folders: relative to the repository when inside it."""
+    return os.path.normpath(run_demo.portable_path(os.path.abspath(path)))
+
+
+def recorded_output_dirs(output_dir):
+    """The experiment folders (``--output-dir``) that the finished runs in ``output_dir`` were
+    trained under, read from their markers' ``train.output_dir`` (comparable paths)."""
+    found = set()
+    for path in _record_paths(output_dir):
+        if os.path.basename(path) != run_demo.RUN_MARKER:
+            continue
+        with open(os.path.join(output_dir, path)) as f:
+            overrides = json.load(f).get("overrides", [])
+        run_dir = os.path.dirname(path)
+        for override in overrides:
+            key, _, value = override.partition("=")
+            if key == "train.output_dir":
+                recorded = _comparable_path(value)
+                suffix = os.sep + os.path.normpath(run_dir)
+                if recorded.endswith(suffix):
+                    found.add(recorded[:-len(suffix)] or os.curdir)
+    return found
 
 
 def run_seed(output_dir, seed, models, shared_args, opts):
