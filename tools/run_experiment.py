@@ -517,7 +517,7 @@ def write_pictures(args, names, per_model, floors, comparisons):
     return written
 
 
-COMPARED_METRICS = ("RayIoU", "RayIoU@1", "RayIoU@2", "RayIoU@4", "mAVE", "mAVE_TP", "OccScore")
+COMPARED_METRICS = ("RayIoU", "RayIoU@1", "RayIoU@2", "RayIoU@4", "mAVE", "mAVE_TP", "OccScore", "mIoU")
 
 
 def paired_statistics(args, names, per_model, floors, motion=None):
