@@ -9,7 +9,7 @@ The benchmark's data and schedule are the defaults (docs/RESULTS.md says why): 2
 scenes of 20 keyframes (16 training, 4 validation) without the small object classes, labels on
 51.2 m x 51.2 m around the ego (128x128x16), 1600 iterations per run after a shared depth
 pretraining of 1000 iterations, evaluated every 400 iterations (the learning curves). Each run
-takes 13 to 15 minutes on 2 CPU cores (19 to 25 on a slower machine).
+takes 13 to 19 minutes on 2 CPU cores (19 to 25 on a slower machine).
 
 Paired seeds: every model of seed N starts from the same weights (``train.seed=N``) and sees the
 same frames in the same order with the same augmentation (``dataloader.train.seed=N``). Every
