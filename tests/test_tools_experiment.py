@@ -65,14 +65,28 @@ def test_paired_statistics_reads_every_seeds_frames_gates_and_compares(tmp_path)
     assert set(comparisons) == set(names[1:])
     car = comparisons[names[1]]["RayIoU"]
     assert car.difference > 0 and car.num_seeds == 2 and car.num_frames == 3
+    assert "mIoU" not in comparisons[names[1]]  # these frames carry no voxel confusion matrix
+    # with each frame's confusion matrix, mIoU is compared too (the variant's diagonal is larger)
+    num_classes = len(META["class_names"])
+    for title, folder, _ in run_demo.MODELS:
+        for seed, by_token in zip(seeds, frames[title]):
+            for stats in by_token.values():
+                stats.confusion = rng.integers(1, 20, (num_classes, num_classes))
+                stats.confusion[np.diag_indices(num_classes)] += 40 if title != names[0] else 0
+            os.remove(tmp_path / f"seed{seed}" / folder / "inference" / SAMPLE_STATS_FILE)
+            _write_frames(tmp_path / f"seed{seed}" / folder, by_token, exist_ok=True)
+    miou = run_experiment.paired_statistics(args, names, per_model, floors)[1][names[1]]["mIoU"]
+    baseline_miou = np.mean([summarize(SampleStats.total(f.values()), META["class_names"],
+                                       META["free_index"])["mIoU"] for f in frames[names[0]]])
+    assert miou.baseline == pytest.approx(baseline_miou) and miou.difference > 0
     # a seed without counts (a run made before the evaluator wrote them): statistics skipped
     os.remove(tmp_path / "seed1" / run_demo.MODELS[1][1] / "inference" / SAMPLE_STATS_FILE)
     assert run_experiment.paired_statistics(args, names, per_model, floors) == (None, {})
 
 
-def _write_frames(run_dir, by_token):
+def _write_frames(run_dir, by_token, exist_ok=False):
     out = run_dir / "inference"
-    out.mkdir(parents=True)
+    out.mkdir(parents=True, exist_ok=exist_ok)
     with open(out / SAMPLE_STATS_FILE, "wb") as f:
         np.savez(f, **sample_stats_to_arrays(by_token))
 

@@ -517,6 +517,7 @@ def write_pictures(args, names, per_model, floors, comparisons):
     return written
 
 
+# mIoU only where every frame has its voxel confusion matrix (evaluations that record it)
 COMPARED_METRICS = ("RayIoU", "RayIoU@1", "RayIoU@2", "RayIoU@4", "mAVE", "mAVE_TP", "OccScore", "mIoU")
 
 
@@ -547,7 +548,10 @@ def paired_statistics(args, names, per_model, floors, motion=None):
         [run.get("mAVE_gt_occupancy", float("nan")) for run in per_model[base]],
         floors["floor: GT occupancy, zero flow"].get("mAVE", float("nan")), **label_set,
         moving_shares=None if not motion else (motion["train_moving_share"], motion["val_moving_share"]))
-    comparisons = {model: paired_bootstrap(frames[base], frames[model], COMPARED_METRICS,
+    with_confusion = all(stats.confusion is not None for per_seed in frames.values()
+                         for seed_frames in per_seed for stats in seed_frames.values())
+    metrics = [m for m in COMPARED_METRICS if with_confusion or m != "mIoU"]
+    comparisons = {model: paired_bootstrap(frames[base], frames[model], metrics,
                                            flow_classes=meta["flow_classes"], rng=0, **label_set)
                    for model in names[1:]}
     return gate, comparisons
