@@ -73,7 +73,6 @@ def test_paired_statistics_reads_every_seeds_frames_gates_and_compares(tmp_path)
             for stats in by_token.values():
                 stats.confusion = rng.integers(1, 20, (num_classes, num_classes))
                 stats.confusion[np.diag_indices(num_classes)] += 40 if title != names[0] else 0
-            os.remove(tmp_path / f"seed{seed}" / folder / "inference" / SAMPLE_STATS_FILE)
             _write_frames(tmp_path / f"seed{seed}" / folder, by_token, exist_ok=True)
     miou = run_experiment.paired_statistics(args, names, per_model, floors)[1][names[1]]["mIoU"]
     baseline_miou = np.mean([summarize(SampleStats.total(f.values()), META["class_names"],
